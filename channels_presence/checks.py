@@ -1,0 +1,86 @@
+"""System checks: a misconfiguration is reported at startup, with its fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core import checks
+
+from .conf import FLAG_SETTINGS, NUMBER_SETTINGS, PREFIX, conf
+
+IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
+
+
+@checks.register()
+def check_channel_layer(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E001: no channel layer; E002: a layer that Celery workers cannot reach."""
+    layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
+    default = layers.get("default")
+    if not default:
+        return [
+            checks.Error(
+                "No channel layer is configured.",
+                hint="Set CHANNEL_LAYERS['default'], e.g. to "
+                "{'BACKEND': 'channels_redis.core.RedisChannelLayer', "
+                "'CONFIG': {'hosts': ['redis://127.0.0.1:6379']}}.",
+                id="channels_presence.E001",
+            )
+        ]
+    if default.get("BACKEND") == IN_MEMORY_LAYER and conf.USE_CELERY is True:
+        return [
+            checks.Error(
+                "The in-memory channel layer cannot be reached from Celery "
+                "workers, and CHANNELS_PRESENCE_USE_CELERY is on.",
+                hint="Use channels_redis.core.RedisChannelLayer, or set "
+                "CHANNELS_PRESENCE_USE_CELERY = False to run presence inline.",
+                id="channels_presence.E002",
+            )
+        ]
+    return []
+
+
+@checks.register()
+def check_settings(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E003: a setting of the wrong type or range; W001: touches too rare."""
+    errors: list[checks.CheckMessage] = []
+    for name in NUMBER_SETTINGS:
+        value = getattr(settings, PREFIX + name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            errors.append(_setting_error(name, value, "a number of seconds"))
+        elif not (math.isfinite(value) and value >= 0):
+            errors.append(_setting_error(name, value, "zero or more seconds"))
+    for name in FLAG_SETTINGS:
+        value = getattr(settings, PREFIX + name, None)
+        if value is not None and not isinstance(value, bool):
+            errors.append(_setting_error(name, value, "True or False"))
+    if errors:
+        return errors
+    if conf.MAX_AGE > 0 and conf.TOUCH_INTERVAL >= conf.MAX_AGE:
+        errors.append(
+            checks.Warning(
+                f"CHANNELS_PRESENCE_TOUCH_INTERVAL ({conf.TOUCH_INTERVAL}) is not "
+                f"shorter than CHANNELS_PRESENCE_MAX_AGE ({conf.MAX_AGE}): live "
+                "sockets would be pruned between two touches.",
+                hint="Make the touch interval a fraction of MAX_AGE, e.g. a quarter.",
+                id="channels_presence.W001",
+            )
+        )
+    return errors
+
+
+def _setting_error(name: str, value: object, wanted: str) -> checks.Error:
+    return checks.Error(
+        f"{PREFIX}{name} is {value!r}; it must be {wanted}.",
+        hint=f"Fix {PREFIX}{name} in your settings, or remove it to use the default.",
+        id="channels_presence.E003",
+    )

@@ -1,0 +1,116 @@
+"""PresenceConsumerMixin: presence for a websocket consumer, with no code to write.
+
+Put it first among the bases of any websocket consumer, sync or async, plain or
+JSON::
+
+    class ChatConsumer(PresenceConsumerMixin, AsyncJsonWebsocketConsumer):
+        def get_presence_rooms(self):
+            return [self.scope["url_route"]["kwargs"]["room"]]
+
+Once ``connect()`` has accepted the socket, it joins each room that
+``can_join`` allows; every received message touches it (heartbeats stop there);
+on disconnect it leaves every room before ``disconnect()`` runs. The room's
+presence events reach the client as JSON::
+
+    {"type": "presence", "room": "lobby",
+     "members": [{"id": 1, "username": "alice"}], "anonymous": 2}
+
+The mixin works at the level of ASGI messages (``dispatch``), which sync and
+async consumers share, so one implementation serves both.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction
+from channels.db import database_sync_to_async
+
+from . import dispatch
+from .broadcast import EVENT_TYPE
+
+
+class PresenceConsumerMixin:
+    """Join rooms on connect, touch on receive, leave on disconnect, forward events.
+
+    Rooms come from ``presence_rooms`` or ``get_presence_rooms()``; ``can_join``
+    may refuse one. Both hooks may be plain or ``async def`` methods; plain ones
+    run in a thread, so they may use the ORM.
+    """
+
+    #: The rooms every socket of this consumer joins.
+    presence_rooms: Iterable[str] = ()
+
+    channel_name: str
+    channel_layer: Any
+    scope: dict[str, Any]
+
+    def get_presence_rooms(self) -> Iterable[str] | Awaitable[Iterable[str]]:
+        """The rooms to join, e.g. from ``self.scope["url_route"]["kwargs"]``."""
+        return self.presence_rooms
+
+    def can_join(self, room: str) -> bool | Awaitable[bool]:
+        """Whether this socket may join ``room``; refused rooms are not joined."""
+        return True
+
+    def presence_payload(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """What the client is sent for a presence event; None sends nothing.
+
+        The default lists the members and never includes channel names.
+        """
+        return {
+            "type": "presence",
+            "room": event["room"],
+            "members": event["members"],
+            "anonymous": event["anonymous"],
+        }
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self._presence_accepted = False
+        self._presence_send = send
+
+        async def send_and_watch(message: dict[str, Any]) -> None:
+            if message.get("type") == "websocket.accept":
+                self._presence_accepted = True
+            await send(message)
+
+        await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == EVENT_TYPE:
+            await self._forward_presence(message)
+            return
+        if kind == "websocket.receive":
+            await dispatch.atouch(self)
+            if message.get("text") == dispatch.HEARTBEAT_FRAME:
+                return
+        elif kind == "websocket.disconnect":
+            await dispatch.aleave_all(self)
+        await super().dispatch(message)  # type: ignore[misc]
+        if kind == "websocket.connect" and self._presence_accepted:
+            await self._join_rooms()
+
+    async def _join_rooms(self) -> None:
+        rooms = await _call(self.get_presence_rooms)
+        if isinstance(rooms, str):
+            rooms = [rooms]
+        user = self.scope.get("user")
+        for room in rooms:
+            if await _call(self.can_join, room):
+                await dispatch.ajoin(self, room, user, subscribe=True)
+
+    async def _forward_presence(self, event: dict[str, Any]) -> None:
+        payload = self.presence_payload(event)
+        if payload is not None:
+            await self._presence_send(
+                {"type": "websocket.send", "text": json.dumps(payload)}
+            )
+
+
+async def _call(hook: Callable[..., Any], *args: Any) -> Any:
+    if iscoroutinefunction(hook):
+        return await hook(*args)
+    return await database_sync_to_async(hook)(*args)

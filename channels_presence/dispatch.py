@@ -1,0 +1,139 @@
+"""What a socket handler calls: hand presence work to where it runs.
+
+Decorators and the consumer mixin come here rather than to the operations, so a
+socket handler never fails because the database or the channel layer is down:
+the failure is logged once per outage and the handler goes on. In this version
+every operation runs inline (awaited from async code); Celery mode moves the
+work to workers without changing what a handler calls.
+
+Touches are coalesced per socket: a socket touched less than TOUCH_INTERVAL ago
+is not touched again, and deciding that costs no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from channels.db import database_sync_to_async
+from django.db import Error as DatabaseError
+from redis.exceptions import RedisError
+
+from . import operations
+from .conf import conf
+
+logger = logging.getLogger("channels_presence")
+
+#: The text frame a client sends to say it is alive, and nothing else.
+HEARTBEAT_FRAME = '"heartbeat"'
+#: The same heartbeat, as decoded by a JSON consumer.
+HEARTBEAT_CONTENT = "heartbeat"
+
+# What a down database or channel layer raises; anything else is a bug or bad
+# input, and is raised to the caller.
+UNAVAILABLE = (DatabaseError, RedisError, OSError, TimeoutError)
+
+
+class _Outage:
+    """Logs the first failure of an outage, and the recovery, not every failure."""
+
+    def __init__(self) -> None:
+        self.failing = False
+
+    def failed(self, what: str, error: BaseException) -> None:
+        if self.failing:
+            logger.debug("presence %s failed again: %s", what, error)
+            return
+        self.failing = True
+        logger.error(
+            "presence %s failed; presence stays out of date until the database "
+            "and channel layer answer again",
+            what,
+            exc_info=error,
+        )
+
+    def recovered(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.warning("presence works again")
+
+
+outage = _Outage()
+
+
+def touch_due(consumer: Any) -> bool:
+    """Whether ``consumer``'s socket is due a touch; if so, the clock restarts."""
+    now = time.monotonic()
+    last: float | None = getattr(consumer, "_presence_touched_at", None)
+    if last is not None and now - last < conf.TOUCH_INTERVAL:
+        return False
+    consumer._presence_touched_at = now
+    return True
+
+
+def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
+    """Put the consumer's socket in a room; False if the room could not be joined."""
+    try:
+        operations.join(
+            room_name,
+            consumer.channel_name,
+            user,
+            subscribe=subscribe,
+            channel_layer=consumer.channel_layer,
+        )
+    except UNAVAILABLE as error:
+        outage.failed("join", error)
+        return False
+    outage.recovered()
+    # The join wrote last_seen: the next touch can wait a whole interval.
+    consumer._presence_touched_at = time.monotonic()
+    return True
+
+
+def leave_all(consumer: Any) -> None:
+    """Take the consumer's socket out of every room."""
+    try:
+        operations.leave_all(
+            consumer.channel_name, channel_layer=consumer.channel_layer
+        )
+    except UNAVAILABLE as error:
+        outage.failed("leave", error)
+    else:
+        outage.recovered()
+
+
+def touch(consumer: Any) -> None:
+    """Touch the consumer's socket, unless it was touched within TOUCH_INTERVAL."""
+    if touch_due(consumer):
+        _touch_now(consumer)
+
+
+def _touch_now(consumer: Any) -> None:
+    try:
+        operations.touch([consumer.channel_name])
+    except UNAVAILABLE as error:
+        # Try again at the next message rather than a whole interval later.
+        consumer._presence_touched_at = None
+        outage.failed("touch", error)
+    else:
+        outage.recovered()
+
+
+async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
+    """Async twin of :func:`join`."""
+    joined: bool = await database_sync_to_async(join)(
+        consumer, room_name, user, subscribe=subscribe
+    )
+    return joined
+
+
+async def aleave_all(consumer: Any) -> None:
+    """Async twin of :func:`leave_all`."""
+    await database_sync_to_async(leave_all)(consumer)
+
+
+async def atouch(consumer: Any) -> None:
+    """Async twin of :func:`touch`; a coalesced touch does not leave the loop."""
+    if touch_due(consumer):
+        await database_sync_to_async(_touch_now)(consumer)

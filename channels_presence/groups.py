@@ -1,0 +1,101 @@
+"""Channel-layer calls: which groups a socket is in, and sending to them.
+
+Each room is a Channels group named like the room; every socket present in the
+room is in it, so the room's own messages reach its members (1.0.0's contract).
+Presence events go to a second group per room, the *events group*, which only
+sockets that asked for them join: Channels closes a consumer that receives a
+message type it has no handler for, so a 1.0.0-style consumer must never get one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Iterable
+from typing import Any
+
+from channels.layers import BaseChannelLayer, get_channel_layer
+from django.core.exceptions import ImproperlyConfigured
+
+EVENTS_PREFIX = "presence."
+
+# How many channel-layer calls one batch keeps in flight at once.
+CONCURRENCY = 64
+
+
+def get_layer(channel_layer: BaseChannelLayer | None = None) -> BaseChannelLayer:
+    """The channel layer to use: ``channel_layer`` if given, else the default one.
+
+    Resolved at each call, so ``override_settings(CHANNEL_LAYERS=...)`` applies.
+    """
+    if channel_layer is not None:
+        return channel_layer
+    layer = get_channel_layer()
+    if layer is None:
+        raise ImproperlyConfigured(
+            "channels_presence needs a channel layer: configure "
+            "CHANNEL_LAYERS['default'] in your settings, e.g. with "
+            "'channels_redis.core.RedisChannelLayer'."
+        )
+    return layer
+
+
+def events_group(room_name: str) -> str:
+    """The group that receives the presence events of ``room_name``."""
+    name = EVENTS_PREFIX + room_name
+    if len(name) < BaseChannelLayer.MAX_NAME_LENGTH:
+        return name
+    # Too long for Channels once prefixed: a digest stays unique and short.
+    return EVENTS_PREFIX + hashlib.sha256(room_name.encode()).hexdigest()
+
+
+async def join(
+    layer: BaseChannelLayer, room_name: str, channel_name: str, *, subscribe: bool
+) -> None:
+    """Put a socket in a room's group, and in its events group if it subscribes."""
+    await layer.group_add(room_name, channel_name)
+    if subscribe:
+        await layer.group_add(events_group(room_name), channel_name)
+
+
+async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
+    """Take each (room, socket) pair out of the room's group and events group."""
+    await _in_batches(
+        call
+        for room_name, channel_name in pairs
+        for call in (
+            layer.group_discard(room_name, channel_name),
+            layer.group_discard(events_group(room_name), channel_name),
+        )
+    )
+
+
+async def send(
+    layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
+) -> None:
+    """Send each (group, message) pair."""
+    await _in_batches(layer.group_send(group, message) for group, message in messages)
+
+
+async def apply(
+    layer: BaseChannelLayer,
+    departed: Iterable[tuple[str, str]],
+    messages: Iterable[tuple[str, dict[str, Any]]],
+) -> None:
+    """After a commit: drop departed sockets from their groups, then send events.
+
+    Dropping first keeps a departing socket from hearing its own departure.
+    """
+    await leave(layer, departed)
+    await send(layer, messages)
+
+
+async def _in_batches(calls: Iterable[Awaitable[Any]]) -> None:
+    batch: list[Awaitable[Any]] = []
+    for call in calls:
+        batch.append(call)
+        if len(batch) == CONCURRENCY:
+            await asyncio.gather(*batch)
+            batch = []
+    if batch:
+        await asyncio.gather(*batch)

@@ -1,0 +1,167 @@
+"""Room and Presence: which sockets, and which users, are in which rooms."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from channels.db import database_sync_to_async
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import models
+from django.utils import timezone
+
+from . import operations
+from .conf import conf
+from .managers import PresenceManager, RoomManager
+from .signals import presence_changed
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import AbstractBaseUser
+
+
+class Room(models.Model):
+    """A room: a Channels group whose sockets are tracked as presences."""
+
+    channel_name = models.CharField(
+        "group name",
+        max_length=255,
+        unique=True,
+        help_text="The Channels group that the room's sockets are added to.",
+    )
+
+    objects = RoomManager()
+
+    class Meta:
+        verbose_name = "room"
+        verbose_name_plural = "rooms"
+
+    def __str__(self) -> str:
+        return self.channel_name
+
+    def add_presence(self, channel_name: str, user: Any = None) -> None:
+        """Put a socket in this room as ``user`` (anonymous when None)."""
+        operations.join(self.channel_name, channel_name, user)
+
+    async def aadd_presence(self, channel_name: str, user: Any = None) -> None:
+        """Async twin of :meth:`add_presence`."""
+        await database_sync_to_async(self.add_presence)(channel_name, user)
+
+    def remove_presence(
+        self, channel_name: str | None = None, presence: Presence | None = None
+    ) -> None:
+        """Take a socket, given by name or by presence, out of this room."""
+        if presence is not None:
+            channel_name = presence.channel_name
+        if channel_name is None:
+            raise TypeError("remove_presence() needs a channel_name or a presence")
+        operations.leave(self.channel_name, channel_name)
+
+    async def aremove_presence(
+        self, channel_name: str | None = None, presence: Presence | None = None
+    ) -> None:
+        """Async twin of :meth:`remove_presence`."""
+        await database_sync_to_async(self.remove_presence)(channel_name, presence)
+
+    def prune_presences(self, age_in_seconds: float | None = None) -> None:
+        """Remove this room's presences not touched for ``age_in_seconds``."""
+        operations.prune_presences(age_in_seconds, presences=self.presence_set.all())
+
+    async def aprune_presences(self, age_in_seconds: float | None = None) -> None:
+        """Async twin of :meth:`prune_presences`."""
+        await database_sync_to_async(self.prune_presences)(age_in_seconds)
+
+    def get_users(self) -> models.QuerySet[AbstractBaseUser]:
+        """The distinct users present; a lazy queryset (``async for`` works)."""
+        return get_user_model().objects.filter(presence__room=self).distinct()
+
+    def get_anonymous_count(self) -> int:
+        """How many sockets are in this room without a logged-in user."""
+        return self.presence_set.filter(user=None).count()
+
+    async def aget_anonymous_count(self) -> int:
+        """Async twin of :meth:`get_anonymous_count`."""
+        return await self.presence_set.filter(user=None).acount()
+
+    def broadcast_changed(
+        self,
+        added: Presence | None = None,
+        removed: Presence | None = None,
+        bulk_change: bool = False,
+    ) -> None:
+        """Send presence_changed for this room now."""
+        presence_changed.send(
+            sender=type(self),
+            room=self,
+            added=added,
+            removed=removed,
+            bulk_change=bulk_change,
+        )
+
+    async def abroadcast_changed(
+        self,
+        added: Presence | None = None,
+        removed: Presence | None = None,
+        bulk_change: bool = False,
+    ) -> None:
+        """Async twin of :meth:`broadcast_changed`."""
+        await database_sync_to_async(self.broadcast_changed)(
+            added, removed, bulk_change
+        )
+
+
+class Presence(models.Model):
+    """One socket in one room, with its user (if logged in) and when last seen."""
+
+    room = models.ForeignKey(
+        Room,
+        on_delete=models.CASCADE,
+        verbose_name="room",
+        help_text="The room the socket is in.",
+    )
+    channel_name = models.CharField(
+        "socket",
+        max_length=255,
+        help_text="The socket's reply channel name (the consumer's channel_name).",
+    )
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
+        verbose_name="user",
+        help_text="The socket's logged-in user; empty for an anonymous visitor.",
+    )
+    last_seen = models.DateTimeField(
+        "last seen",
+        default=timezone.now,
+        help_text="When the socket last showed it was alive; it is stale once "
+        "older than CHANNELS_PRESENCE_MAX_AGE seconds.",
+    )
+
+    objects = PresenceManager()
+
+    class Meta:
+        verbose_name = "presence"
+        verbose_name_plural = "presences"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["room", "channel_name"],
+                name="channels_presence_room_socket_unique",
+            )
+        ]
+        indexes = [
+            # touch() and leave_all() look a socket up by its name alone.
+            models.Index(fields=["channel_name"], name="channels_presence_socket_idx"),
+            # prune_presences() looks for the oldest last_seen.
+            models.Index(fields=["last_seen"], name="channels_presence_seen_idx"),
+        ]
+
+    def __str__(self) -> str:
+        who = self.user.get_username() if self.user is not None else "anonymous"
+        return f"{who} in {self.room}"
+
+    @property
+    def is_stale(self) -> bool:
+        """Whether the socket has gone silent for longer than MAX_AGE."""
+        return self.last_seen < timezone.now() - timedelta(seconds=conf.MAX_AGE)

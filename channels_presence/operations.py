@@ -1,0 +1,300 @@
+"""The presence operations: join, leave, leave_all, touch and the two prunes.
+
+Each exists once, here. The managers, the model methods, their ``a``-prefixed
+async twins, the management commands and the admin all call these functions.
+
+Every operation is a database transaction first, and Django's transactions are
+synchronous, so the operations are synchronous; async callers reach them through
+``database_sync_to_async``. What must happen in the channel layer happens around
+the transaction, in an order that never leaves a presence row for a socket that
+is not in its room's group:
+
+* joining puts the socket in the group *before* the row is written, and takes
+  it out again if the write fails;
+* leaving and pruning delete rows first and drop the sockets from their groups
+  *after* commit, together with presence_changed and the broadcast.
+
+Nothing is written before every argument has been checked.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import BaseChannelLayer
+from django.apps import apps
+from django.db import IntegrityError, router, transaction
+from django.db.models import Exists, OuterRef, QuerySet
+from django.utils import timezone
+
+from . import broadcast, groups, validation
+from .broadcast import Change
+from .signals import presence_changed
+
+if TYPE_CHECKING:
+    from .models import Presence, Room
+
+logger = logging.getLogger("channels_presence")
+
+# Rows deleted per DELETE statement: bounded so that SQLite's limit on query
+# parameters is never reached, however many presences a prune removes.
+DELETE_BATCH = 10_000
+
+
+def join(
+    room_name: str,
+    channel_name: str,
+    user: Any = None,
+    *,
+    at: datetime | None = None,
+    subscribe: bool = False,
+    channel_layer: BaseChannelLayer | None = None,
+) -> Room:
+    """Put a socket in a room, as ``user`` (anonymous when None), and return the room.
+
+    A socket already in the room keeps its row: its user is updated when it
+    differs (a real change, announced as ``added``), else it only counts as a
+    touch. ``subscribe`` also puts the socket in the room's events group.
+    """
+    room_name = validation.room_name(room_name)
+    channel_name = validation.channel_name(channel_name)
+    user_id = validation.user_id(user)
+    layer = groups.get_layer(channel_layer)
+    moment = _moment(at)
+
+    async_to_sync(groups.join)(layer, room_name, channel_name, subscribe=subscribe)
+    try:
+        room, changes = _write_join(room_name, channel_name, user, user_id, moment)
+    except BaseException:
+        async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
+        raise
+    transaction.on_commit(partial(_after_commit, layer, [], changes))
+    return room
+
+
+def _write_join(
+    room_name: str, channel_name: str, user: Any, user_id: int | None, at: datetime
+) -> tuple[Room, list[Change]]:
+    room_model, presence_model = _models()
+    # A concurrent prune_rooms can delete the room between our read and our
+    # insert; the foreign key then fails at commit, and one retry recreates it.
+    for attempt in (1, 2):
+        try:
+            with transaction.atomic():
+                room, _ = room_model.objects.get_or_create(channel_name=room_name)
+                presence, created = presence_model.objects.get_or_create(
+                    room=room,
+                    channel_name=channel_name,
+                    defaults={"user_id": user_id, "last_seen": at},
+                )
+                changed = created or presence.user_id != user_id
+                if changed and not created:
+                    presence.user_id = user_id
+                    presence.last_seen = max(presence.last_seen, at)
+                    presence.save(update_fields=["user", "last_seen"])
+                elif not created:
+                    _touch(presence_model.objects.filter(pk=presence.pk), at)
+            break
+        except IntegrityError:
+            if attempt == 2 or transaction.get_connection().in_atomic_block:
+                raise
+    if user_id is not None:
+        presence.user = user
+    return room, [Change(room, added=presence)] if changed else []
+
+
+def leave(
+    room_name: str,
+    channel_name: str,
+    *,
+    channel_layer: BaseChannelLayer | None = None,
+) -> Presence | None:
+    """Take a socket out of a room; return the presence removed, if there was one.
+
+    The socket leaves the room's groups even when it had no row.
+    """
+    room_name = validation.room_name(room_name)
+    channel_name = validation.channel_name(channel_name)
+    layer = groups.get_layer(channel_layer)
+    _, presence_model = _models()
+    removed = _delete(
+        presence_model.objects.filter(
+            room__channel_name=room_name, channel_name=channel_name
+        )
+    )
+    _leave_after_commit(layer, removed, departed=[(room_name, channel_name)])
+    return removed[0] if removed else None
+
+
+def leave_all(
+    channel_name: str, *, channel_layer: BaseChannelLayer | None = None
+) -> list[Presence]:
+    """Take a socket out of every room it is in; return the presences removed.
+
+    Two queries however many rooms; one ``removed`` signal per presence.
+    """
+    channel_name = validation.channel_name(channel_name)
+    layer = groups.get_layer(channel_layer)
+    _, presence_model = _models()
+    removed = _delete(presence_model.objects.filter(channel_name=channel_name))
+    _leave_after_commit(layer, removed)
+    return removed
+
+
+def touch(channel_names: Iterable[str], *, at: datetime | None = None) -> int:
+    """Mark the sockets as seen at ``at`` (now when None); return rows updated.
+
+    One UPDATE on the indexed socket column. It never moves ``last_seen``
+    backwards and never creates a presence.
+    """
+    names = validation.channel_names(channel_names)
+    _, presence_model = _models()
+    return _touch(presence_model.objects.filter(channel_name__in=names), _moment(at))
+
+
+def stale_presences(
+    age: float | None = None, presences: QuerySet[Presence] | None = None
+) -> QuerySet[Presence]:
+    """The presences not touched for ``age`` seconds (MAX_AGE when None)."""
+    cutoff = _cutoff(validation.age(age))
+    if presences is None:
+        _, presence_model = _models()
+        presences = presence_model.objects.all()
+    return presences.filter(last_seen__lt=cutoff)
+
+
+def prune_presences(
+    age: float | None = None,
+    *,
+    presences: QuerySet[Presence] | None = None,
+    channel_layer: BaseChannelLayer | None = None,
+) -> list[Presence]:
+    """Remove the stale presences (of ``presences``, else all); return them.
+
+    A constant number of queries however many rooms; one ``bulk_change``
+    signal per room that lost presences; each socket leaves its room's groups.
+    """
+    stale = stale_presences(age, presences)
+    layer = groups.get_layer(channel_layer)
+    removed = _delete(stale)
+    rooms = {presence.room_id: presence.room for presence in removed}
+    departed = [(p.room.channel_name, p.channel_name) for p in removed]
+    changes = [Change(room, bulk_change=True) for room in rooms.values()]
+    transaction.on_commit(partial(_after_commit, layer, departed, changes))
+    return removed
+
+
+def empty_rooms() -> QuerySet[Room]:
+    """The rooms that have no presence."""
+    room_model, presence_model = _models()
+    return room_model.objects.filter(
+        ~Exists(presence_model.objects.filter(room=OuterRef("pk")))
+    )
+
+
+def prune_rooms() -> list[str]:
+    """Delete the rooms that have no presence; return their names."""
+    room_model, _ = _models()
+    with transaction.atomic():
+        empty = empty_rooms()
+        names = list(empty.values_list("channel_name", flat=True))
+        if not names:
+            return []
+        # One DELETE that checks emptiness again, unlike QuerySet.delete(),
+        # which would cascade to a presence that joined since the SELECT.
+        using = router.db_for_write(room_model)
+        deleted = empty.filter(channel_name__in=names)._raw_delete(using)
+        if deleted != len(names):
+            kept = set(
+                room_model.objects.filter(channel_name__in=names).values_list(
+                    "channel_name", flat=True
+                )
+            )
+            names = [name for name in names if name not in kept]
+    return names
+
+
+def _delete(presences: QuerySet[Presence]) -> list[Presence]:
+    """Delete ``presences`` in one transaction and return them, pk intact."""
+    _, presence_model = _models()
+    with transaction.atomic():
+        # Locking the rows (PostgreSQL) makes each removal happen exactly once
+        # when a leave, a prune and a touch race for the same presence.
+        removed = list(
+            presences.select_related("room", "user").select_for_update(of=("self",))
+        )
+        for start in range(0, len(removed), DELETE_BATCH):
+            batch = removed[start : start + DELETE_BATCH]
+            presence_model.objects.filter(pk__in=[p.pk for p in batch]).delete()
+    return removed
+
+
+def _leave_after_commit(
+    layer: BaseChannelLayer,
+    removed: Sequence[Presence],
+    departed: Sequence[tuple[str, str]] = (),
+) -> None:
+    pairs = {(p.room.channel_name, p.channel_name) for p in removed} | set(departed)
+    changes = [Change(presence.room, removed=presence) for presence in removed]
+    transaction.on_commit(partial(_after_commit, layer, sorted(pairs), changes))
+
+
+def _after_commit(
+    layer: BaseChannelLayer,
+    departed: list[tuple[str, str]],
+    changes: list[Change],
+) -> None:
+    """Fire presence_changed for each change, then update the channel layer."""
+    room_model, _ = _models()
+    with broadcast.collecting() as collected:
+        for change in changes:
+            responses = presence_changed.send_robust(
+                sender=room_model,
+                room=change.room,
+                added=change.added,
+                removed=change.removed,
+                bulk_change=change.bulk_change,
+            )
+            for receiver, response in responses:
+                if isinstance(response, Exception):
+                    logger.error(
+                        "presence_changed receiver %r failed",
+                        receiver,
+                        exc_info=response,
+                    )
+    messages = broadcast.messages(collected)
+    if departed or messages:
+        async_to_sync(groups.apply)(layer, departed, messages)
+
+
+def _touch(presences: QuerySet[Presence], at: datetime) -> int:
+    return presences.filter(last_seen__lt=at).update(last_seen=at)
+
+
+def _moment(at: datetime | None) -> datetime:
+    if at is None:
+        return timezone.now()
+    if not isinstance(at, datetime) or timezone.is_naive(at):
+        raise TypeError(f"at must be an aware datetime or None, not {at!r}")
+    return at
+
+
+def _cutoff(age: float) -> datetime:
+    try:
+        return timezone.now() - timedelta(seconds=age)
+    except OverflowError:
+        # Older than anything a datetime can hold: nothing is that stale.
+        return datetime.min.replace(tzinfo=UTC)
+
+
+def _models() -> tuple[type[Room], type[Presence]]:
+    # Looked up at call time: models import the managers, which import us.
+    return (
+        apps.get_model("channels_presence", "Room"),
+        apps.get_model("channels_presence", "Presence"),
+    )

@@ -1,0 +1,99 @@
+"""Checks on what callers pass in, done before anything is written.
+
+Room and socket names are checked by Channels' own rules (the ones every channel
+layer applies), so a name we accept is a name the layer accepts.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from typing import Any
+
+from channels.layers import BaseChannelLayer
+from django.contrib.auth import get_user_model
+
+from .conf import conf
+
+
+@cache
+def _rules() -> BaseChannelLayer:
+    # The base layer carries Channels' name rules and needs no configuration.
+    return BaseChannelLayer()
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def room_name(name: object) -> str:
+    """Return ``name`` if Channels can use it as a group name, else raise."""
+    if not isinstance(name, str):
+        raise TypeError(f"room name must be a str, not {type(name).__name__}")
+    try:
+        _rules().require_valid_group_name(name)
+    except TypeError as error:
+        raise ValueError(
+            f"room name {_shown(name)} is not a valid Channels group name: {error}"
+        ) from None
+    return name
+
+
+def channel_name(name: object) -> str:
+    """Return ``name`` if Channels can use it as a channel name, else raise."""
+    if not isinstance(name, str):
+        raise TypeError(f"channel name must be a str, not {type(name).__name__}")
+    try:
+        _rules().require_valid_channel_name(name)
+    except TypeError as error:
+        raise ValueError(
+            f"channel name {_shown(name)} is not a valid Channels channel name: "
+            f"{error} (pass the consumer's self.channel_name)"
+        ) from None
+    return name
+
+
+def channel_names(names: object) -> list[str]:
+    """Return ``names`` as a list if each one is a valid channel name, else raise."""
+    if isinstance(names, str) or not hasattr(names, "__iter__"):
+        raise TypeError(
+            f"channel names must be a list of str, not {type(names).__name__}"
+        )
+    return [channel_name(name) for name in names]
+
+
+def user_id(user: Any) -> int | None:
+    """The primary key to store for ``user``; None for an anonymous presence.
+
+    ``None`` and anything that is not authenticated (``AnonymousUser``) are
+    anonymous; a saved instance of the user model is stored by its key.
+    """
+    if user is None or getattr(user, "is_authenticated", None) is False:
+        return None
+    user_model = get_user_model()
+    if not isinstance(user, user_model):
+        raise TypeError(
+            f"user must be a saved {user_model.__name__}, None or AnonymousUser, "
+            f"not {type(user).__name__}"
+        )
+    if user._state.adding or user.pk is None:
+        raise ValueError(
+            f"user {_shown(user)} has not been saved: save it first, or pass None "
+            "for an anonymous presence"
+        )
+    pk: int = user.pk
+    return pk
+
+
+def age(seconds: object) -> float:
+    """Return ``seconds`` as a float age, or the configured MAX_AGE for None."""
+    if seconds is None:
+        seconds = conf.MAX_AGE
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"age must be a number of seconds, not {_shown(seconds)}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(
+            f"age must be a finite number of seconds, 0 or more, not {_shown(seconds)}"
+        )
+    return float(seconds)
