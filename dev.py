@@ -147,6 +147,10 @@ def postgres_url() -> tuple[str | None, str]:
     return None, f"PostgreSQL at {url} is not reachable ({reason})"
 
 
+def tool(name: str) -> str:
+    return str(BIN / name)
+
+
 def run_step(name: str, command: list[str], env: dict[str, str]) -> bool:
     say(name)
     started = time.monotonic()
@@ -161,7 +165,6 @@ def test(pytest_args: list[str]) -> int:
     ensure_venv()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
-    tool = lambda name: str(BIN / name)  # noqa: E731
     database, skipped = postgres_url()
     results: dict[str, bool] = {}
     with redis_server() as redis_url:
