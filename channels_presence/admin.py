@@ -15,6 +15,9 @@ from . import operations
 from .conf import conf
 from .models import Presence, Room
 
+# How many pruned presences the admin names in its message.
+SHOWN = 10
+
 
 @admin.register(Room)
 class RoomAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
@@ -86,6 +89,9 @@ class PresenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 request, "None of the selected presences is stale.", messages.INFO
             )
             return
+        shown = ", ".join(map(str, removed[:SHOWN]))
+        if len(removed) > SHOWN:
+            shown += f" and {len(removed) - SHOWN} more"
         self.message_user(
             request,
             ngettext(
@@ -93,7 +99,7 @@ class PresenceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 "Pruned %(count)d stale presences: %(which)s.",
                 len(removed),
             )
-            % {"count": len(removed), "which": ", ".join(map(str, removed))},
+            % {"count": len(removed), "which": shown},
             messages.SUCCESS,
         )
 

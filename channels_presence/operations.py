@@ -73,7 +73,8 @@ def join(
     except BaseException:
         async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
         raise
-    transaction.on_commit(partial(_after_commit, layer, [], changes))
+    if changes:
+        transaction.on_commit(partial(_after_commit, layer, [], changes))
     return room
 
 
