@@ -21,11 +21,12 @@ def check_channel_layer(
 ) -> list[checks.CheckMessage]:
     """E001: no channel layer; E002: a layer that Celery workers cannot reach."""
     layers = getattr(settings, "CHANNEL_LAYERS", None) or {}
-    default = layers.get("default")
-    if not default:
+    default = layers.get("default") if isinstance(layers, dict) else None
+    if not isinstance(default, dict) or not default.get("BACKEND"):
         return [
             checks.Error(
-                "No channel layer is configured.",
+                "No channel layer is configured: CHANNEL_LAYERS['default'] must be "
+                "a dict with a BACKEND.",
                 hint="Set CHANNEL_LAYERS['default'], e.g. to "
                 "{'BACKEND': 'channels_redis.core.RedisChannelLayer', "
                 "'CONFIG': {'hosts': ['redis://127.0.0.1:6379']}}.",
@@ -65,7 +66,7 @@ def check_settings(
             errors.append(_setting_error(name, value, "True or False"))
     if errors:
         return errors
-    if conf.MAX_AGE > 0 and conf.TOUCH_INTERVAL >= conf.MAX_AGE:
+    if conf.TOUCH_INTERVAL >= conf.MAX_AGE:
         errors.append(
             checks.Warning(
                 f"CHANNELS_PRESENCE_TOUCH_INTERVAL ({conf.TOUCH_INTERVAL}) is not "

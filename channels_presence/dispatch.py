@@ -35,31 +35,42 @@ HEARTBEAT_CONTENT = "heartbeat"
 UNAVAILABLE = (DatabaseError, RedisError, OSError, TimeoutError)
 
 
-class _Outage:
-    """Logs the first failure of an outage, and the recovery, not every failure."""
+DATABASE = "database"
+CHANNEL_LAYER = "channel layer"
+
+
+class _Outages:
+    """Logs the first failure of an outage and its end, not every failure between.
+
+    The database and the channel layer fail apart, and a touch needs only the
+    database: each has its own outage, ended only by a call that used it.
+    """
 
     def __init__(self) -> None:
-        self.failing = False
+        self.failing: set[str] = set()
 
     def failed(self, what: str, error: BaseException) -> None:
-        if self.failing:
+        dependency = DATABASE if isinstance(error, DatabaseError) else CHANNEL_LAYER
+        if dependency in self.failing:
             logger.debug("presence %s failed again: %s", what, error)
             return
-        self.failing = True
+        self.failing.add(dependency)
         logger.error(
-            "presence %s failed; presence stays out of date until the database "
-            "and channel layer answer again",
+            "presence %s failed: the %s is unavailable; presence stays out of "
+            "date until it answers again",
             what,
+            dependency,
             exc_info=error,
         )
 
-    def recovered(self) -> None:
-        if self.failing:
-            self.failing = False
-            logger.warning("presence works again")
+    def recovered(self, *dependencies: str) -> None:
+        for dependency in dependencies:
+            if dependency in self.failing:
+                self.failing.discard(dependency)
+                logger.warning("presence works again: the %s answers", dependency)
 
 
-outage = _Outage()
+outage = _Outages()
 
 
 def touch_due(consumer: Any) -> bool:
@@ -85,7 +96,7 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
     except UNAVAILABLE as error:
         outage.failed("join", error)
         return False
-    outage.recovered()
+    outage.recovered(DATABASE, CHANNEL_LAYER)
     # The join wrote last_seen: the next touch can wait a whole interval.
     consumer._presence_touched_at = time.monotonic()
     return True
@@ -94,13 +105,14 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
 def leave_all(consumer: Any) -> None:
     """Take the consumer's socket out of every room."""
     try:
-        operations.leave_all(
+        removed = operations.leave_all(
             consumer.channel_name, channel_layer=consumer.channel_layer
         )
     except UNAVAILABLE as error:
         outage.failed("leave", error)
     else:
-        outage.recovered()
+        # The channel layer is only called when there was something to leave.
+        outage.recovered(DATABASE, *([CHANNEL_LAYER] if removed else []))
 
 
 def touch(consumer: Any) -> None:
@@ -117,7 +129,7 @@ def _touch_now(consumer: Any) -> None:
         consumer._presence_touched_at = None
         outage.failed("touch", error)
     else:
-        outage.recovered()
+        outage.recovered(DATABASE)
 
 
 async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:

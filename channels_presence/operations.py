@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer
 from django.apps import apps
-from django.db import IntegrityError, router, transaction
+from django.db import DatabaseError, IntegrityError, router, transaction
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
@@ -71,7 +71,10 @@ def join(
     try:
         room, changes = _write_join(room_name, channel_name, user, user_id, moment)
     except BaseException:
-        async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
+        # Undo the group add, unless the socket was already in the room: its
+        # row is still there, and must keep its group membership.
+        if not _is_present(room_name, channel_name):
+            async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
         raise
     if changes:
         transaction.on_commit(partial(_after_commit, layer, [], changes))
@@ -107,6 +110,17 @@ def _write_join(
     if user_id is not None:
         presence.user = user
     return room, [Change(room, added=presence)] if changed else []
+
+
+def _is_present(room_name: str, channel_name: str) -> bool:
+    """Whether the socket has a row in the room; False when that cannot be told."""
+    _, presence_model = _models()
+    try:
+        return presence_model.objects.filter(
+            room__channel_name=room_name, channel_name=channel_name
+        ).exists()
+    except DatabaseError:
+        return False
 
 
 def leave(

@@ -27,12 +27,20 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _no_trailing_newline(name: str, kind: str) -> None:
+    # Channels checks names with re.match and "$", which also matches before a
+    # final newline; its own rule allows none.
+    if name.endswith("\n"):
+        raise TypeError(_rules().invalid_name_error.format(kind))
+
+
 def room_name(name: object) -> str:
     """Return ``name`` if Channels can use it as a group name, else raise."""
     if not isinstance(name, str):
         raise TypeError(f"room name must be a str, not {type(name).__name__}")
     try:
         _rules().require_valid_group_name(name)
+        _no_trailing_newline(name, "Group")
     except TypeError as error:
         raise ValueError(
             f"room name {_shown(name)} is not a valid Channels group name: {error}"
@@ -46,6 +54,7 @@ def channel_name(name: object) -> str:
         raise TypeError(f"channel name must be a str, not {type(name).__name__}")
     try:
         _rules().require_valid_channel_name(name)
+        _no_trailing_newline(name, "Channel")
     except TypeError as error:
         raise ValueError(
             f"channel name {_shown(name)} is not a valid Channels channel name: "

@@ -42,6 +42,7 @@ class Command(BaseCommand):
         except (TypeError, ValueError) as error:
             raise CommandError(str(error)) from None
         verb = "Would remove" if dry_run else "Removed"
+        stale.sort(key=lambda p: (p.room.channel_name, p.channel_name))
         for presence in stale:
             self.stdout.write(f"{verb} {_describe(presence)}")
         self.stdout.write(

@@ -1,0 +1,197 @@
+"""The management commands: prune_presences and prune_rooms, and their --dry-run."""
+
+from __future__ import annotations
+
+import io
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.utils import timezone
+
+from channels_presence import operations
+from channels_presence.models import Presence, Room
+from tests.helpers import group_members
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+FRESH = "specific.a!fresh"  # lobby, alice, seen now
+HALF = "specific.a!half"  # lobby, anonymous, seen 30 s ago
+OLD = "specific.a!old"  # lobby, bob, seen 90 s ago
+ANCIENT = "specific.b!ancient"  # kitchen, anonymous, seen 300 s ago
+
+
+@pytest.fixture
+def presences() -> None:
+    """Presences of various ages in two rooms, their sockets in the groups."""
+    users = get_user_model().objects
+    operations.join("lobby", FRESH, users.create_user("alice"))
+    operations.join("lobby", HALF)
+    operations.join("lobby", OLD, users.create_user("bob"))
+    operations.join("kitchen", ANCIENT)
+    now = timezone.now()
+    for socket, age in ((HALF, 30), (OLD, 90), (ANCIENT, 300)):
+        Presence.objects.filter(channel_name=socket).update(
+            last_seen=now - timedelta(seconds=age)
+        )
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command(*args, stdout=out)
+    return out.getvalue()
+
+
+def sockets() -> set[str]:
+    return set(Presence.objects.values_list("channel_name", flat=True))
+
+
+def rooms() -> set[str]:
+    return set(Room.objects.values_list("channel_name", flat=True))
+
+
+def state() -> tuple[set[str], set[str], set[str], set[str]]:
+    """Everything a prune could change: rows and group memberships."""
+    return sockets(), rooms(), group_members("lobby"), group_members("kitchen")
+
+
+def test_prune_presences_removes_those_older_than_max_age_and_says_which(
+    presences: None,
+) -> None:
+    output = run("prune_presences")
+
+    assert sockets() == {FRESH, HALF}
+    assert group_members("lobby") == {FRESH, HALF}
+    assert group_members("kitchen") == set()
+    lines = output.splitlines()
+    assert len(lines) == 3
+    assert sorted(line.split(", last seen ")[0] for line in lines[:2]) == [
+        "Removed anonymous in kitchen (socket specific.b!ancient",
+        "Removed bob in lobby (socket specific.a!old",
+    ]
+    assert lines[2] == "Removed 2 stale presences."
+
+
+def test_prune_presences_says_when_each_was_last_seen(presences: None) -> None:
+    seen = Presence.objects.get(channel_name=OLD).last_seen
+    output = run("prune_presences")
+    assert f"last seen {seen.isoformat(timespec='seconds')}" in output
+
+
+@pytest.mark.parametrize(
+    ("age", "left"),
+    [
+        ("20", {FRESH}),
+        ("60", {FRESH, HALF}),
+        ("120", {FRESH, HALF, OLD}),
+        ("1000", {FRESH, HALF, OLD, ANCIENT}),
+        ("0.5", {FRESH}),
+    ],
+)
+def test_prune_presences_honours_age(presences: None, age: str, left: set[str]) -> None:
+    output = run("prune_presences", "--age", age)
+
+    assert sockets() == left
+    removed = {FRESH, HALF, OLD, ANCIENT} - left
+    assert group_members("lobby") | group_members("kitchen") == left
+    for socket in removed:
+        assert f"(socket {socket}, last seen " in output
+    for socket in left:
+        assert socket not in output
+    noun = "presence" if len(removed) == 1 else "presences"
+    assert output.splitlines()[-1] == f"Removed {len(removed)} stale {noun}."
+
+
+def test_prune_presences_with_nothing_stale_says_so(presences: None) -> None:
+    output = run("prune_presences", "--age", "3600")
+    assert output == "Removed 0 stale presences.\n"
+    assert sockets() == {FRESH, HALF, OLD, ANCIENT}
+
+
+def test_prune_presences_dry_run_changes_nothing(presences: None) -> None:
+    before = state()
+    output = run("prune_presences", "--dry-run")
+
+    assert state() == before
+    assert "Would remove bob in lobby (socket specific.a!old, " in output
+    assert "Would remove anonymous in kitchen (socket specific.b!ancient, " in output
+    assert output.splitlines()[-1] == "Would remove 2 stale presences."
+    assert "Removed" not in output
+
+
+def test_prune_presences_dry_run_honours_age(presences: None) -> None:
+    before = state()
+    output = run("prune_presences", "--dry-run", "--age", "20")
+
+    assert state() == before
+    assert output.splitlines()[-1] == "Would remove 3 stale presences."
+    assert "socket specific.a!half" in output
+    assert FRESH not in output
+
+
+def test_prune_presences_dry_run_lists_what_a_real_run_removes(
+    presences: None,
+) -> None:
+    dry = run("prune_presences", "--dry-run", "--age", "60")
+    real = run("prune_presences", "--age", "60")
+    assert sorted(dry.replace("Would remove", "Removed").splitlines()) == sorted(
+        real.splitlines()
+    )
+
+
+@pytest.mark.parametrize("age", ["-1", "-0.5", "nan", "inf"])
+def test_prune_presences_refuses_a_bad_age_with_a_clear_message(
+    presences: None, age: str
+) -> None:
+    before = state()
+    with pytest.raises(CommandError, match="age must be a finite number of seconds"):
+        run("prune_presences", "--age", age)
+    assert state() == before
+
+
+def test_prune_presences_refuses_an_age_that_is_not_a_number(presences: None) -> None:
+    with pytest.raises(CommandError, match="--age"):
+        run("prune_presences", "--age", "soon")
+
+
+def test_prune_rooms_deletes_the_empty_rooms_and_says_which(presences: None) -> None:
+    Room.objects.create(channel_name="attic")
+    Room.objects.create(channel_name="cellar")
+
+    output = run("prune_rooms")
+
+    assert rooms() == {"lobby", "kitchen"}
+    assert output.splitlines() == [
+        "Deleted room attic",
+        "Deleted room cellar",
+        "Deleted 2 empty rooms.",
+    ]
+
+
+def test_prune_rooms_after_prune_presences_deletes_rooms_left_empty(
+    presences: None,
+) -> None:
+    run("prune_presences")
+    output = run("prune_rooms")
+    assert rooms() == {"lobby"}
+    assert output.splitlines() == ["Deleted room kitchen", "Deleted 1 empty room."]
+
+
+def test_prune_rooms_with_no_empty_room_says_so(presences: None) -> None:
+    assert run("prune_rooms") == "Deleted 0 empty rooms.\n"
+    assert rooms() == {"lobby", "kitchen"}
+
+
+def test_prune_rooms_dry_run_changes_nothing(presences: None) -> None:
+    Room.objects.create(channel_name="attic")
+    before = state()
+
+    output = run("prune_rooms", "--dry-run")
+
+    assert state() == before
+    assert "attic" in rooms()
+    assert output.splitlines() == [
+        "Would delete room attic",
+        "Would delete 1 empty room.",
+    ]

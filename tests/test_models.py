@@ -1,0 +1,180 @@
+"""Room and Presence: 1.0.0's public fields and tables, readable for an operator."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.db import models
+from django.test import override_settings
+from django.utils import timezone
+
+from channels_presence.models import Presence, Room
+
+
+def concrete_field_names(model: type[models.Model]) -> set[str]:
+    return {field.name for field in model._meta.concrete_fields}
+
+
+def test_room_has_exactly_the_fields_of_1_0_0() -> None:
+    assert concrete_field_names(Room) == {"id", "channel_name"}
+
+
+def test_room_channel_name_is_a_unique_255_char_field() -> None:
+    field = Room._meta.get_field("channel_name")
+    assert isinstance(field, models.CharField)
+    assert field.max_length == 255
+    assert field.unique
+    assert not field.null
+
+
+def test_presence_has_exactly_the_fields_of_1_0_0() -> None:
+    assert concrete_field_names(Presence) == {
+        "id",
+        "room",
+        "channel_name",
+        "user",
+        "last_seen",
+    }
+
+
+def test_presence_room_is_a_cascading_foreign_key_to_room() -> None:
+    field = Presence._meta.get_field("room")
+    assert isinstance(field, models.ForeignKey)
+    assert field.related_model is Room
+    assert field.remote_field.on_delete is models.CASCADE
+    assert not field.null
+    assert field.column == "room_id"
+
+
+def test_presence_channel_name_is_a_255_char_field_not_unique_alone() -> None:
+    field = Presence._meta.get_field("channel_name")
+    assert isinstance(field, models.CharField)
+    assert field.max_length == 255
+    # One socket can be in several rooms.
+    assert not field.unique
+
+
+def test_presence_user_is_a_nullable_cascading_foreign_key_to_the_user() -> None:
+    field = Presence._meta.get_field("user")
+    assert isinstance(field, models.ForeignKey)
+    assert field.related_model is get_user_model()
+    assert field.null
+    assert field.remote_field.on_delete is models.CASCADE
+    assert field.column == "user_id"
+
+
+def test_presence_last_seen_defaults_to_now() -> None:
+    field = Presence._meta.get_field("last_seen")
+    assert isinstance(field, models.DateTimeField)
+    assert field.default is timezone.now
+    before = timezone.now()
+    presence = Presence(room=Room(channel_name="lobby"), channel_name="a")
+    assert before <= presence.last_seen <= timezone.now()
+
+
+@pytest.mark.parametrize("model", [Room, Presence])
+def test_ids_are_64_bit_auto_primary_keys(model: type[models.Model]) -> None:
+    pk = model._meta.pk
+    assert isinstance(pk, models.BigAutoField)
+    assert pk.name == "id"
+
+
+def test_tables_and_app_label_are_those_of_1_0_0() -> None:
+    assert Room._meta.app_label == "channels_presence"
+    assert Presence._meta.app_label == "channels_presence"
+    assert Room._meta.db_table == "channels_presence_room"
+    assert Presence._meta.db_table == "channels_presence_presence"
+
+
+def test_a_socket_is_unique_per_room() -> None:
+    unique = [
+        constraint
+        for constraint in Presence._meta.constraints
+        if isinstance(constraint, models.UniqueConstraint)
+    ]
+    assert [(c.name, tuple(c.fields)) for c in unique] == [
+        ("channels_presence_room_socket_unique", ("room", "channel_name"))
+    ]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        field
+        for model in (Room, Presence)
+        for field in model._meta.concrete_fields
+        if not field.auto_created
+    ],
+    ids=lambda field: f"{field.model.__name__}.{field.name}",
+)
+def test_every_field_has_an_explicit_verbose_name_and_help_text(
+    field: models.Field[object, object],
+) -> None:
+    # deconstruct() lists verbose_name only when it was given, not the default
+    # derived from the attribute name.
+    _, _, _, kwargs = field.deconstruct()
+    assert str(kwargs.get("verbose_name", "")).strip()
+    assert str(field.help_text).strip()
+
+
+@pytest.mark.parametrize("model", [Room, Presence])
+def test_models_have_readable_names(model: type[models.Model]) -> None:
+    assert str(model._meta.verbose_name) == model.__name__.lower()
+    assert str(model._meta.verbose_name_plural) == model.__name__.lower() + "s"
+
+
+def test_a_room_reads_as_its_name() -> None:
+    assert str(Room(channel_name="lobby")) == "lobby"
+
+
+@pytest.mark.django_db
+def test_a_presence_with_a_user_reads_as_who_in_which_room() -> None:
+    alice = get_user_model().objects.create_user("alice")
+    room = Room.objects.create(channel_name="lobby")
+    presence = Presence.objects.create(room=room, channel_name="a", user=alice)
+    presence = Presence.objects.get(pk=presence.pk)
+    assert str(presence) == "alice in lobby"
+
+
+@pytest.mark.django_db
+def test_an_anonymous_presence_reads_as_anonymous_in_which_room() -> None:
+    room = Room.objects.create(channel_name="lobby")
+    presence = Presence.objects.create(room=room, channel_name="a")
+    presence = Presence.objects.get(pk=presence.pk)
+    assert str(presence) == "anonymous in lobby"
+
+
+@pytest.mark.parametrize(
+    ("max_age", "seconds_ago", "stale"),
+    [
+        (60, 0, False),
+        (60, 50, False),
+        (60, 70, True),
+        (30, 50, True),
+        (120, 70, False),
+    ],
+)
+def test_a_presence_is_stale_once_older_than_max_age(
+    max_age: int, seconds_ago: int, stale: bool
+) -> None:
+    presence = Presence(
+        room=Room(channel_name="lobby"),
+        channel_name="a",
+        last_seen=timezone.now() - timedelta(seconds=seconds_ago),
+    )
+    with override_settings(CHANNELS_PRESENCE_MAX_AGE=max_age):
+        assert presence.is_stale is stale
+
+
+def test_is_stale_reads_max_age_at_call_time() -> None:
+    presence = Presence(
+        room=Room(channel_name="lobby"),
+        channel_name="a",
+        last_seen=timezone.now() - timedelta(seconds=45),
+    )
+    with override_settings(CHANNELS_PRESENCE_MAX_AGE=30):
+        assert presence.is_stale
+    with override_settings(CHANNELS_PRESENCE_MAX_AGE=60):
+        assert not presence.is_stale

@@ -1,0 +1,892 @@
+"""The operations: join, leave, leave_all, touch and the prunes.
+
+Most tests here pin down a defect of 1.0.0 that this version fixes; each is
+named for the behaviour that 1.0.0 lacked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import math
+import threading
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth.models import AnonymousUser, Group
+from django.core.exceptions import ImproperlyConfigured
+from django.db import IntegrityError, connection, connections, transaction
+from django.db.models.signals import pre_save
+from django.test import override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from channels_presence import groups, operations
+from channels_presence.groups import events_group
+from channels_presence.models import Presence, Room
+from channels_presence.signals import presence_changed
+from tests.helpers import group_members
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+ROOM = "lobby"
+OTHER_ROOM = "kitchen"
+SOCKET = "specific.test!alpha"
+OTHER_SOCKET = "specific.test!beta"
+
+T = TypeVar("T")
+
+
+class Rollback(Exception):
+    """Raised by a test to roll back the caller's transaction."""
+
+
+def _ago(seconds: float) -> datetime:
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+def _elsewhere(query: Callable[[], T]) -> T:
+    """Run ``query`` in another thread, so on another database connection."""
+    outcome: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(query())
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return outcome[0]
+
+
+def _redis() -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+
+
+def _all_groups() -> dict[str, set[str]]:
+    """Every non-empty group of the configured layer, with its members."""
+    layer: Any = get_channel_layer()
+    marker = f"{layer.prefix}:group:"
+    client = _redis()
+    try:
+        return {
+            key[len(marker) :]: {str(m) for m in client.zrange(key, 0, -1)}
+            for key in client.scan_iter(match=marker + "*")
+        }
+    finally:
+        client.close()
+
+
+def _state() -> tuple[list[str], list[tuple[Any, ...]], dict[str, set[str]]]:
+    """Rooms, presences and group memberships: all that an operation may change."""
+    rooms = sorted(Room.objects.values_list("channel_name", flat=True))
+    presences = sorted(
+        Presence.objects.values_list(
+            "room__channel_name", "channel_name", "user_id", "last_seen"
+        )
+    )
+    return rooms, presences, _all_groups()
+
+
+def _group_add_all(pairs: Sequence[tuple[str, str]]) -> None:
+    """Put each (room, socket) in the room's group and events group."""
+
+    async def add() -> None:
+        layer = groups.get_layer()
+        for start in range(0, len(pairs), 50):
+            await asyncio.gather(
+                *(
+                    groups.join(layer, room, socket, subscribe=True)
+                    for room, socket in pairs[start : start + 50]
+                )
+            )
+
+    async_to_sync(add)()
+
+
+def _memberships(pairs: Sequence[tuple[str, str]]) -> int:
+    """How many of the (room, socket) pairs are in the room's group or events group."""
+    layer: Any = get_channel_layer()
+    client = _redis()
+    try:
+        with client.pipeline(transaction=False) as pipe:
+            for room, socket in pairs:
+                pipe.zscore(layer._group_key(room), socket)
+                pipe.zscore(layer._group_key(events_group(room)), socket)
+            scores = pipe.execute()
+    finally:
+        client.close()
+    return sum(score is not None for score in scores)
+
+
+def _bulk_rooms(tag: str, count: int) -> list[Room]:
+    Room.objects.bulk_create(Room(channel_name=f"{tag}-{i}") for i in range(count))
+    return list(Room.objects.filter(channel_name__startswith=f"{tag}-"))
+
+
+@pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user(username="alice")
+
+
+@pytest.fixture
+def bob(django_user_model: Any) -> Any:
+    return django_user_model.objects.create_user(username="bob")
+
+
+@pytest.fixture
+def deleted_user(django_user_model: Any) -> Any:
+    """A user instance that looks saved but whose row is gone."""
+    user = django_user_model.objects.create_user(username="ghost")
+    django_user_model.objects.filter(pk=user.pk).delete()
+    return user
+
+
+# One transaction per operation; presence_changed after commit, once per change
+
+
+def test_join_inside_callers_atomic_block_signals_only_after_outer_commit(signals):
+    with transaction.atomic():
+        operations.join(ROOM, SOCKET)
+        assert signals == []
+
+    assert [s["added"].channel_name for s in signals] == [SOCKET]
+
+
+REMOVALS: dict[str, Callable[[], object]] = {
+    "leave": lambda: operations.leave(ROOM, SOCKET),
+    "leave_all": lambda: operations.leave_all(SOCKET),
+    "prune_presences": lambda: operations.prune_presences(30),
+}
+
+
+@pytest.mark.parametrize("remove", REMOVALS.values(), ids=REMOVALS.keys())
+def test_removal_inside_callers_atomic_block_takes_effect_at_outer_commit(
+    remove, signals
+):
+    operations.join(ROOM, SOCKET, at=_ago(45), subscribe=True)
+    signals.clear()
+
+    with transaction.atomic():
+        remove()
+        assert signals == []
+        assert group_members(ROOM) == {SOCKET}
+        assert group_members(events_group(ROOM)) == {SOCKET}
+
+    assert len(signals) == 1
+    assert not Presence.objects.exists()
+    assert group_members(ROOM) == set()
+    assert group_members(events_group(ROOM)) == set()
+
+
+@pytest.mark.parametrize("remove", REMOVALS.values(), ids=REMOVALS.keys())
+def test_removal_rolled_back_by_caller_keeps_presence_and_group_and_sends_nothing(
+    remove, signals
+):
+    operations.join(ROOM, SOCKET, at=_ago(45), subscribe=True)
+    signals.clear()
+    before = _state()
+
+    def remove_then_roll_back() -> None:
+        with transaction.atomic():
+            remove()
+            raise Rollback
+
+    with pytest.raises(Rollback):
+        remove_then_roll_back()
+
+    assert _state() == before
+    assert signals == []
+
+
+def test_receiver_on_another_connection_sees_the_committed_change():
+    seen: list[bool] = []
+
+    def receiver(sender, added=None, removed=None, **kwargs):
+        pk = (added or removed).pk
+        seen.append(_elsewhere(lambda: Presence.objects.filter(pk=pk).exists()))
+
+    presence_changed.connect(receiver)
+    try:
+        operations.join(ROOM, SOCKET)
+        operations.leave(ROOM, SOCKET)
+    finally:
+        presence_changed.disconnect(receiver)
+
+    assert seen == [True, False]
+
+
+def test_prune_commits_every_room_before_the_first_signal():
+    for i in range(3):
+        operations.join(f"room-{i}", f"specific.test!s{i}", at=_ago(45))
+    remaining: list[int] = []
+
+    def receiver(**kwargs):
+        remaining.append(_elsewhere(Presence.objects.count))
+
+    presence_changed.connect(receiver)
+    try:
+        operations.prune_presences(30)
+    finally:
+        presence_changed.disconnect(receiver)
+
+    assert remaining == [0, 0, 0]
+
+
+def test_leave_all_commits_every_room_before_the_first_signal():
+    for i in range(3):
+        operations.join(f"room-{i}", SOCKET)
+    remaining: list[int] = []
+
+    def receiver(**kwargs):
+        remaining.append(_elsewhere(Presence.objects.count))
+
+    presence_changed.connect(receiver)
+    try:
+        operations.leave_all(SOCKET)
+    finally:
+        presence_changed.disconnect(receiver)
+
+    assert remaining == [0, 0, 0]
+
+
+def test_rejoin_with_same_socket_and_user_sends_no_signal_and_only_touches(
+    alice, signals
+):
+    operations.join(ROOM, SOCKET, alice, at=_ago(45))
+    before = timezone.now()
+
+    operations.join(ROOM, SOCKET, alice)
+
+    assert len(signals) == 1
+    presence = Presence.objects.get()
+    assert presence.user_id == alice.pk
+    assert presence.last_seen >= before
+
+
+def test_leave_of_an_unknown_socket_sends_no_signal(signals):
+    operations.join(ROOM, SOCKET)
+    signals.clear()
+
+    assert operations.leave(ROOM, OTHER_SOCKET) is None
+    assert operations.leave(OTHER_ROOM, SOCKET) is None
+    assert operations.leave_all(OTHER_SOCKET) == []
+
+    assert signals == []
+    assert Presence.objects.count() == 1
+
+
+def test_touch_sends_no_signal(signals):
+    operations.join(ROOM, SOCKET, at=_ago(45))
+    signals.clear()
+
+    assert operations.touch([SOCKET]) == 1
+
+    assert signals == []
+
+
+def test_prune_with_nothing_stale_deletes_nothing_and_sends_no_signal(signals):
+    operations.join(ROOM, SOCKET, at=_ago(15))
+    signals.clear()
+    before = _state()
+
+    assert operations.prune_presences(30) == []
+
+    assert _state() == before
+    assert signals == []
+
+
+@pytest.mark.parametrize(
+    "remove",
+    [lambda: operations.leave(ROOM, SOCKET), lambda: operations.leave_all(SOCKET)],
+    ids=["leave", "leave_all"],
+)
+def test_removed_presence_in_the_signal_keeps_its_pk(remove, signals):
+    operations.join(ROOM, SOCKET)
+    pk = Presence.objects.get().pk
+    signals.clear()
+
+    remove()
+
+    assert [(s["removed"].pk, s["removed"].channel_name) for s in signals] == [
+        (pk, SOCKET)
+    ]
+    assert not Presence.objects.filter(pk=pk).exists()
+
+
+def test_removed_presences_returned_keep_their_pks():
+    operations.join(ROOM, SOCKET, at=_ago(45))
+    operations.join(OTHER_ROOM, SOCKET, at=_ago(45))
+    pks = sorted(Presence.objects.values_list("pk", flat=True))
+
+    assert sorted(p.pk for p in operations.prune_presences(30)) == pks
+
+    operations.join(ROOM, SOCKET)
+    operations.join(OTHER_ROOM, SOCKET)
+    pks = sorted(Presence.objects.values_list("pk", flat=True))
+    assert sorted(p.pk for p in operations.leave_all(SOCKET)) == pks
+
+    operations.join(ROOM, SOCKET)
+    pk = Presence.objects.get().pk
+    removed = operations.leave(ROOM, SOCKET)
+    assert removed is not None
+    assert removed.pk == pk
+
+
+# A presence is found by (room, socket), not by user
+
+
+def test_join_as_anonymous_then_as_user_updates_the_row(alice, signals):
+    operations.join(ROOM, SOCKET)
+    pk = Presence.objects.get().pk
+
+    operations.join(ROOM, SOCKET, alice)
+
+    presence = Presence.objects.get()
+    assert (presence.pk, presence.user_id) == (pk, alice.pk)
+    assert [(s["added"].pk, s["added"].user_id) for s in signals] == [
+        (pk, None),
+        (pk, alice.pk),
+    ]
+
+
+def test_join_as_another_user_replaces_the_user_of_the_socket(alice, bob):
+    operations.join(ROOM, SOCKET, alice)
+
+    operations.join(ROOM, SOCKET, bob)
+
+    assert list(Presence.objects.values_list("channel_name", "user_id")) == [
+        (SOCKET, bob.pk)
+    ]
+
+
+def test_one_user_with_two_sockets_has_two_presences(alice):
+    operations.join(ROOM, SOCKET, alice)
+    operations.join(ROOM, OTHER_SOCKET, alice)
+
+    assert sorted(Presence.objects.values_list("channel_name", "user_id")) == [
+        (SOCKET, alice.pk),
+        (OTHER_SOCKET, alice.pk),
+    ]
+
+
+# Constant queries however many rooms; every deleted socket leaves its groups
+
+
+def _prune_queries(tag: str, rooms: int, signals: list[dict[str, Any]]) -> int:
+    """Prune one stale presence in each of ``rooms`` new rooms; count the queries."""
+    created = _bulk_rooms(tag, rooms)
+    pairs = [(room.channel_name, f"specific.{tag}!{room.pk}") for room in created]
+    Presence.objects.bulk_create(
+        Presence(room=room, channel_name=socket, last_seen=_ago(3600))
+        for room, (_, socket) in zip(created, pairs, strict=True)
+    )
+    _group_add_all(pairs)
+    assert _memberships(pairs) == 2 * rooms
+    signals.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        removed = operations.prune_presences(30)
+
+    assert len(removed) == rooms
+    assert not Presence.objects.exists()
+    assert _memberships(pairs) == 0
+    assert len(signals) == rooms
+    assert {s["room"].channel_name for s in signals} == {room for room, _ in pairs}
+    assert all(s["bulk_change"] for s in signals)
+    return len(queries)
+
+
+def test_prune_presences_queries_do_not_grow_with_the_number_of_rooms(signals):
+    small = _prune_queries("small", 10, signals)
+    large = _prune_queries("large", 1000, signals)
+
+    print(
+        f"prune_presences queries ({connection.vendor}): "
+        f"10 rooms={small}, 1000 rooms={large}"
+    )
+    assert small == large
+
+
+def _leave_all_queries(tag: str, rooms: int, signals: list[dict[str, Any]]) -> int:
+    """Take one socket out of ``rooms`` new rooms; count the queries."""
+    socket = f"specific.{tag}!socket"
+    created = _bulk_rooms(tag, rooms)
+    Presence.objects.bulk_create(
+        Presence(room=room, channel_name=socket) for room in created
+    )
+    pairs = [(room.channel_name, socket) for room in created]
+    _group_add_all(pairs)
+    assert _memberships(pairs) == 2 * rooms
+    signals.clear()
+
+    with CaptureQueriesContext(connection) as queries:
+        removed = operations.leave_all(socket)
+
+    assert len(removed) == rooms
+    assert not Presence.objects.exists()
+    assert _memberships(pairs) == 0
+    assert len(signals) == rooms
+    assert all(s["removed"].channel_name == socket for s in signals)
+    return len(queries)
+
+
+def test_leave_all_queries_do_not_grow_with_the_number_of_rooms(signals):
+    small = _leave_all_queries("small", 10, signals)
+    large = _leave_all_queries("large", 1000, signals)
+
+    print(
+        f"leave_all queries ({connection.vendor}): 10 rooms={small}, 1000 rooms={large}"
+    )
+    assert small == large
+
+
+def test_prune_presences_discards_every_pruned_socket_and_signals_once_per_room(
+    signals,
+):
+    operations.join("a", "specific.test!a1", at=_ago(45), subscribe=True)
+    operations.join("a", "specific.test!a2", at=_ago(45), subscribe=True)
+    operations.join("a", "specific.test!a3", at=_ago(15), subscribe=True)
+    operations.join("b", "specific.test!b1", at=_ago(45), subscribe=True)
+    operations.join("c", "specific.test!c1", at=_ago(15), subscribe=True)
+    signals.clear()
+
+    removed = operations.prune_presences(30)
+
+    assert sorted(p.channel_name for p in removed) == [
+        "specific.test!a1",
+        "specific.test!a2",
+        "specific.test!b1",
+    ]
+    assert _all_groups() == {
+        "a": {"specific.test!a3"},
+        events_group("a"): {"specific.test!a3"},
+        "c": {"specific.test!c1"},
+        events_group("c"): {"specific.test!c1"},
+    }
+    assert sorted(
+        (s["room"].channel_name, s["added"], s["removed"], s["bulk_change"])
+        for s in signals
+    ) == [("a", None, None, True), ("b", None, None, True)]
+
+
+def test_leave_all_discards_the_socket_from_every_group_and_signals_each_removal(
+    signals,
+):
+    operations.join(ROOM, SOCKET, subscribe=True)
+    operations.join(OTHER_ROOM, SOCKET, subscribe=True)
+    operations.join(ROOM, OTHER_SOCKET, subscribe=True)
+    signals.clear()
+
+    operations.leave_all(SOCKET)
+
+    assert _all_groups() == {
+        ROOM: {OTHER_SOCKET},
+        events_group(ROOM): {OTHER_SOCKET},
+    }
+    assert sorted(
+        (
+            s["room"].channel_name,
+            s["added"],
+            s["removed"].channel_name,
+            s["bulk_change"],
+        )
+        for s in signals
+    ) == [(OTHER_ROOM, None, SOCKET, False), (ROOM, None, SOCKET, False)]
+
+
+# The channel layer is resolved at call time
+
+
+def test_operations_use_the_channel_layer_configured_at_call_time():
+    other: Any = copy.deepcopy(settings.CHANNEL_LAYERS)
+    other["default"]["CONFIG"]["prefix"] += "-other"
+
+    with override_settings(CHANNEL_LAYERS=other):
+        try:
+            operations.join(ROOM, SOCKET, subscribe=True)
+            joined = group_members(ROOM), group_members(events_group(ROOM))
+            operations.leave(ROOM, SOCKET)
+            left = group_members(ROOM), group_members(events_group(ROOM))
+        finally:
+            async_to_sync(groups.get_layer().flush)()
+
+    assert joined == ({SOCKET}, {SOCKET})
+    assert left == (set(), set())
+    operations.join(ROOM, SOCKET)
+    assert group_members(ROOM) == {SOCKET}
+
+
+NEEDS_A_LAYER: dict[str, Callable[[Room], object]] = {
+    "join": lambda room: operations.join(OTHER_ROOM, OTHER_SOCKET),
+    "join an existing room": lambda room: operations.join(ROOM, OTHER_SOCKET),
+    "leave": lambda room: operations.leave(ROOM, SOCKET),
+    "leave_all": lambda room: operations.leave_all(SOCKET),
+    "prune_presences": lambda room: operations.prune_presences(30),
+    "Room.objects.add": lambda room: Room.objects.add(OTHER_ROOM, OTHER_SOCKET),
+    "Room.objects.remove": lambda room: Room.objects.remove(ROOM, SOCKET),
+    "Room.objects.prune_presences": lambda room: Room.objects.prune_presences(age=30),
+    "Presence.objects.leave_all": lambda room: Presence.objects.leave_all(SOCKET),
+    "room.add_presence": lambda room: room.add_presence(OTHER_SOCKET),
+    "room.remove_presence": lambda room: room.remove_presence(SOCKET),
+    "room.prune_presences": lambda room: room.prune_presences(30),
+}
+
+
+@pytest.mark.parametrize("call", NEEDS_A_LAYER.values(), ids=NEEDS_A_LAYER.keys())
+def test_operation_without_a_channel_layer_raises_improperly_configured(call, signals):
+    room = operations.join(ROOM, SOCKET, at=_ago(45))
+    signals.clear()
+    before = _state()
+
+    with (
+        override_settings(CHANNEL_LAYERS={}),
+        pytest.raises(ImproperlyConfigured, match="CHANNEL_LAYERS"),
+    ):
+        call(room)
+
+    assert _state() == before
+    assert signals == []
+
+
+# touch: indexed, one UPDATE, forward only, never creates
+
+
+def test_touch_finds_sockets_by_index_not_by_table_scan():
+    operations.join(ROOM, SOCKET)
+    query = Presence.objects.filter(
+        channel_name__in=[SOCKET, OTHER_SOCKET], last_seen__lt=timezone.now()
+    )
+
+    if connection.vendor == "postgresql":
+        # An empty table is cheapest to scan: make the planner show the index.
+        with connection.cursor() as cursor:
+            cursor.execute("SET enable_seqscan = off")
+        try:
+            plan = query.explain()
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET enable_seqscan")
+        assert "Index Scan" in plan
+        assert "channels_presence_socket_idx" in plan
+    else:
+        plan = query.explain()
+        assert "SEARCH" in plan
+        assert "USING INDEX channels_presence_socket_idx" in plan
+        assert "SCAN" not in plan.replace("SEARCH", "")
+
+
+def test_touch_moves_last_seen_forward_and_returns_the_rows_updated():
+    operations.join(ROOM, SOCKET, at=_ago(45))
+    operations.join(OTHER_ROOM, SOCKET, at=_ago(45))
+    operations.join(ROOM, OTHER_SOCKET, at=_ago(45))
+    now = timezone.now()
+
+    assert operations.touch([SOCKET], at=now) == 2
+
+    touched = Presence.objects.filter(channel_name=SOCKET)
+    assert list(touched.values_list("last_seen", flat=True)) == [now, now]
+    assert Presence.objects.get(channel_name=OTHER_SOCKET).last_seen < now
+
+
+def test_touch_never_moves_last_seen_backwards():
+    operations.join(ROOM, SOCKET)
+    before = _state()
+
+    assert operations.touch([SOCKET], at=_ago(45)) == 0
+
+    assert _state() == before
+
+
+def test_touch_never_creates_a_presence():
+    Room.objects.create(channel_name=ROOM)
+
+    assert operations.touch([SOCKET]) == 0
+    Presence.objects.touch(SOCKET)
+
+    assert not Presence.objects.exists()
+    assert _all_groups() == {}
+
+
+def test_touch_of_many_sockets_is_one_update():
+    room = Room.objects.create(channel_name=ROOM)
+    names = [f"specific.test!{i}" for i in range(500)]
+    Presence.objects.bulk_create(
+        Presence(room=room, channel_name=name, last_seen=_ago(45)) for name in names
+    )
+
+    with CaptureQueriesContext(connection) as queries:
+        updated = operations.touch(names)
+
+    assert updated == 500
+    assert [q["sql"].split()[0] for q in queries] == ["UPDATE"]
+    assert not Presence.objects.filter(last_seen__lt=_ago(30)).exists()
+
+
+# join: subscribing, and failing without leaving the socket in a group
+
+
+def test_join_with_subscribe_adds_the_socket_to_the_events_group():
+    operations.join(ROOM, SOCKET, subscribe=True)
+
+    assert group_members(ROOM) == {SOCKET}
+    assert group_members(events_group(ROOM)) == {SOCKET}
+
+
+def test_join_without_subscribe_keeps_the_socket_out_of_the_events_group():
+    operations.join(ROOM, SOCKET)
+
+    assert _all_groups() == {ROOM: {SOCKET}}
+
+
+def test_join_accepts_the_longest_room_name_channels_allows():
+    name = "r" * 99
+
+    operations.join(name, SOCKET, subscribe=True)
+
+    assert Room.objects.get().channel_name == name
+    assert group_members(name) == {SOCKET}
+    assert group_members(events_group(name)) == {SOCKET}
+
+
+def test_join_whose_database_write_fails_leaves_no_group_membership(deleted_user):
+    with pytest.raises(IntegrityError):
+        operations.join(ROOM, SOCKET, deleted_user, subscribe=True)
+
+    assert not Room.objects.exists()
+    assert not Presence.objects.exists()
+    assert _all_groups() == {}
+
+
+def test_join_failing_in_a_presence_save_receiver_leaves_nothing_behind(signals):
+    def fail(**kwargs):
+        raise RuntimeError("write refused")
+
+    pre_save.connect(fail, sender=Presence)
+    try:
+        with pytest.raises(RuntimeError, match="write refused"):
+            operations.join(ROOM, SOCKET, subscribe=True)
+    finally:
+        pre_save.disconnect(fail, sender=Presence)
+
+    assert not Room.objects.exists()
+    assert not Presence.objects.exists()
+    assert _all_groups() == {}
+    assert signals == []
+
+
+def test_failed_rejoin_keeps_the_existing_presence_in_its_group(deleted_user):
+    operations.join(ROOM, SOCKET, subscribe=True)
+    before = _state()
+
+    with pytest.raises(IntegrityError):
+        operations.join(ROOM, SOCKET, deleted_user, subscribe=True)
+
+    # The row is still there, so the socket must still be in the room's groups.
+    assert _state() == before
+
+
+# Bad input: refused before anything is written
+
+
+@pytest.fixture
+def existing() -> tuple[list[str], list[tuple[Any, ...]], dict[str, set[str]]]:
+    """A stale presence that a bad call must leave alone; the state before."""
+    operations.join(ROOM, SOCKET, at=_ago(45), subscribe=True)
+    return _state()
+
+
+BAD_ROOM_NAMES = ["a b", "ünïcode", "", "r" * 100, "room/1", "room!1"]
+
+
+@pytest.mark.parametrize("name", BAD_ROOM_NAMES)
+def test_join_refuses_a_room_name_channels_cannot_use(name, existing, signals):
+    with pytest.raises(ValueError, match="not a valid Channels group name"):
+        operations.join(name, OTHER_SOCKET, subscribe=True)
+    with pytest.raises(ValueError, match="not a valid Channels group name"):
+        Room.objects.add(name, OTHER_SOCKET)
+
+    assert _state() == existing
+    assert signals == []
+
+
+@pytest.mark.parametrize("name", BAD_ROOM_NAMES)
+def test_leave_refuses_a_room_name_channels_cannot_use(name, existing, signals):
+    with pytest.raises(ValueError, match="not a valid Channels group name"):
+        operations.leave(name, SOCKET)
+
+    assert _state() == existing
+    assert signals == []
+
+
+@pytest.mark.parametrize("name", [42, None, b"lobby", ["lobby"]])
+def test_room_name_that_is_not_a_str_raises_type_error(name, existing):
+    with pytest.raises(TypeError, match="room name must be a str"):
+        operations.join(name, OTHER_SOCKET)
+    with pytest.raises(TypeError, match="room name must be a str"):
+        operations.leave(name, SOCKET)
+
+    assert _state() == existing
+
+
+BAD_SOCKET_NAMES = ["a b", "", "s" * 100, "socket?", "ünï", "a!b c", "a!b!c"]
+SOCKET_OPERATIONS: dict[str, Callable[[str], object]] = {
+    "join": lambda name: operations.join(OTHER_ROOM, name, subscribe=True),
+    "leave": lambda name: operations.leave(ROOM, name),
+    "leave_all": lambda name: operations.leave_all(name),
+    "touch": lambda name: operations.touch([SOCKET, name]),
+}
+
+
+@pytest.mark.parametrize("name", BAD_SOCKET_NAMES)
+@pytest.mark.parametrize(
+    "call", SOCKET_OPERATIONS.values(), ids=SOCKET_OPERATIONS.keys()
+)
+def test_socket_name_channels_cannot_use_raises_value_error_saying_what_is_allowed(
+    call, name, existing, signals
+):
+    with pytest.raises(ValueError, match="not a valid Channels channel name") as info:
+        call(name)
+
+    message = str(info.value)
+    assert repr(name)[:40] in message
+    assert "ASCII alphanumerics, hyphens, underscores, or periods" in message
+    assert "length < 100" in message
+    assert _state() == existing
+    assert signals == []
+
+
+@pytest.mark.parametrize("name", [42, None, b"specific.test!x"])
+@pytest.mark.parametrize(
+    "call", SOCKET_OPERATIONS.values(), ids=SOCKET_OPERATIONS.keys()
+)
+def test_socket_name_that_is_not_a_str_raises_type_error(call, name, existing):
+    with pytest.raises(TypeError, match="channel name must be a str"):
+        call(name)
+
+    assert _state() == existing
+
+
+def test_touch_refuses_a_single_str_instead_of_a_list(existing):
+    with pytest.raises(TypeError, match="list of str"):
+        operations.touch(SOCKET)
+
+    assert _state() == existing
+
+
+@pytest.mark.parametrize("pk", [None, 12345], ids=["without pk", "with a pk"])
+def test_join_with_an_unsaved_user_raises_value_error(pk, existing, django_user_model):
+    unsaved = django_user_model(pk=pk, username="new")
+
+    with pytest.raises(ValueError, match="has not been saved"):
+        operations.join(OTHER_ROOM, OTHER_SOCKET, unsaved)
+
+    assert _state() == existing
+
+
+@pytest.mark.parametrize(
+    "user",
+    [object(), "alice", 5, Group(pk=1, name="staff")],
+    ids=["object", "str", "int", "auth Group"],
+)
+def test_join_with_something_that_is_not_a_user_raises_type_error(user, existing):
+    with pytest.raises(TypeError, match="user must be a saved"):
+        operations.join(OTHER_ROOM, OTHER_SOCKET, user)
+
+    assert _state() == existing
+
+
+def test_join_stores_none_and_anonymous_user_as_anonymous():
+    operations.join(ROOM, SOCKET, None)
+    operations.join(ROOM, OTHER_SOCKET, AnonymousUser())
+
+    rows: list[tuple[str, int | None]] = sorted(
+        Presence.objects.values_list("channel_name", "user_id")
+    )
+    assert rows == [
+        (SOCKET, None),
+        (OTHER_SOCKET, None),
+    ]
+
+
+AGE_OPERATIONS: dict[str, Callable[[Any], object]] = {
+    "prune_presences": lambda age: operations.prune_presences(age),
+    "stale_presences": lambda age: operations.stale_presences(age),
+    "Room.objects.prune_presences": lambda age: Room.objects.prune_presences(age=age),
+    "room.prune_presences": lambda age: Room.objects.get().prune_presences(age),
+}
+
+
+@pytest.mark.parametrize("age", [-1, -0.5, math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("call", AGE_OPERATIONS.values(), ids=AGE_OPERATIONS.keys())
+def test_negative_or_non_finite_age_raises_value_error(call, age, existing, signals):
+    with pytest.raises(ValueError, match="finite number of seconds, 0 or more"):
+        call(age)
+
+    assert _state() == existing
+    assert signals == []
+
+
+@pytest.mark.parametrize("age", ["60", b"60", [60], True, timedelta(seconds=60)])
+@pytest.mark.parametrize("call", AGE_OPERATIONS.values(), ids=AGE_OPERATIONS.keys())
+def test_age_that_is_not_a_number_raises_type_error(call, age, existing, signals):
+    with pytest.raises(TypeError, match="age must be a number of seconds"):
+        call(age)
+
+    assert _state() == existing
+    assert signals == []
+
+
+@pytest.mark.parametrize("at", [datetime(2020, 1, 1), "2020-01-01T00:00:00Z", 0.0])
+def test_at_that_is_not_an_aware_datetime_raises_type_error(at, existing, signals):
+    with pytest.raises(TypeError, match="aware datetime"):
+        operations.join(OTHER_ROOM, OTHER_SOCKET, at=at)
+    with pytest.raises(TypeError, match="aware datetime"):
+        operations.touch([SOCKET], at=at)
+
+    assert _state() == existing
+    assert signals == []
+
+
+# prune_rooms, and the read-only queries behind --dry-run
+
+
+def test_prune_rooms_deletes_only_empty_rooms_and_returns_their_names():
+    operations.join(ROOM, SOCKET)
+    Room.objects.create(channel_name="empty-1")
+    Room.objects.create(channel_name="empty-2")
+
+    assert sorted(operations.prune_rooms()) == ["empty-1", "empty-2"]
+
+    assert list(Room.objects.values_list("channel_name", flat=True)) == [ROOM]
+    assert Presence.objects.get().channel_name == SOCKET
+    assert operations.prune_rooms() == []
+
+
+def test_empty_rooms_and_stale_presences_change_nothing(signals):
+    operations.join(ROOM, SOCKET, at=_ago(45), subscribe=True)
+    operations.join(ROOM, OTHER_SOCKET, at=_ago(15), subscribe=True)
+    Room.objects.create(channel_name="empty")
+    signals.clear()
+    before = _state()
+
+    empty = list(operations.empty_rooms().values_list("channel_name", flat=True))
+    stale = list(operations.stale_presences(30).values_list("channel_name", flat=True))
+
+    assert empty == ["empty"]
+    assert stale == [SOCKET]
+    assert _state() == before
+    assert signals == []
