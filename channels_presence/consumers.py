@@ -72,8 +72,11 @@ class PresenceConsumerMixin:
         self._presence_send = send
 
         async def send_and_watch(message: dict[str, Any]) -> None:
+            # Accepting and then closing is how connect() refuses with a code.
             if message.get("type") == "websocket.accept":
                 self._presence_accepted = True
+            elif message.get("type") == "websocket.close":
+                self._presence_accepted = False
             await send(message)
 
         await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]

@@ -17,7 +17,7 @@ from typing import Any
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.core.exceptions import ImproperlyConfigured
 
-EVENTS_PREFIX = "presence."
+from .validation import EVENTS_PREFIX
 
 # How many channel-layer calls one batch keeps in flight at once.
 CONCURRENCY = 64

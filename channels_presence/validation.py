@@ -15,6 +15,11 @@ from django.contrib.auth import get_user_model
 
 from .conf import conf
 
+#: The events groups of rooms (see ``groups``) are named with this prefix, which
+#: room names may therefore not use: a 1.0.0-style consumer in a room named like
+#: an events group would be sent presence events it cannot handle.
+EVENTS_PREFIX = "presence_events."
+
 
 @cache
 def _rules() -> BaseChannelLayer:
@@ -45,6 +50,11 @@ def room_name(name: object) -> str:
         raise ValueError(
             f"room name {_shown(name)} is not a valid Channels group name: {error}"
         ) from None
+    if name.startswith(EVENTS_PREFIX):
+        raise ValueError(
+            f"room name {_shown(name)} starts with {EVENTS_PREFIX!r}, which is "
+            "reserved for channels_presence's events groups: choose another name"
+        )
     return name
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.layers import get_channel_layer
+from channels.layers import channel_layers, get_channel_layer
 from django.db import connections
 
 from channels_presence.signals import presence_changed
@@ -15,7 +15,15 @@ from channels_presence.signals import presence_changed
 
 @pytest.fixture(autouse=True)
 def _clean_channel_layer() -> Iterator[None]:
-    """Every test starts and ends with none of this run's keys in Redis."""
+    """Each test gets a channel layer of its own, and leaves none of its keys.
+
+    Each async test runs on an event loop of its own, and channels_redis keeps
+    per-loop state on the layer instance: a consumer cancelled while it waits on
+    one of the layer's receive locks leaves that lock bound to a loop that is
+    gone, and a later test sharing the instance fails with "is bound to a
+    different event loop" (django/channels#876, same remedy).
+    """
+    channel_layers.backends.clear()
     yield
     layer: Any = get_channel_layer()
     if layer is not None and hasattr(layer, "flush"):

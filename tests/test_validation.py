@@ -184,3 +184,8 @@ def test_a_max_age_of_the_wrong_type_is_a_type_error_too() -> None:
         pytest.raises(TypeError, match="age must be a number"),
     ):
         validation.age(None)
+
+
+def test_a_room_name_in_the_events_group_namespace_is_refused() -> None:
+    with pytest.raises(ValueError, match="reserved for channels_presence's events"):
+        validation.room_name("presence_events.lobby")

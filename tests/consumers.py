@@ -1,0 +1,367 @@
+# mypy: disallow-subclassing-any=False
+"""Consumers the tests drive through WebsocketCommunicator, and a client for them.
+
+Every consumer answers each frame it handles (``{"type": "echo", ...}``), so a
+test knows a frame has been dealt with, and frames it never answers were never
+handled. On disconnect it notes, in the list the test put in its scope, the
+close code and how many presences its socket still had at that moment.
+
+There is one of each kind for the four websocket bases Channels ships: the echo
+consumers themselves, 1.0.0-style ones (``Room.objects.add`` in ``connect``, no
+presence event handler), and the same decorated with ``touch_presence`` and
+``remove_presence``. Below them: the client the tests drive them with, and
+helpers that look at presences in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from channels.generic.websocket import (
+    AsyncJsonWebsocketConsumer,
+    AsyncWebsocketConsumer,
+    JsonWebsocketConsumer,
+    WebsocketConsumer,
+)
+from channels.testing import WebsocketCommunicator
+from django.contrib.auth import get_user_model
+from django.utils import timezone
+
+from channels_presence.decorators import remove_presence, touch_presence
+from channels_presence.models import Presence, Room
+
+#: The rooms the 1.0.0-style consumers join on connect.
+ROOMS = ("lobby", "news")
+
+#: Seconds a client waits for a frame before the test fails.
+TIMEOUT = 3
+
+
+def _echo(text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
+    if bytes_data is not None:
+        return {"type": "echo", "bytes": bytes_data.hex()}
+    return {"type": "echo", "text": text_data}
+
+
+def _room_to_leave(content: Any) -> str | None:
+    """The room of a ``{"leave": room}`` request, so a socket can leave one room."""
+    room = content.get("leave") if isinstance(content, dict) else None
+    return room if isinstance(room, str) else None
+
+
+def _parse(text_data: str | None) -> Any:
+    try:
+        return json.loads(text_data) if text_data is not None else None
+    except ValueError:
+        return None
+
+
+def _note(consumer: Any, *what: Any) -> None:
+    calls = consumer.scope.get("calls")
+    if calls is not None:
+        calls.append(what)
+
+
+# The echo consumers, one per base.
+
+
+class EchoConsumer(WebsocketConsumer):
+    """Answers every frame; ``{"leave": room}`` first takes the socket out of it."""
+
+    def receive(self, text_data=None, bytes_data=None):
+        room = _room_to_leave(_parse(text_data))
+        if room is not None:
+            Room.objects.remove(room, self.channel_name)
+        self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
+
+    def disconnect(self, code):
+        rows = Presence.objects.filter(channel_name=self.channel_name).count()
+        _note(self, "disconnect", code, rows)
+
+    def test_marker(self, event):
+        self.send(text_data=json.dumps({"type": "marker"}))
+
+    def chat_message(self, event):
+        self.send(text_data=json.dumps({"type": "chat", "text": event["text"]}))
+
+
+class JsonEchoConsumer(JsonWebsocketConsumer):
+    """:class:`EchoConsumer` for JSON content."""
+
+    def receive_json(self, content, **kwargs):
+        room = _room_to_leave(content)
+        if room is not None:
+            Room.objects.remove(room, self.channel_name)
+        self.send_json({"type": "echo", "content": content})
+
+    def disconnect(self, code):
+        rows = Presence.objects.filter(channel_name=self.channel_name).count()
+        _note(self, "disconnect", code, rows)
+
+    def test_marker(self, event):
+        self.send_json({"type": "marker"})
+
+    def chat_message(self, event):
+        self.send_json({"type": "chat", "text": event["text"]})
+
+
+class AsyncEchoConsumer(AsyncWebsocketConsumer):
+    """:class:`EchoConsumer`, async."""
+
+    async def receive(self, text_data=None, bytes_data=None):
+        room = _room_to_leave(_parse(text_data))
+        if room is not None:
+            await Room.objects.aremove(room, self.channel_name)
+        await self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
+
+    async def disconnect(self, code):
+        rows = await Presence.objects.filter(channel_name=self.channel_name).acount()
+        _note(self, "disconnect", code, rows)
+
+    async def test_marker(self, event):
+        await self.send(text_data=json.dumps({"type": "marker"}))
+
+    async def chat_message(self, event):
+        await self.send(text_data=json.dumps({"type": "chat", "text": event["text"]}))
+
+
+class AsyncJsonEchoConsumer(AsyncJsonWebsocketConsumer):
+    """:class:`JsonEchoConsumer`, async."""
+
+    async def receive_json(self, content, **kwargs):
+        room = _room_to_leave(content)
+        if room is not None:
+            await Room.objects.aremove(room, self.channel_name)
+        await self.send_json({"type": "echo", "content": content})
+
+    async def disconnect(self, code):
+        rows = await Presence.objects.filter(channel_name=self.channel_name).acount()
+        _note(self, "disconnect", code, rows)
+
+    async def test_marker(self, event):
+        await self.send_json({"type": "marker"})
+
+    async def chat_message(self, event):
+        await self.send_json({"type": "chat", "text": event["text"]})
+
+
+ECHO_CONSUMERS = (
+    EchoConsumer,
+    JsonEchoConsumer,
+    AsyncEchoConsumer,
+    AsyncJsonEchoConsumer,
+)
+
+
+# 1.0.0-style consumers: they join in connect and know nothing of presence events.
+
+
+class LegacyConsumer(EchoConsumer):
+    """Joins :data:`ROOMS` in ``connect``, as 1.0.0's documentation shows."""
+
+    def connect(self):
+        for room in ROOMS:
+            Room.objects.add(room, self.channel_name, self.scope.get("user"))
+        self.accept()
+
+
+class JsonLegacyConsumer(JsonEchoConsumer):
+    """:class:`LegacyConsumer` for JSON content."""
+
+    def connect(self):
+        for room in ROOMS:
+            Room.objects.add(room, self.channel_name, self.scope.get("user"))
+        self.accept()
+
+
+class AsyncLegacyConsumer(AsyncEchoConsumer):
+    """:class:`LegacyConsumer`, async."""
+
+    async def connect(self):
+        for room in ROOMS:
+            await Room.objects.aadd(room, self.channel_name, self.scope.get("user"))
+        await self.accept()
+
+
+class AsyncJsonLegacyConsumer(AsyncJsonEchoConsumer):
+    """:class:`JsonLegacyConsumer`, async."""
+
+    async def connect(self):
+        for room in ROOMS:
+            await Room.objects.aadd(room, self.channel_name, self.scope.get("user"))
+        await self.accept()
+
+
+# The same, decorated.
+
+
+class DecoratedConsumer(LegacyConsumer):
+    """``touch_presence`` on ``receive``, ``remove_presence`` on ``disconnect``."""
+
+    @touch_presence
+    def receive(self, text_data=None, bytes_data=None):
+        super().receive(text_data=text_data, bytes_data=bytes_data)
+
+    @remove_presence
+    def disconnect(self, code):
+        super().disconnect(code)
+
+
+class JsonDecoratedConsumer(JsonLegacyConsumer):
+    """``touch_presence`` on ``receive_json``, ``remove_presence`` on ``disconnect``."""
+
+    @touch_presence
+    def receive_json(self, content, **kwargs):
+        super().receive_json(content, **kwargs)
+
+    @remove_presence
+    def disconnect(self, code):
+        super().disconnect(code)
+
+
+class AsyncDecoratedConsumer(AsyncLegacyConsumer):
+    """:class:`DecoratedConsumer`, async."""
+
+    @touch_presence
+    async def receive(self, text_data=None, bytes_data=None):
+        await super().receive(text_data=text_data, bytes_data=bytes_data)
+
+    @remove_presence
+    async def disconnect(self, code):
+        await super().disconnect(code)
+
+
+class AsyncJsonDecoratedConsumer(AsyncJsonLegacyConsumer):
+    """:class:`JsonDecoratedConsumer`, async."""
+
+    @touch_presence
+    async def receive_json(self, content, **kwargs):
+        await super().receive_json(content, **kwargs)
+
+    @remove_presence
+    async def disconnect(self, code):
+        await super().disconnect(code)
+
+
+# The client.
+
+
+class Client(WebsocketCommunicator):
+    """A communicator that keeps every text frame it got and the consumer's notes.
+
+    ``calls`` is the list the consumer notes its disconnect in; ``texts`` holds
+    every text frame received, raw, in order.
+    """
+
+    def __init__(self, application: Any, path: str = "/ws/", user: Any = None):
+        super().__init__(application, path)
+        self.calls: list[tuple[Any, ...]] = []
+        self.texts: list[str] = []
+        self.scope["calls"] = self.calls
+        if user is not None:
+            self.scope["user"] = user
+        self.closed = False
+
+    async def disconnect(self, code: int = 1000) -> None:
+        self.closed = True
+        await super().disconnect(code, TIMEOUT)
+
+    async def receive_text(self) -> str:
+        """The next text frame."""
+        text = await self.receive_from(TIMEOUT)
+        assert isinstance(text, str), text
+        self.texts.append(text)
+        return text
+
+    async def receive_type(self, kind: str) -> dict[str, Any]:
+        """The next JSON frame of type ``kind``, passing over frames of other types."""
+        while True:
+            message = json.loads(await self.receive_text())
+            assert isinstance(message, dict), message
+            if message["type"] == kind:
+                return message
+
+    def received_since(self, start: int) -> list[dict[str, Any]]:
+        """The JSON frames received since ``len(self.texts)`` was ``start``."""
+        return [json.loads(text) for text in self.texts[start:]]
+
+    async def answer(self, frame: str) -> None:
+        """Send the text ``frame``; check the next answer is its echo.
+
+        Frames are handled in order, so a frame sent before and handled would
+        have been answered first.
+        """
+        await self.send_to(text_data=frame)
+        echo = await self.receive_type("echo")
+        assert echo in (
+            {"type": "echo", "text": frame},
+            {"type": "echo", "content": _parse(frame)},
+        ), f"{frame!r} was answered with {echo!r}"
+
+
+@asynccontextmanager
+async def connected(
+    application: Any, path: str = "/ws/", user: Any = None
+) -> AsyncIterator[Client]:
+    """A client whose connection was accepted; it disconnects on exit if need be."""
+    client = Client(application, path, user)
+    accepted, _ = await client.connect(TIMEOUT)
+    assert accepted, "the consumer refused the connection"
+    try:
+        yield client
+    finally:
+        if not client.closed:
+            await client.disconnect()
+
+
+# Looking at presences.
+
+
+async def sockets() -> set[str]:
+    """The channel names of every socket that has a presence."""
+    names = Presence.objects.values_list("channel_name", flat=True)
+    return {name async for name in names}
+
+
+async def set_last_seen_back(channel_name: str | None = None) -> datetime:
+    """Move last_seen an hour back (of one socket, else of all); return it."""
+    moment = timezone.now() - timedelta(hours=1)
+    presences = Presence.objects.all()
+    if channel_name is not None:
+        presences = presences.filter(channel_name=channel_name)
+    assert await presences.aupdate(last_seen=moment) > 0
+    return moment
+
+
+async def last_seen(channel_name: str | None = None) -> list[datetime]:
+    """last_seen of every presence (of one socket, else of all)."""
+    presences = Presence.objects.all()
+    if channel_name is not None:
+        presences = presences.filter(channel_name=channel_name)
+    return [seen async for seen in presences.values_list("last_seen", flat=True)]
+
+
+async def touched_since(moment: datetime, channel_name: str | None = None) -> bool:
+    """Whether every presence (of one socket, else all) was touched after ``moment``."""
+    seen = await last_seen(channel_name)
+    return bool(seen) and min(seen) > moment
+
+
+async def wait_until_touched(moment: datetime) -> None:
+    """Wait until every presence was touched after ``moment``."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            if await touched_since(moment):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def make_user(username: str, **fields: Any) -> Any:
+    """A saved user."""
+    return await sync_to_async(get_user_model().objects.create_user)(username, **fields)

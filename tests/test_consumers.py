@@ -1,0 +1,348 @@
+# mypy: disallow-subclassing-any=False
+"""PresenceConsumerMixin on each of the four websocket consumer bases."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from channels.consumer import SyncConsumer
+from channels.layers import get_channel_layer
+from channels.routing import URLRouter
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AnonymousUser
+from django.test import override_settings
+from django.urls import path
+
+from channels_presence.consumers import PresenceConsumerMixin
+from channels_presence.groups import events_group
+from channels_presence.models import Presence
+from tests.consumers import (
+    ECHO_CONSUMERS,
+    ROOMS,
+    TIMEOUT,
+    AsyncEchoConsumer,
+    AsyncJsonEchoConsumer,
+    Client,
+    EchoConsumer,
+    JsonEchoConsumer,
+    connected,
+    last_seen,
+    make_user,
+    set_last_seen_back,
+    sockets,
+    touched_since,
+    wait_until_touched,
+)
+from tests.helpers import group_members
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def with_presence(base: type, **body: Any) -> Any:
+    """``class C(PresenceConsumerMixin, base)`` with ``body`` as its class body."""
+    return type(f"Presence{base.__name__}", (PresenceConsumerMixin, base), body)
+
+
+def reject(self):
+    self.close()
+
+
+async def areject(self):
+    await self.close()
+
+
+def accept_then_close(self):
+    self.accept()
+    self.close(code=4003)
+
+
+async def aaccept_then_close(self):
+    await self.accept()
+    await self.close(code=4003)
+
+
+async def rows() -> set[tuple[str, str, int | None]]:
+    """Every presence as (room, socket, user id)."""
+    values = Presence.objects.values_list("room__channel_name", "channel_name", "user")
+    return {row async for row in values}
+
+
+def presence(*users: Any, anonymous: int = 0, room: str = "lobby") -> dict[str, Any]:
+    """What the client of a socket in ``room`` is told when these are present."""
+    return {
+        "type": "presence",
+        "room": room,
+        "members": [{"id": user.pk, "username": user.username} for user in users],
+        "anonymous": anonymous,
+    }
+
+
+def assert_in_rooms(socket: str, rooms: set[str], *, among: set[str]) -> None:
+    """``socket`` is in the groups and events groups of ``rooms``, and no others."""
+    for room in among:
+        expected = {socket} if room in rooms else set()
+        assert group_members(room) == expected, room
+        assert group_members(events_group(room)) == expected, room
+
+
+# Where the rooms come from.
+
+
+class RoomFromUrlConsumer(PresenceConsumerMixin, JsonEchoConsumer):
+    def get_presence_rooms(self):
+        return [self.scope["url_route"]["kwargs"]["room"], "news"]
+
+
+class AsyncRoomFromUrlConsumer(PresenceConsumerMixin, AsyncEchoConsumer):
+    async def get_presence_rooms(self):
+        return [self.scope["url_route"]["kwargs"]["room"], "news"]
+
+
+class OneRoomConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
+    presence_rooms = "lobby"
+
+
+class OneRoomFromMethodConsumer(PresenceConsumerMixin, EchoConsumer):
+    def get_presence_rooms(self):
+        return "lobby"
+
+
+class GatedConsumer(PresenceConsumerMixin, JsonEchoConsumer):
+    presence_rooms = ("lobby", "staff", "news")
+
+    def can_join(self, room):
+        # A plain hook runs in a thread: it may use the ORM.
+        user = self.scope["user"]
+        staff = get_user_model().objects.filter(pk=user.pk, is_staff=True)
+        return room != "staff" or staff.exists()
+
+
+class AsyncGatedConsumer(PresenceConsumerMixin, AsyncEchoConsumer):
+    presence_rooms = ("lobby", "staff", "news")
+
+    async def can_join(self, room):
+        user = self.scope["user"]
+        staff = get_user_model().objects.filter(pk=user.pk, is_staff=True)
+        return room != "staff" or await staff.aexists()
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_joins_the_presence_rooms_on_connect(base):
+    alice = await make_user("alice")
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    async with connected(consumer.as_asgi(), user=alice) as client:
+        # Handled after connect, and so after the joins.
+        await client.answer('"ping"')
+
+        (socket,) = await sockets()
+        assert await rows() == {(room, socket, alice.pk) for room in ROOMS}
+        assert_in_rooms(socket, set(ROOMS), among=set(ROOMS))
+
+
+@pytest.mark.parametrize("consumer", [RoomFromUrlConsumer, AsyncRoomFromUrlConsumer])
+async def test_rooms_from_get_presence_rooms_using_url_route_kwargs(consumer):
+    application = URLRouter([path("ws/<room>/", consumer.as_asgi())])
+    async with connected(application, "/ws/kitchen/") as client:
+        await client.answer('"ping"')
+
+        (socket,) = await sockets()
+        assert await rows() == {("kitchen", socket, None), ("news", socket, None)}
+        assert_in_rooms(socket, {"kitchen", "news"}, among={"kitchen", "news"})
+
+
+@pytest.mark.parametrize("consumer", [OneRoomConsumer, OneRoomFromMethodConsumer])
+async def test_a_single_room_name_is_one_room(consumer):
+    async with connected(consumer.as_asgi()) as client:
+        await client.answer('"ping"')
+
+        (socket,) = await sockets()
+        assert await rows() == {("lobby", socket, None)}
+
+
+@pytest.mark.parametrize("consumer", [GatedConsumer, AsyncGatedConsumer])
+async def test_can_join_refusing_a_room_keeps_the_socket_out_of_it(consumer):
+    alice = await make_user("alice")
+    bob = await make_user("bob", is_staff=True)
+    async with connected(consumer.as_asgi(), user=alice) as client:
+        await client.answer('"ping"')
+        (socket,) = await sockets()
+        assert await rows() == {("lobby", socket, alice.pk), ("news", socket, alice.pk)}
+        assert_in_rooms(socket, {"lobby", "news"}, among={"lobby", "staff", "news"})
+
+        async with connected(consumer.as_asgi(), user=bob) as staff:
+            await staff.answer('"ping"')
+            (staff_socket,) = await sockets() - {socket}
+            assert {room for room, s, _ in await rows() if s == staff_socket} == {
+                "lobby",
+                "staff",
+                "news",
+            }
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_rejected_connection_joins_nothing(base, signals):
+    connect = reject if issubclass(base, SyncConsumer) else areject
+    consumer = with_presence(base, presence_rooms=ROOMS, connect=connect)
+    client = Client(consumer.as_asgi())
+    try:
+        accepted, _ = await client.connect(TIMEOUT)
+        assert not accepted
+    finally:
+        await client.disconnect()
+
+    # A join would have written a row and announced it, and a socket that had
+    # no row would not have been taken out of the groups again.
+    assert signals == []
+    assert await sockets() == set()
+    for room in ROOMS:
+        assert group_members(room) == set()
+        assert group_members(events_group(room)) == set()
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_connection_closed_during_connect_joins_nothing(base, signals):
+    # Accepting, then closing, is how connect refuses with a close code of its own.
+    sync = issubclass(base, SyncConsumer)
+    connect = accept_then_close if sync else aaccept_then_close
+    consumer = with_presence(base, presence_rooms=ROOMS, connect=connect)
+    client = Client(consumer.as_asgi())
+    try:
+        accepted, _ = await client.connect(TIMEOUT)
+        assert accepted
+        closing = await client.receive_output(TIMEOUT)
+        assert (closing["type"], closing["code"]) == ("websocket.close", 4003)
+    finally:
+        await client.disconnect(code=4003)
+
+    # The room was never told this socket had come (and then gone).
+    assert signals == []
+    assert await sockets() == set()
+
+
+# Touches and heartbeats.
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_receiving_a_frame_touches(base):
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
+        async with connected(consumer.as_asgi()) as client:
+            await client.answer('"ping"')
+            before = await set_last_seen_back()
+
+            await client.answer('"pong"')
+
+            assert await touched_since(before)
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_heartbeat_touches_without_calling_the_handler(base):
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
+        async with connected(consumer.as_asgi()) as client:
+            await client.answer('"ping"')
+            before = await set_last_seen_back()
+
+            await client.send_to(text_data='"heartbeat"')
+            await wait_until_touched(before)
+
+            await client.answer('"pong"')
+            echoes = [m for m in client.received_since(0) if m["type"] == "echo"]
+            assert len(echoes) == 2
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_no_touch_within_the_touch_interval_of_the_join(base):
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=60):
+        async with connected(consumer.as_asgi()) as client:
+            await client.answer('"ping"')
+            before = await set_last_seen_back()
+
+            for n in range(5):
+                await client.send_to(text_data='"heartbeat"')
+                await client.answer(json.dumps(f"frame {n}"))
+
+            assert await last_seen() == [before] * len(ROOMS)
+
+
+# Leaving.
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_disconnect_leaves_every_room_then_runs_the_consumers_disconnect(
+    base,
+):
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    async with connected(consumer.as_asgi()) as staying:
+        await staying.answer('"ping"')
+        (stayer,) = await sockets()
+        async with connected(consumer.as_asgi()) as leaving:
+            await leaving.answer('"ping"')
+            (leaver,) = await sockets() - {stayer}
+            for room in ROOMS:
+                assert group_members(events_group(room)) == {stayer, leaver}
+
+            await leaving.disconnect(code=4002)
+
+        # The consumer's own disconnect ran, after every row had gone.
+        assert leaving.calls == [("disconnect", 4002, 0)]
+        assert await sockets() == {stayer}
+        assert_in_rooms(stayer, set(ROOMS), among=set(ROOMS))
+
+
+# Presence events reach the client.
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_presence_changes_reach_every_client_in_the_room(base):
+    alice = await make_user("alice")
+    bob = await make_user("bob")
+    consumer = with_presence(base, presence_rooms=("lobby",))
+    application = consumer.as_asgi()
+    async with connected(application, user=alice) as a:
+        assert await a.receive_type("presence") == presence(alice)
+        async with connected(application, user=bob) as b:
+            assert await b.receive_type("presence") == presence(alice, bob)
+            assert await a.receive_type("presence") == presence(alice, bob)
+            async with connected(application, user=AnonymousUser()) as c:
+                everyone = presence(alice, bob, anonymous=1)
+                assert await c.receive_type("presence") == everyone
+                assert await b.receive_type("presence") == everyone
+                assert await a.receive_type("presence") == everyone
+                channel_names = await sockets()
+                await c.disconnect()
+            assert await b.receive_type("presence") == presence(alice, bob)
+            assert await a.receive_type("presence") == presence(alice, bob)
+            await b.disconnect()
+        assert await a.receive_type("presence") == presence(alice)
+
+    # What reaches a browser names users, never sockets.
+    assert len(channel_names) == 3
+    for text in a.texts + b.texts + c.texts:
+        assert "specific." not in text
+        assert not any(name in text for name in channel_names), text
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_client_is_not_told_of_its_own_departure(base):
+    layer: Any = get_channel_layer()
+    consumer = with_presence(base, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        assert await a.receive_type("presence") == presence(anonymous=1)
+        (a_socket,) = await sockets()
+        async with connected(consumer.as_asgi()) as b:
+            assert await b.receive_type("presence") == presence(anonymous=2)
+            assert await a.receive_type("presence") == presence(anonymous=2)
+            start = len(a.texts)
+
+            await a.answer(json.dumps({"leave": "lobby"}))
+            assert await b.receive_type("presence") == presence(anonymous=1)
+
+            # Behind anything the layer had for a's socket when b was told.
+            await layer.send(a_socket, {"type": "test.marker"})
+            await a.receive_type("marker")
+            assert [m["type"] for m in a.received_since(start)] == ["echo", "marker"]
+            assert group_members(events_group("lobby")) == await sockets()
