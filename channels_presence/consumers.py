@@ -28,7 +28,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction
 from channels.db import database_sync_to_async
 
-from . import dispatch
+from . import dispatch, validation
 from .broadcast import EVENT_TYPE
 
 
@@ -98,10 +98,13 @@ class PresenceConsumerMixin:
 
     async def _join_rooms(self) -> None:
         rooms = await _call(self.get_presence_rooms)
-        if isinstance(rooms, str):
-            rooms = [rooms]
+        # Every name is checked before the first join: a bad one joins nothing.
+        names = [
+            validation.room_name(room)
+            for room in ([rooms] if isinstance(rooms, str) else rooms)
+        ]
         user = self.scope.get("user")
-        for room in rooms:
+        for room in names:
             if await _call(self.can_join, room):
                 await dispatch.ajoin(self, room, user, subscribe=True)
 

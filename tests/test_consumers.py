@@ -221,6 +221,23 @@ async def test_a_connection_closed_during_connect_joins_nothing(base, signals):
     assert await sockets() == set()
 
 
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_room_name_channels_cannot_use_joins_no_room_at_all(base, signals):
+    consumer = with_presence(base, presence_rooms=("lobby", "no spaces"))
+    client = Client(consumer.as_asgi())
+    accepted, _ = await client.connect(TIMEOUT)
+    assert accepted
+    # The consumer stops with the error: there is nothing left to disconnect.
+    with pytest.raises(ValueError, match="'no spaces' is not a valid Channels"):
+        await client.receive_output(TIMEOUT)
+
+    # Checked before the first join: "lobby" was not joined and left behind.
+    assert signals == []
+    assert await sockets() == set()
+    assert group_members("lobby") == set()
+    assert group_members(events_group("lobby")) == set()
+
+
 # Touches and heartbeats.
 
 
