@@ -27,7 +27,10 @@ from .conf import conf
 if TYPE_CHECKING:
     from .models import Presence, Room
 
+#: The message type of a change, sent to a room's events group.
 EVENT_TYPE = "presence.changed"
+#: The message type telling a room's stale sockets that a prune dropped them.
+EXPIRED_TYPE = "presence.expired"
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,18 @@ def messages(changes: list[Change]) -> list[tuple[str, dict[str, Any]]]:
         )
         for change in changes
     ]
+
+
+def expired(room: Room, channel_names: list[str]) -> tuple[str, dict[str, Any]]:
+    """The notice, one per room, naming the sockets a prune is about to drop."""
+    return (
+        groups.events_group(room.channel_name),
+        {
+            "type": EXPIRED_TYPE,
+            "room": room.channel_name,
+            "channel_names": channel_names,
+        },
+    )
 
 
 def _members(room_ids: set[int]) -> dict[int, dict[str, Any]]:

@@ -15,6 +15,11 @@ presence events reach the client as JSON::
     {"type": "presence", "room": "lobby",
      "members": [{"id": 1, "username": "alice"}], "anonymous": 2}
 
+and a socket that a prune dropped, as stale, is told so
+(``{"type": "presence.expired", "room": "lobby"}``) and joins again at its next
+message. A join that failed because the database or the channel layer was down
+is retried the same way, so presence converges once they are back.
+
 The mixin works at the level of ASGI messages (``dispatch``), which sync and
 async consumers share, so one implementation serves both.
 """
@@ -22,6 +27,7 @@ async consumers share, so one implementation serves both.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -29,7 +35,8 @@ from asgiref.sync import iscoroutinefunction
 from channels.db import database_sync_to_async
 
 from . import dispatch, validation
-from .broadcast import EVENT_TYPE
+from .broadcast import EVENT_TYPE, EXPIRED_TYPE
+from .conf import conf
 
 
 class PresenceConsumerMixin:
@@ -58,8 +65,10 @@ class PresenceConsumerMixin:
     def presence_payload(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """What the client is sent for a presence event; None sends nothing.
 
-        The default lists the members and never includes channel names.
+        The default lists the members, and never includes channel names.
         """
+        if event["type"] == EXPIRED_TYPE:
+            return {"type": "presence.expired", "room": event["room"]}
         return {
             "type": "presence",
             "room": event["room"],
@@ -68,36 +77,51 @@ class PresenceConsumerMixin:
         }
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        self._presence_accepted = False
+        """Run the consumer, watching what it sends to learn if it is open."""
+        self._presence_open = False
         self._presence_send = send
+        # Rooms to join at the next message: dropped by a prune, or not joined
+        # because the database or the channel layer was down.
+        self._presence_pending: set[str] = set()
+        self._presence_retry_at = 0.0
 
         async def send_and_watch(message: dict[str, Any]) -> None:
             # Accepting and then closing is how connect() refuses with a code.
             if message.get("type") == "websocket.accept":
-                self._presence_accepted = True
+                self._presence_open = True
             elif message.get("type") == "websocket.close":
-                self._presence_accepted = False
+                self._presence_open = False
             await send(message)
 
         await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]
 
     async def dispatch(self, message: dict[str, Any]) -> None:
+        """Do the presence work of each ASGI message around the consumer's own.
+
+        Presence events are handled here and never reach the consumer; a
+        heartbeat stops here; a disconnect leaves every room first.
+        """
         kind = message.get("type")
         if kind == EVENT_TYPE:
-            await self._forward_presence(message)
+            await self._forward(message)
+            return
+        if kind == EXPIRED_TYPE:
+            await self._expired(message)
             return
         if kind == "websocket.receive":
+            await self._join_pending()
             await dispatch.atouch(self)
-            if message.get("text") == dispatch.HEARTBEAT_FRAME:
+            if dispatch.is_heartbeat(message.get("text")):
                 return
         elif kind == "websocket.disconnect":
+            self._presence_open = False
             await dispatch.aleave_all(self)
         await super().dispatch(message)  # type: ignore[misc]
-        if kind == "websocket.connect" and self._presence_accepted:
-            await self._join_rooms()
+        if kind == "websocket.connect" and self._presence_open:
+            rooms = await _call(self.get_presence_rooms)
+            await self._join(rooms)
 
-    async def _join_rooms(self) -> None:
-        rooms = await _call(self.get_presence_rooms)
+    async def _join(self, rooms: str | Iterable[str]) -> None:
         # Every name is checked before the first join: a bad one joins nothing.
         names = [
             validation.room_name(room)
@@ -105,12 +129,31 @@ class PresenceConsumerMixin:
         ]
         user = self.scope.get("user")
         for room in names:
-            if await _call(self.can_join, room):
-                await dispatch.ajoin(self, room, user, subscribe=True)
+            if not await _call(self.can_join, room):
+                self._presence_pending.discard(room)
+                continue
+            if await dispatch.ajoin(self, room, user, subscribe=True):
+                self._presence_pending.discard(room)
+            else:
+                self._presence_pending.add(room)
+                self._presence_retry_at = time.monotonic() + conf.TOUCH_INTERVAL
 
-    async def _forward_presence(self, event: dict[str, Any]) -> None:
+    async def _join_pending(self) -> None:
+        if self._presence_pending and time.monotonic() >= self._presence_retry_at:
+            await self._join(sorted(self._presence_pending))
+
+    async def _expired(self, event: dict[str, Any]) -> None:
+        if self.channel_name not in event["channel_names"] or not self._presence_open:
+            return
+        # Joining again at once could race the prune's own group discard;
+        # the client's next message comes after it.
+        self._presence_pending.add(event["room"])
+        self._presence_retry_at = 0.0
+        await self._forward(event)
+
+    async def _forward(self, event: dict[str, Any]) -> None:
         payload = self.presence_payload(event)
-        if payload is not None:
+        if payload is not None and self._presence_open:
             await self._presence_send(
                 {"type": "websocket.send", "text": json.dumps(payload)}
             )

@@ -24,9 +24,9 @@ def touch_presence(func: Handler) -> Handler:
     """Touch the socket's presences on each received message.
 
     Touches closer together than CHANNELS_PRESENCE_TOUCH_INTERVAL are coalesced.
-    A heartbeat (the text frame ``"heartbeat"``, or JSON content equal to the
-    string ``heartbeat``) is only a touch: the handler is not called. Binary
-    frames reach the handler.
+    A heartbeat (a text frame, or JSON content, that is the JSON string
+    ``"heartbeat"``) is only a touch: the handler is not called. Binary frames
+    reach the handler.
     """
     takes_content = _takes_json_content(func)
 
@@ -80,8 +80,8 @@ def _is_heartbeat(
     takes_content: bool, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> bool:
     if "text_data" in kwargs or "bytes_data" in kwargs:
-        return kwargs.get("text_data") == dispatch.HEARTBEAT_FRAME
+        return dispatch.is_heartbeat(kwargs.get("text_data"))
     if takes_content:
         content = args[0] if args else kwargs.get("content")
         return bool(content == dispatch.HEARTBEAT_CONTENT)
-    return bool(args) and args[0] == dispatch.HEARTBEAT_FRAME
+    return bool(args) and dispatch.is_heartbeat(args[0])

@@ -12,6 +12,7 @@ is not touched again, and deciding that costs no I/O.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -25,10 +26,12 @@ from .conf import conf
 
 logger = logging.getLogger("channels_presence")
 
-#: The text frame a client sends to say it is alive, and nothing else.
-HEARTBEAT_FRAME = '"heartbeat"'
-#: The same heartbeat, as decoded by a JSON consumer.
+#: A client says it is alive, and nothing else, with the JSON string "heartbeat".
 HEARTBEAT_CONTENT = "heartbeat"
+#: The heartbeat's usual text frame.
+HEARTBEAT_FRAME = json.dumps(HEARTBEAT_CONTENT)
+# Longer frames are not decoded to look for a heartbeat.
+HEARTBEAT_MAX_LENGTH = 64
 
 # What a down database or channel layer raises; anything else is a bug or bad
 # input, and is raised to the caller.
@@ -71,6 +74,18 @@ class _Outages:
 
 
 outage = _Outages()
+
+
+def is_heartbeat(text: object) -> bool:
+    """Whether a text frame is a heartbeat: JSON that decodes to "heartbeat"."""
+    if text == HEARTBEAT_FRAME:
+        return True
+    if not isinstance(text, str) or len(text) > HEARTBEAT_MAX_LENGTH:
+        return False
+    try:
+        return bool(json.loads(text) == HEARTBEAT_CONTENT)
+    except ValueError:
+        return False
 
 
 def touch_due(consumer: Any) -> bool:

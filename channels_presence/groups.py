@@ -81,11 +81,15 @@ async def apply(
     layer: BaseChannelLayer,
     departed: Iterable[tuple[str, str]],
     messages: Iterable[tuple[str, dict[str, Any]]],
+    *,
+    notices: Iterable[tuple[str, dict[str, Any]]] = (),
 ) -> None:
-    """After a commit: drop departed sockets from their groups, then send events.
+    """After a commit: send notices, drop departed sockets, then send events.
 
-    Dropping first keeps a departing socket from hearing its own departure.
+    Notices go first because they are for the departing sockets; events go
+    last, so that a departing socket does not hear of its own departure.
     """
+    await send(layer, notices)
     await leave(layer, departed)
     await send(layer, messages)
 

@@ -7,7 +7,7 @@ operation through ``database_sync_to_async``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from channels.db import database_sync_to_async
 from channels.layers import BaseChannelLayer
@@ -69,8 +69,35 @@ class RoomManager(models.Manager["Room"]):
         names: list[str] = await database_sync_to_async(self.prune_rooms)()
         return names
 
+    def empty(self) -> models.QuerySet[Room]:
+        """The rooms that have no presence (what prune_rooms would delete)."""
+        return operations.empty_rooms()
 
-class PresenceManager(models.Manager["Presence"]):
+
+class PresenceQuerySet(models.QuerySet["Presence"]):
+    """Presences, with the presence operations that apply to a set of them."""
+
+    def stale(self, age: float | None = None) -> PresenceQuerySet:
+        """Those not touched for ``age`` seconds (default MAX_AGE)."""
+        return cast(PresenceQuerySet, operations.stale_presences(age, self))
+
+    def prune(
+        self, age: float | None = None, channel_layer: BaseChannelLayer | None = None
+    ) -> list[Presence]:
+        """Remove those not touched for ``age`` seconds; return them."""
+        return operations.prune_presences(
+            age, presences=self, channel_layer=channel_layer
+        )
+
+    def remove(self, channel_layer: BaseChannelLayer | None = None) -> list[Presence]:
+        """Take their sockets out of their rooms, as leave does; return them."""
+        return operations.remove(self, channel_layer=channel_layer)
+
+
+_PresenceManagerBase = models.Manager.from_queryset(PresenceQuerySet)
+
+
+class PresenceManager(_PresenceManagerBase["Presence"]):
     """``Presence.objects``: touch a socket, or take it out of every room."""
 
     def touch(self, channel_name: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from channels.db import database_sync_to_async
@@ -11,8 +10,7 @@ from django.contrib.auth import get_user_model
 from django.db import models
 from django.utils import timezone
 
-from . import operations
-from .conf import conf
+from . import clock
 from .managers import PresenceManager, RoomManager
 from .signals import presence_changed
 
@@ -41,7 +39,7 @@ class Room(models.Model):
 
     def add_presence(self, channel_name: str, user: Any = None) -> None:
         """Put a socket in this room as ``user`` (anonymous when None)."""
-        operations.join(self.channel_name, channel_name, user)
+        type(self).objects.add(self.channel_name, channel_name, user)
 
     async def aadd_presence(self, channel_name: str, user: Any = None) -> None:
         """Async twin of :meth:`add_presence`."""
@@ -55,7 +53,7 @@ class Room(models.Model):
             channel_name = presence.channel_name
         if channel_name is None:
             raise TypeError("remove_presence() needs a channel_name or a presence")
-        operations.leave(self.channel_name, channel_name)
+        type(self).objects.remove(self.channel_name, channel_name)
 
     async def aremove_presence(
         self, channel_name: str | None = None, presence: Presence | None = None
@@ -65,7 +63,7 @@ class Room(models.Model):
 
     def prune_presences(self, age_in_seconds: float | None = None) -> None:
         """Remove this room's presences not touched for ``age_in_seconds``."""
-        operations.prune_presences(age_in_seconds, presences=self.presence_set.all())
+        self.presence_set.prune(age_in_seconds)
 
     async def aprune_presences(self, age_in_seconds: float | None = None) -> None:
         """Async twin of :meth:`prune_presences`."""
@@ -81,7 +79,8 @@ class Room(models.Model):
 
     async def aget_anonymous_count(self) -> int:
         """Async twin of :meth:`get_anonymous_count`."""
-        return await self.presence_set.filter(user=None).acount()
+        count: int = await database_sync_to_async(self.get_anonymous_count)()
+        return count
 
     def broadcast_changed(
         self,
@@ -164,4 +163,4 @@ class Presence(models.Model):
     @property
     def is_stale(self) -> bool:
         """Whether the socket has gone silent for longer than MAX_AGE."""
-        return self.last_seen < timezone.now() - timedelta(seconds=conf.MAX_AGE)
+        return self.last_seen < clock.stale_before()

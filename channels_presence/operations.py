@@ -1,7 +1,8 @@
-"""The presence operations: join, leave, leave_all, touch and the two prunes.
+"""The presence operations: join, leave, remove, touch and the two prunes.
 
-Each exists once, here. The managers, the model methods, their ``a``-prefixed
-async twins, the management commands and the admin all call these functions.
+Each exists once, here. The managers and querysets, the model methods, their
+``a``-prefixed async twins, the management commands and the admin all call
+these functions.
 
 Every operation is a database transaction first, and Django's transactions are
 synchronous, so the operations are synchronous; async callers reach them through
@@ -12,7 +13,9 @@ is not in its room's group:
 * joining puts the socket in the group *before* the row is written, and takes
   it out again if the write fails;
 * leaving and pruning delete rows first and drop the sockets from their groups
-  *after* commit, together with presence_changed and the broadcast.
+  *after* commit, together with presence_changed and the broadcast. A prune
+  tells the stale sockets first (``presence.expired``), so that a live one can
+  join again.
 
 Nothing is written before every argument has been checked.
 """
@@ -20,8 +23,8 @@ Nothing is written before every argument has been checked.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -30,9 +33,8 @@ from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, router, transaction
 from django.db.models import Exists, OuterRef, QuerySet
-from django.utils import timezone
 
-from . import broadcast, groups, validation
+from . import broadcast, clock, groups, validation
 from .broadcast import Change
 from .signals import presence_changed
 
@@ -65,7 +67,7 @@ def join(
     channel_name = validation.channel_name(channel_name)
     user_id = validation.user_id(user)
     layer = groups.get_layer(channel_layer)
-    moment = _moment(at)
+    moment = clock.moment(at)
 
     async_to_sync(groups.join)(layer, room_name, channel_name, subscribe=subscribe)
     try:
@@ -77,7 +79,7 @@ def join(
             async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
         raise
     if changes:
-        transaction.on_commit(partial(_after_commit, layer, [], changes))
+        _on_commit(partial(_after_commit, layer, changes))
     return room
 
 
@@ -115,12 +117,14 @@ def _write_join(
 def _is_present(room_name: str, channel_name: str) -> bool:
     """Whether the socket has a row in the room; False when that cannot be told."""
     _, presence_model = _models()
+    presences = presence_model.objects.filter(
+        room__channel_name=room_name, channel_name=channel_name
+    )
     try:
-        return presence_model.objects.filter(
-            room__channel_name=room_name, channel_name=channel_name
-        ).exists()
+        present: bool = presences.exists()
     except DatabaseError:
         return False
+    return present
 
 
 def leave(
@@ -137,27 +141,43 @@ def leave(
     channel_name = validation.channel_name(channel_name)
     layer = groups.get_layer(channel_layer)
     _, presence_model = _models()
-    removed = _delete(
-        presence_model.objects.filter(
-            room__channel_name=room_name, channel_name=channel_name
-        )
+    presences = presence_model.objects.filter(
+        room__channel_name=room_name, channel_name=channel_name
     )
-    _leave_after_commit(layer, removed, departed=[(room_name, channel_name)])
+    removed = _remove(layer, presences, departed=[(room_name, channel_name)])
     return removed[0] if removed else None
+
+
+def remove(
+    presences: QuerySet[Presence], *, channel_layer: BaseChannelLayer | None = None
+) -> list[Presence]:
+    """Take the sockets of ``presences`` out of their rooms; return those removed.
+
+    A constant number of queries however many rooms; one ``removed`` signal
+    per presence.
+    """
+    return _remove(groups.get_layer(channel_layer), presences)
 
 
 def leave_all(
     channel_name: str, *, channel_layer: BaseChannelLayer | None = None
 ) -> list[Presence]:
-    """Take a socket out of every room it is in; return the presences removed.
-
-    Two queries however many rooms; one ``removed`` signal per presence.
-    """
+    """Take a socket out of every room it is in; return the presences removed."""
     channel_name = validation.channel_name(channel_name)
-    layer = groups.get_layer(channel_layer)
     _, presence_model = _models()
-    removed = _delete(presence_model.objects.filter(channel_name=channel_name))
-    _leave_after_commit(layer, removed)
+    presences = presence_model.objects.filter(channel_name=channel_name)
+    return remove(presences, channel_layer=channel_layer)
+
+
+def _remove(
+    layer: BaseChannelLayer,
+    presences: QuerySet[Presence],
+    departed: Sequence[tuple[str, str]] = (),
+) -> list[Presence]:
+    removed = _delete(presences)
+    pairs = {(p.room.channel_name, p.channel_name) for p in removed} | set(departed)
+    changes = [Change(presence.room, removed=presence) for presence in removed]
+    _on_commit(partial(_after_commit, layer, changes, departed=sorted(pairs)))
     return removed
 
 
@@ -169,14 +189,15 @@ def touch(channel_names: Iterable[str], *, at: datetime | None = None) -> int:
     """
     names = validation.channel_names(channel_names)
     _, presence_model = _models()
-    return _touch(presence_model.objects.filter(channel_name__in=names), _moment(at))
+    presences = presence_model.objects.filter(channel_name__in=names)
+    return _touch(presences, clock.moment(at))
 
 
 def stale_presences(
     age: float | None = None, presences: QuerySet[Presence] | None = None
 ) -> QuerySet[Presence]:
-    """The presences not touched for ``age`` seconds (MAX_AGE when None)."""
-    cutoff = _cutoff(validation.age(age))
+    """The presences (of ``presences``, else all) not seen for ``age`` seconds."""
+    cutoff = clock.stale_before(age)
     if presences is None:
         _, presence_model = _models()
         presences = presence_model.objects.all()
@@ -191,16 +212,26 @@ def prune_presences(
 ) -> list[Presence]:
     """Remove the stale presences (of ``presences``, else all); return them.
 
-    A constant number of queries however many rooms; one ``bulk_change``
-    signal per room that lost presences; each socket leaves its room's groups.
+    A constant number of queries however many rooms. After commit, each room
+    that lost presences gets one ``presence.expired`` notice naming its stale
+    sockets (so a live one can join again), then the sockets leave the room's
+    groups, then one ``bulk_change`` signal per room is sent.
     """
     stale = stale_presences(age, presences)
     layer = groups.get_layer(channel_layer)
     removed = _delete(stale)
-    rooms = {presence.room_id: presence.room for presence in removed}
+    by_room: dict[int, list[Presence]] = {}
+    for presence in removed:
+        by_room.setdefault(presence.room_id, []).append(presence)
+    notices = [
+        broadcast.expired(gone[0].room, [p.channel_name for p in gone])
+        for gone in by_room.values()
+    ]
     departed = [(p.room.channel_name, p.channel_name) for p in removed]
-    changes = [Change(room, bulk_change=True) for room in rooms.values()]
-    transaction.on_commit(partial(_after_commit, layer, departed, changes))
+    changes = [Change(gone[0].room, bulk_change=True) for gone in by_room.values()]
+    _on_commit(
+        partial(_after_commit, layer, changes, departed=departed, notices=notices)
+    )
     return removed
 
 
@@ -213,15 +244,16 @@ def empty_rooms() -> QuerySet[Room]:
 
 
 def prune_rooms() -> list[str]:
-    """Delete the rooms that have no presence; return their names."""
+    """Delete the rooms that have no presence; return their names, sorted."""
     room_model, _ = _models()
     with transaction.atomic():
         empty = empty_rooms()
-        names = list(empty.values_list("channel_name", flat=True))
+        names = sorted(empty.values_list("channel_name", flat=True))
         if not names:
             return []
-        # One DELETE that checks emptiness again, unlike QuerySet.delete(),
-        # which would cascade to a presence that joined since the SELECT.
+        # One DELETE that checks emptiness again. QuerySet.delete() would first
+        # read the rooms, then cascade to their presences by room id, deleting
+        # a presence that joined in between without a signal or group discard.
         using = router.db_for_write(room_model)
         deleted = empty.filter(channel_name__in=names)._raw_delete(using)
         if deleted != len(names):
@@ -249,20 +281,20 @@ def _delete(presences: QuerySet[Presence]) -> list[Presence]:
     return removed
 
 
-def _leave_after_commit(
-    layer: BaseChannelLayer,
-    removed: Sequence[Presence],
-    departed: Sequence[tuple[str, str]] = (),
-) -> None:
-    pairs = {(p.room.channel_name, p.channel_name) for p in removed} | set(departed)
-    changes = [Change(presence.room, removed=presence) for presence in removed]
-    transaction.on_commit(partial(_after_commit, layer, sorted(pairs), changes))
+def _on_commit(callback: Callable[[], None]) -> None:
+    # Outside a transaction the callback runs now, and a channel layer that is
+    # down raises to the caller. Inside the caller's transaction it runs at
+    # their commit, where raising would skip their own on_commit callbacks:
+    # there Django logs the failure instead.
+    robust = transaction.get_connection().in_atomic_block
+    transaction.on_commit(callback, robust=robust)
 
 
 def _after_commit(
     layer: BaseChannelLayer,
-    departed: list[tuple[str, str]],
     changes: list[Change],
+    departed: Sequence[tuple[str, str]] = (),
+    notices: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> None:
     """Fire presence_changed for each change, then update the channel layer."""
     room_model, _ = _models()
@@ -283,28 +315,12 @@ def _after_commit(
                         exc_info=response,
                     )
     messages = broadcast.messages(collected)
-    if departed or messages:
-        async_to_sync(groups.apply)(layer, departed, messages)
+    if notices or departed or messages:
+        async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
 
 
 def _touch(presences: QuerySet[Presence], at: datetime) -> int:
     return presences.filter(last_seen__lt=at).update(last_seen=at)
-
-
-def _moment(at: datetime | None) -> datetime:
-    if at is None:
-        return timezone.now()
-    if not isinstance(at, datetime) or timezone.is_naive(at):
-        raise TypeError(f"at must be an aware datetime or None, not {at!r}")
-    return at
-
-
-def _cutoff(age: float) -> datetime:
-    try:
-        return timezone.now() - timedelta(seconds=age)
-    except OverflowError:
-        # Older than anything a datetime can hold: nothing is that stale.
-        return datetime.min.replace(tzinfo=UTC)
 
 
 def _models() -> tuple[type[Room], type[Presence]]:

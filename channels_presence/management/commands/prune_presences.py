@@ -6,8 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from channels_presence import operations
-from channels_presence.models import Presence
+from channels_presence.models import Presence, Room
 
 
 class Command(BaseCommand):
@@ -34,11 +33,9 @@ class Command(BaseCommand):
     ) -> None:
         try:
             if dry_run:
-                stale = list(
-                    operations.stale_presences(age).select_related("room", "user")
-                )
+                stale = list(Presence.objects.stale(age).select_related("room", "user"))
             else:
-                stale = operations.prune_presences(age)
+                stale = Room.objects.prune_presences(age=age)
         except (TypeError, ValueError) as error:
             raise CommandError(str(error)) from None
         verb = "Would remove" if dry_run else "Removed"

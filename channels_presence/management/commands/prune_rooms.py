@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from channels_presence import operations
+from channels_presence.models import Room
 
 
 class Command(BaseCommand):
@@ -21,13 +21,10 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, dry_run: bool, **options: Any) -> None:
         if dry_run:
-            names = list(
-                operations.empty_rooms()
-                .order_by("channel_name")
-                .values_list("channel_name", flat=True)
-            )
+            empty = Room.objects.empty().order_by("channel_name")
+            names = list(empty.values_list("channel_name", flat=True))
         else:
-            names = operations.prune_rooms()
+            names = Room.objects.prune_rooms()
         verb = "Would delete" if dry_run else "Deleted"
         for name in names:
             self.stdout.write(f"{verb} room {name}")

@@ -1,0 +1,28 @@
+"""Time: when something happened, and from when on a presence is stale."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from django.utils import timezone
+
+from . import validation
+
+
+def moment(at: datetime | None) -> datetime:
+    """``at`` if it is an aware datetime, now if it is None."""
+    if at is None:
+        return timezone.now()
+    if not isinstance(at, datetime) or timezone.is_naive(at):
+        raise TypeError(f"at must be an aware datetime or None, not {at!r}")
+    return at
+
+
+def stale_before(age: object = None) -> datetime:
+    """Presences last seen before this are stale: ``age`` seconds ago (MAX_AGE)."""
+    seconds = validation.age(age)
+    try:
+        return timezone.now() - timedelta(seconds=seconds)
+    except OverflowError:
+        # Older than anything a datetime can hold: nothing is that stale.
+        return datetime.min.replace(tzinfo=UTC)
