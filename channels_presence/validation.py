@@ -7,6 +7,7 @@ layer applies), so a name we accept is a name the layer accepts.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -32,24 +33,29 @@ def _shown(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _no_trailing_newline(name: str, kind: str) -> None:
-    # Channels checks names with re.match and "$", which also matches before a
-    # final newline; its own rule allows none.
-    if name.endswith("\n"):
-        raise TypeError(_rules().invalid_name_error.format(kind))
+def _usable(
+    name: object, what: str, kind: str, require: Callable[[str], object], hint: str = ""
+) -> str:
+    """Return ``name`` if Channels accepts it as a ``kind`` name, else raise."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a str, not {type(name).__name__}")
+    try:
+        require(name)
+        # Channels checks names with re.match and "$", which also matches
+        # before a final newline; its own rule allows none.
+        if name.endswith("\n"):
+            raise TypeError(_rules().invalid_name_error.format(kind))
+    except TypeError as error:
+        raise ValueError(
+            f"{what} {_shown(name)} is not a valid Channels {kind.lower()} name: "
+            f"{error}{hint}"
+        ) from None
+    return name
 
 
 def room_name(name: object) -> str:
     """Return ``name`` if Channels can use it as a group name, else raise."""
-    if not isinstance(name, str):
-        raise TypeError(f"room name must be a str, not {type(name).__name__}")
-    try:
-        _rules().require_valid_group_name(name)
-        _no_trailing_newline(name, "Group")
-    except TypeError as error:
-        raise ValueError(
-            f"room name {_shown(name)} is not a valid Channels group name: {error}"
-        ) from None
+    name = _usable(name, "room name", "Group", _rules().require_valid_group_name)
     if name.startswith(EVENTS_PREFIX):
         raise ValueError(
             f"room name {_shown(name)} starts with {EVENTS_PREFIX!r}, which is "
@@ -60,17 +66,13 @@ def room_name(name: object) -> str:
 
 def channel_name(name: object) -> str:
     """Return ``name`` if Channels can use it as a channel name, else raise."""
-    if not isinstance(name, str):
-        raise TypeError(f"channel name must be a str, not {type(name).__name__}")
-    try:
-        _rules().require_valid_channel_name(name)
-        _no_trailing_newline(name, "Channel")
-    except TypeError as error:
-        raise ValueError(
-            f"channel name {_shown(name)} is not a valid Channels channel name: "
-            f"{error} (pass the consumer's self.channel_name)"
-        ) from None
-    return name
+    return _usable(
+        name,
+        "channel name",
+        "Channel",
+        _rules().require_valid_channel_name,
+        " (pass the consumer's self.channel_name)",
+    )
 
 
 def channel_names(names: object) -> list[str]:
