@@ -73,6 +73,10 @@ class Room(models.Model):
         """The distinct users present; a lazy queryset (``async for`` works)."""
         return get_user_model().objects.filter(presence__room=self).distinct()
 
+    async def aget_users(self) -> list[AbstractBaseUser]:
+        """Async twin of :meth:`get_users`, evaluated: the users, as a list."""
+        return [user async for user in self.get_users()]
+
     def get_anonymous_count(self) -> int:
         """How many sockets are in this room without a logged-in user."""
         return self.presence_set.filter(user=None).count()

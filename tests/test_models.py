@@ -178,3 +178,18 @@ def test_is_stale_reads_max_age_at_call_time() -> None:
         assert presence.is_stale
     with override_settings(CHANNELS_PRESENCE_MAX_AGE=60):
         assert not presence.is_stale
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_aget_users_lists_each_present_user_once(django_user_model) -> None:
+    alice = await django_user_model.objects.acreate(username="alice")
+    bob = await django_user_model.objects.acreate(username="bob")
+    await django_user_model.objects.acreate(username="carol")
+    room = await Room.objects.aadd("lobby", "specific.a!1", alice)
+    await Room.objects.aadd("lobby", "specific.a!2", alice)
+    await Room.objects.aadd("lobby", "specific.a!3", bob)
+    await Room.objects.aadd("lobby", "specific.a!4")
+
+    users = await room.aget_users()
+
+    assert sorted(user.username for user in users) == ["alice", "bob"]
