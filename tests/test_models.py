@@ -192,4 +192,4 @@ async def test_aget_users_lists_each_present_user_once(django_user_model) -> Non
 
     users = await room.aget_users()
 
-    assert sorted(user.username for user in users) == ["alice", "bob"]
+    assert sorted(user.get_username() for user in users) == ["alice", "bob"]
