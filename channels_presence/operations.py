@@ -281,13 +281,18 @@ def _delete(presences: QuerySet[Presence]) -> list[Presence]:
     return removed
 
 
-def _on_commit(callback: Callable[[], None]) -> None:
-    # Outside a transaction the callback runs now, and a channel layer that is
+def _on_commit(work: Callable[[], None]) -> None:
+    # Outside a transaction the work runs now, and a channel layer that is
     # down raises to the caller. Inside the caller's transaction it runs at
     # their commit, where raising would skip their own on_commit callbacks:
     # there Django logs the failure instead.
+    def after_commit() -> None:
+        # A plain function: Django names a failed robust callback by its
+        # __qualname__, which a functools.partial lacks.
+        work()
+
     robust = transaction.get_connection().in_atomic_block
-    transaction.on_commit(callback, robust=robust)
+    transaction.on_commit(after_commit, robust=robust)
 
 
 def _after_commit(

@@ -1,4 +1,4 @@
-"""Fixtures shared by the whole suite: a clean channel layer, signal capture."""
+"""Fixtures shared by the whole suite: a clean channel layer, signal capture, users."""
 
 from __future__ import annotations
 
@@ -38,6 +38,18 @@ async def _close_async_connections() -> AsyncIterator[None]:
     """
     yield
     await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+def alice(django_user_model: Any) -> Any:
+    """A saved user named alice."""
+    return django_user_model.objects.create_user(username="alice")
+
+
+@pytest.fixture
+def bob(django_user_model: Any) -> Any:
+    """A saved user named bob."""
+    return django_user_model.objects.create_user(username="bob")
 
 
 @pytest.fixture

@@ -3,26 +3,25 @@
 
 Every consumer answers each frame it handles (``{"type": "echo", ...}``), so a
 test knows a frame has been dealt with, and frames it never answers were never
-handled. On disconnect it notes, in the list the test put in its scope, the
-close code and how many presences its socket still had at that moment.
+handled; ``{"close": code}`` is answered by closing the socket from the server
+side instead. The consumer notes, in the list the test put in its scope, each
+``test.note`` message it handles (sending nothing), and on disconnect the close
+code and how many presences its socket still had at that moment.
 
 There is one of each kind for the four websocket bases Channels ships: the echo
 consumers themselves, 1.0.0-style ones (``Room.objects.add`` in ``connect``, no
 presence event handler), and the same decorated with ``touch_presence`` and
-``remove_presence``. Below them: the client the tests drive them with, and
-helpers that look at presences in the database.
+``remove_presence``. Below them: the client the tests drive them with. Helpers
+that look at presences in the database live in ``tests.helpers``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from channels.generic.websocket import (
     AsyncJsonWebsocketConsumer,
     AsyncWebsocketConsumer,
@@ -30,17 +29,13 @@ from channels.generic.websocket import (
     WebsocketConsumer,
 )
 from channels.testing import WebsocketCommunicator
-from django.contrib.auth import get_user_model
-from django.utils import timezone
 
 from channels_presence.decorators import remove_presence, touch_presence
 from channels_presence.models import Presence, Room
+from tests.helpers import TIMEOUT
 
 #: The rooms the 1.0.0-style consumers join on connect.
 ROOMS = ("lobby", "news")
-
-#: Seconds a client waits for a frame before the test fails.
-TIMEOUT = 3
 
 
 def _echo(text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
@@ -53,6 +48,12 @@ def _room_to_leave(content: Any) -> str | None:
     """The room of a ``{"leave": room}`` request, so a socket can leave one room."""
     room = content.get("leave") if isinstance(content, dict) else None
     return room if isinstance(room, str) else None
+
+
+def _close_code(content: Any) -> int | None:
+    """The code of a ``{"close": code}`` request, so the server closes the socket."""
+    code = content.get("close") if isinstance(content, dict) else None
+    return code if isinstance(code, int) else None
 
 
 def _parse(text_data: str | None) -> Any:
@@ -75,7 +76,12 @@ class EchoConsumer(WebsocketConsumer):
     """Answers every frame; ``{"leave": room}`` first takes the socket out of it."""
 
     def receive(self, text_data=None, bytes_data=None):
-        room = _room_to_leave(_parse(text_data))
+        content = _parse(text_data)
+        code = _close_code(content)
+        if code is not None:
+            self.close(code=code)
+            return
+        room = _room_to_leave(content)
         if room is not None:
             Room.objects.remove(room, self.channel_name)
         self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
@@ -87,6 +93,9 @@ class EchoConsumer(WebsocketConsumer):
     def test_marker(self, event):
         self.send(text_data=json.dumps({"type": "marker"}))
 
+    def test_note(self, event):
+        _note(self, "note", event["what"])
+
     def chat_message(self, event):
         self.send(text_data=json.dumps({"type": "chat", "text": event["text"]}))
 
@@ -95,6 +104,10 @@ class JsonEchoConsumer(JsonWebsocketConsumer):
     """:class:`EchoConsumer` for JSON content."""
 
     def receive_json(self, content, **kwargs):
+        code = _close_code(content)
+        if code is not None:
+            self.close(code=code)
+            return
         room = _room_to_leave(content)
         if room is not None:
             Room.objects.remove(room, self.channel_name)
@@ -107,6 +120,9 @@ class JsonEchoConsumer(JsonWebsocketConsumer):
     def test_marker(self, event):
         self.send_json({"type": "marker"})
 
+    def test_note(self, event):
+        _note(self, "note", event["what"])
+
     def chat_message(self, event):
         self.send_json({"type": "chat", "text": event["text"]})
 
@@ -115,7 +131,12 @@ class AsyncEchoConsumer(AsyncWebsocketConsumer):
     """:class:`EchoConsumer`, async."""
 
     async def receive(self, text_data=None, bytes_data=None):
-        room = _room_to_leave(_parse(text_data))
+        content = _parse(text_data)
+        code = _close_code(content)
+        if code is not None:
+            await self.close(code=code)
+            return
+        room = _room_to_leave(content)
         if room is not None:
             await Room.objects.aremove(room, self.channel_name)
         await self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
@@ -127,6 +148,9 @@ class AsyncEchoConsumer(AsyncWebsocketConsumer):
     async def test_marker(self, event):
         await self.send(text_data=json.dumps({"type": "marker"}))
 
+    async def test_note(self, event):
+        _note(self, "note", event["what"])
+
     async def chat_message(self, event):
         await self.send(text_data=json.dumps({"type": "chat", "text": event["text"]}))
 
@@ -135,6 +159,10 @@ class AsyncJsonEchoConsumer(AsyncJsonWebsocketConsumer):
     """:class:`JsonEchoConsumer`, async."""
 
     async def receive_json(self, content, **kwargs):
+        code = _close_code(content)
+        if code is not None:
+            await self.close(code=code)
+            return
         room = _room_to_leave(content)
         if room is not None:
             await Room.objects.aremove(room, self.channel_name)
@@ -146,6 +174,9 @@ class AsyncJsonEchoConsumer(AsyncJsonWebsocketConsumer):
 
     async def test_marker(self, event):
         await self.send_json({"type": "marker"})
+
+    async def test_note(self, event):
+        _note(self, "note", event["what"])
 
     async def chat_message(self, event):
         await self.send_json({"type": "chat", "text": event["text"]})
@@ -255,17 +286,24 @@ class AsyncJsonDecoratedConsumer(AsyncJsonLegacyConsumer):
 class Client(WebsocketCommunicator):
     """A communicator that keeps every text frame it got and the consumer's notes.
 
-    ``calls`` is the list the consumer notes its disconnect in; ``texts`` holds
-    every text frame received, raw, in order.
+    ``calls`` is the list the consumer notes in; ``texts`` holds every text
+    frame received, raw, in order. ``scope`` adds keys to the consumer's scope.
     """
 
-    def __init__(self, application: Any, path: str = "/ws/", user: Any = None):
+    def __init__(
+        self,
+        application: Any,
+        path: str = "/ws/",
+        user: Any = None,
+        **scope: Any,
+    ):
         super().__init__(application, path)
         self.calls: list[tuple[Any, ...]] = []
         self.texts: list[str] = []
         self.scope["calls"] = self.calls
         if user is not None:
             self.scope["user"] = user
+        self.scope.update(scope)
         self.closed = False
 
     async def disconnect(self, code: int = 1000) -> None:
@@ -291,6 +329,13 @@ class Client(WebsocketCommunicator):
         """The JSON frames received since ``len(self.texts)`` was ``start``."""
         return [json.loads(text) for text in self.texts[start:]]
 
+    def sent_so_far(self) -> list[dict[str, Any]]:
+        """The ASGI messages the consumer has sent and no test has read yet."""
+        messages = []
+        while not self.output_queue.empty():
+            messages.append(self.output_queue.get_nowait())
+        return messages
+
     async def answer(self, frame: str) -> None:
         """Send the text ``frame``; check the next answer is its echo.
 
@@ -307,10 +352,10 @@ class Client(WebsocketCommunicator):
 
 @asynccontextmanager
 async def connected(
-    application: Any, path: str = "/ws/", user: Any = None
+    application: Any, path: str = "/ws/", user: Any = None, **scope: Any
 ) -> AsyncIterator[Client]:
     """A client whose connection was accepted; it disconnects on exit if need be."""
-    client = Client(application, path, user)
+    client = Client(application, path, user, **scope)
     accepted, _ = await client.connect(TIMEOUT)
     assert accepted, "the consumer refused the connection"
     try:
@@ -318,50 +363,3 @@ async def connected(
     finally:
         if not client.closed:
             await client.disconnect()
-
-
-# Looking at presences.
-
-
-async def sockets() -> set[str]:
-    """The channel names of every socket that has a presence."""
-    names = Presence.objects.values_list("channel_name", flat=True)
-    return {name async for name in names}
-
-
-async def set_last_seen_back(channel_name: str | None = None) -> datetime:
-    """Move last_seen an hour back (of one socket, else of all); return it."""
-    moment = timezone.now() - timedelta(hours=1)
-    presences = Presence.objects.all()
-    if channel_name is not None:
-        presences = presences.filter(channel_name=channel_name)
-    assert await presences.aupdate(last_seen=moment) > 0
-    return moment
-
-
-async def last_seen(channel_name: str | None = None) -> list[datetime]:
-    """last_seen of every presence (of one socket, else of all)."""
-    presences = Presence.objects.all()
-    if channel_name is not None:
-        presences = presences.filter(channel_name=channel_name)
-    return [seen async for seen in presences.values_list("last_seen", flat=True)]
-
-
-async def touched_since(moment: datetime, channel_name: str | None = None) -> bool:
-    """Whether every presence (of one socket, else all) was touched after ``moment``."""
-    seen = await last_seen(channel_name)
-    return bool(seen) and min(seen) > moment
-
-
-async def wait_until_touched(moment: datetime) -> None:
-    """Wait until every presence was touched after ``moment``."""
-    async with asyncio.timeout(TIMEOUT):
-        while True:
-            if await touched_since(moment):
-                return
-            await asyncio.sleep(0.01)
-
-
-async def make_user(username: str, **fields: Any) -> Any:
-    """A saved user."""
-    return await sync_to_async(get_user_model().objects.create_user)(username, **fields)

@@ -1,20 +1,169 @@
-"""Helpers for tests that look into the real Redis channel layer."""
+"""Helpers that look at presences in the database and into the Redis channel layer.
+
+They wait on what they look for, never longer than :data:`TIMEOUT`; and they can
+take the database down for real for a while, as an outage would. Below them, the
+heartbeat frames the consumer tests send.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
 import redis
+from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import OperationalError, connection, connections
+from django.utils import timezone
+
+from channels_presence.models import Presence, Room
+
+#: Seconds a test waits for a frame, a message or a change before it fails.
+TIMEOUT = 3
+
+#: Text frames that are a heartbeat: JSON for the string "heartbeat", 64 long at most.
+HEARTBEATS = [
+    '"heartbeat"',
+    ' "heartbeat" ',
+    '"\\u0068eartbeat"',
+    '"heartbeat"'.ljust(64),
+]
+#: Decodes to "heartbeat", but is too long to be decoded to look for a heartbeat.
+LONG_HEARTBEAT = '"heartbeat"'.ljust(65)
 
 
-def group_members(group: str) -> set[str]:
-    """The channel names in ``group``, read straight from Redis."""
-    layer: Any = get_channel_layer()
+# The channel layer.
+
+
+def group_members(group: str, layer: Any = None) -> set[str]:
+    """The channel names in ``group`` of ``layer`` (the default one), from Redis."""
+    layer = layer or get_channel_layer()
     client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
     try:
-        members = client.zrange(layer._group_key(group), 0, -1)
+        members: list[str] = client.zrange(layer._group_key(group), 0, -1)  # type: ignore[assignment]
     finally:
         client.close()
     return {str(member) for member in members}
+
+
+# Presences.
+
+
+def ago(seconds: float) -> datetime:
+    """The moment ``seconds`` ago: a ``last_seen`` or an ``at`` for the past."""
+    return timezone.now() - timedelta(seconds=seconds)
+
+
+async def sockets() -> set[str]:
+    """The channel names of every socket that has a presence."""
+    names = Presence.objects.values_list("channel_name", flat=True)
+    return {name async for name in names}
+
+
+async def rooms_of(channel_name: str) -> set[str]:
+    """The rooms the socket has a presence in."""
+    presences = Presence.objects.filter(channel_name=channel_name)
+    names = presences.values_list("room__channel_name", flat=True)
+    return {name async for name in names}
+
+
+async def set_last_seen_back(channel_name: str | None = None) -> datetime:
+    """Move last_seen an hour back (of one socket, else of all); return it."""
+    moment = timezone.now() - timedelta(hours=1)
+    presences = Presence.objects.all()
+    if channel_name is not None:
+        presences = presences.filter(channel_name=channel_name)
+    assert await presences.aupdate(last_seen=moment) > 0
+    return moment
+
+
+async def last_seen(channel_name: str | None = None) -> list[datetime]:
+    """last_seen of every presence (of one socket, else of all)."""
+    presences = Presence.objects.all()
+    if channel_name is not None:
+        presences = presences.filter(channel_name=channel_name)
+    return [seen async for seen in presences.values_list("last_seen", flat=True)]
+
+
+async def touched_since(moment: datetime, channel_name: str | None = None) -> bool:
+    """Whether every presence (of one socket, else all) was touched after ``moment``."""
+    seen = await last_seen(channel_name)
+    return bool(seen) and min(seen) > moment
+
+
+async def wait_until(condition: Callable[[], Awaitable[bool] | bool]) -> None:
+    """Wait until ``condition()`` holds; fail after :data:`TIMEOUT` seconds."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            outcome = condition()
+            if not isinstance(outcome, bool):
+                outcome = await outcome
+            if outcome:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def wait_until_touched(moment: datetime) -> None:
+    """Wait until every presence was touched after ``moment``."""
+    await wait_until(lambda: touched_since(moment))
+
+
+async def make_user(username: str, **fields: Any) -> Any:
+    """A saved user."""
+    return await sync_to_async(get_user_model().objects.create_user)(username, **fields)
+
+
+# A real database outage.
+
+
+def closed_port() -> int:
+    """A local TCP port that nothing listens on (it was free a moment ago)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _break_database() -> dict[str, Any]:
+    # The settings dict is shared by every thread's connection, so a connection
+    # opened afterwards, in any thread, fails to connect; this thread's own is
+    # closed so that it has to reconnect.
+    settings_dict = connections.settings["default"]
+    saved = dict(settings_dict)
+    connection.close()
+    if connection.vendor == "postgresql":
+        settings_dict["HOST"] = "127.0.0.1"
+        settings_dict["PORT"] = str(closed_port())
+    else:
+        settings_dict["NAME"] = "/nonexistent-channels-presence/dir/test.sqlite3"
+    return saved
+
+
+def _mend_database(saved: dict[str, Any]) -> None:
+    connection.close()
+    settings_dict = connections.settings["default"]
+    settings_dict.clear()
+    settings_dict.update(saved)
+
+
+@asynccontextmanager
+async def database_down() -> AsyncIterator[None]:
+    """The default database cannot be reached until the block ends.
+
+    Consumers and the async ORM use the database from asgiref's thread: it is
+    that thread's connection which is closed, and has to reconnect.
+    """
+    saved = await sync_to_async(_break_database)()
+    try:
+        with pytest.raises(OperationalError):
+            await Room.objects.acount()
+        yield
+    finally:
+        await sync_to_async(_mend_database)(saved)

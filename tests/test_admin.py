@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from django.contrib.auth import get_user_model
@@ -18,6 +19,7 @@ from django.utils import timezone
 
 from channels_presence import operations
 from channels_presence.conf import conf
+from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from tests.helpers import group_members
 
@@ -33,6 +35,7 @@ ANON_STALE = "specific.x!anon1"  # lobby, anonymous, stale
 BOB = "specific.x!bob"  # lobby, bob, stale
 ANON_LIVE = "specific.x!anon2"  # kitchen, anonymous, live
 CAROL = "specific.y!carol"  # kitchen, carol, stale
+IN_ROOM = {"lobby": {ALICE, ANON_STALE, BOB}, "kitchen": {ANON_LIVE, CAROL}}
 
 
 @dataclass
@@ -49,23 +52,30 @@ class Scene:
 
 
 @pytest.fixture
+def admin_user(db: None) -> User:
+    """The superuser of ``admin_client``, without a password: hashing one is slow."""
+    return User.objects.create_superuser("admin", password=None)
+
+
+@pytest.fixture
 def scene(db: None) -> Scene:
-    """Two rooms with live and stale presences, their sockets in the groups."""
+    """Two rooms with live and stale presences, their sockets in both groups."""
     users = get_user_model().objects
     alice = users.create_user("alice")
     bob = users.create_user("bob")
     carol = users.create_user("carol")
-    lobby = operations.join("lobby", ALICE, alice)
-    operations.join("lobby", ANON_STALE)
-    operations.join("lobby", BOB, bob)
-    kitchen = operations.join("kitchen", ANON_LIVE)
-    operations.join("kitchen", CAROL, carol)
+    join = partial(operations.join, subscribe=True)
+    lobby = join("lobby", ALICE, alice)
+    join("lobby", ANON_STALE)
+    join("lobby", BOB, bob)
+    kitchen = join("kitchen", ANON_LIVE)
+    join("kitchen", CAROL, carol)
     empty = Room.objects.create(channel_name="empty")
     Presence.objects.filter(channel_name__in=[ANON_STALE, BOB, CAROL]).update(
         last_seen=timezone.now() - timedelta(seconds=conf.MAX_AGE * 2)
     )
-    assert group_members("lobby") == {ALICE, ANON_STALE, BOB}
-    assert group_members("kitchen") == {ANON_LIVE, CAROL}
+    for room, sockets in IN_ROOM.items():
+        assert group_members(room) == group_members(events_group(room)) == sockets
     return Scene(lobby, kitchen, empty)
 
 
@@ -346,3 +356,184 @@ def test_room_change_form_shows_the_help_text(
         reverse("admin:channels_presence_room_change", args=[scene.lobby.pk])
     )
     assert help_texts(response) == {"channel_name": help_text(Room, "channel_name")}
+
+
+# Read only: rooms and presences are made by sockets, never by hand
+
+MODELS: dict[str, type[Room | Presence]] = {"room": Room, "presence": Presence}
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("name", MODELS)
+def test_there_is_no_add_view_and_no_add_link(
+    admin_client: Client, scene: Scene, name: str
+) -> None:
+    add_url = reverse(f"admin:channels_presence_{name}_add")
+    before = MODELS[name].objects.count()
+
+    assert admin_client.get(add_url).status_code == 403
+    assert admin_client.post(add_url, {"channel_name": "attic"}).status_code == 403
+
+    assert MODELS[name].objects.count() == before
+    for page in (f"admin:channels_presence_{name}_changelist", "admin:index"):
+        response = admin_client.get(reverse(page))
+        assert response.status_code == 200
+        assert add_url not in response.content.decode()
+
+
+def _change_url(name: str, pk: int) -> str:
+    return reverse(f"admin:channels_presence_{name}_change", args=[pk])
+
+
+@pytest.mark.django_db
+def test_every_field_of_a_room_is_read_only(admin_client: Client, scene: Scene) -> None:
+    url = _change_url("room", scene.lobby.pk)
+
+    form = admin_client.get(url).context["adminform"]
+    assert list(form.form.fields) == []
+    assert set(form.readonly_fields) >= {"channel_name"}
+    admin_client.post(url, {"channel_name": "attic"})
+
+    assert Room.objects.get(pk=scene.lobby.pk).channel_name == "lobby"
+
+
+@pytest.mark.django_db
+def test_every_field_of_a_presence_is_read_only(
+    admin_client: Client, scene: Scene
+) -> None:
+    before = scene.presence(BOB)
+    url = _change_url("presence", before.pk)
+
+    form = admin_client.get(url).context["adminform"]
+    assert list(form.form.fields) == []
+    assert set(form.readonly_fields) >= {"room", "channel_name", "user", "last_seen"}
+    admin_client.post(
+        url,
+        {
+            "room": scene.kitchen.pk,
+            "channel_name": "specific.x!other",
+            "user": "",
+            "last_seen_0": "2020-01-01",
+            "last_seen_1": "00:00:00",
+        },
+    )
+
+    after = Presence.objects.get(pk=before.pk)
+    fields = ("room_id", "channel_name", "user_id", "last_seen")
+    assert [getattr(after, f) for f in fields] == [getattr(before, f) for f in fields]
+
+
+# Deleting in the admin goes through the operations
+
+
+def delete_selected(client: Client, url: str, pks: list[int]) -> Response:
+    return client.post(
+        url,
+        {
+            "action": "delete_selected",
+            "index": "0",
+            "_selected_action": pks,
+            "post": "yes",
+        },
+    )
+
+
+def removals(signals: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(room, socket) of each removed-presence signal; fails on any other signal."""
+    assert all(s["removed"] is not None and not s["bulk_change"] for s in signals)
+    return sorted((s["room"].channel_name, s["removed"].channel_name) for s in signals)
+
+
+def assert_in_groups(expected: dict[str, set[str]]) -> None:
+    for room, sockets in expected.items():
+        assert group_members(room) == sockets
+        assert group_members(events_group(room)) == sockets
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_a_presence_takes_its_socket_out_of_the_room(
+    admin_client: Client, scene: Scene, signals: list[dict[str, Any]]
+) -> None:
+    pk = scene.pk(BOB)
+    signals.clear()
+
+    response = admin_client.post(
+        reverse("admin:channels_presence_presence_delete", args=[pk]), {"post": "yes"}
+    )
+
+    assert response.status_code == 302
+    assert not Presence.objects.filter(pk=pk).exists()
+    assert Presence.objects.count() == 4
+    assert_in_groups({"lobby": {ALICE, ANON_STALE}, "kitchen": {ANON_LIVE, CAROL}})
+    assert removals(signals) == [("lobby", BOB)]
+    assert signals[0]["removed"].pk == pk
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_selected_presences_takes_their_sockets_out_of_their_rooms(
+    admin_client: Client, scene: Scene, signals: list[dict[str, Any]]
+) -> None:
+    pks = [scene.pk(ANON_STALE), scene.pk(CAROL)]
+    signals.clear()
+
+    response = delete_selected(admin_client, reverse(PRESENCES_URL), pks)
+
+    assert response.status_code == 302
+    assert set(Presence.objects.values_list("channel_name", flat=True)) == {
+        ALICE,
+        BOB,
+        ANON_LIVE,
+    }
+    assert_in_groups({"lobby": {ALICE, BOB}, "kitchen": {ANON_LIVE}})
+    assert removals(signals) == [("kitchen", CAROL), ("lobby", ANON_STALE)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_a_room_takes_each_of_its_sockets_out_of_it(
+    admin_client: Client, scene: Scene, signals: list[dict[str, Any]]
+) -> None:
+    signals.clear()
+
+    response = admin_client.post(
+        reverse("admin:channels_presence_room_delete", args=[scene.lobby.pk]),
+        {"post": "yes"},
+    )
+
+    assert response.status_code == 302
+    assert set(Room.objects.values_list("channel_name", flat=True)) == {
+        "kitchen",
+        "empty",
+    }
+    assert set(Presence.objects.values_list("channel_name", flat=True)) == {
+        ANON_LIVE,
+        CAROL,
+    }
+    assert_in_groups({"lobby": set(), "kitchen": {ANON_LIVE, CAROL}})
+    assert removals(signals) == [
+        ("lobby", ALICE),
+        ("lobby", ANON_STALE),
+        ("lobby", BOB),
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_deleting_selected_rooms_takes_each_of_their_sockets_out(
+    admin_client: Client, scene: Scene, signals: list[dict[str, Any]]
+) -> None:
+    signals.clear()
+
+    response = delete_selected(
+        admin_client, reverse(ROOMS_URL), [scene.lobby.pk, scene.kitchen.pk]
+    )
+
+    assert response.status_code == 302
+    assert list(Room.objects.values_list("channel_name", flat=True)) == ["empty"]
+    assert not Presence.objects.exists()
+    assert_in_groups({"lobby": set(), "kitchen": set()})
+    assert removals(signals) == [
+        ("kitchen", ANON_LIVE),
+        ("kitchen", CAROL),
+        ("lobby", ALICE),
+        ("lobby", ANON_STALE),
+        ("lobby", BOB),
+    ]

@@ -19,18 +19,17 @@ from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from tests.consumers import (
     ROOMS,
-    TIMEOUT,
     AsyncJsonEchoConsumer,
     AsyncLegacyConsumer,
     LegacyConsumer,
     connected,
-    make_user,
-    set_last_seen_back,
 )
+from tests.helpers import TIMEOUT, make_user, set_last_seen_back
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 EVENT = "presence.changed"
+EXPIRED = "presence.expired"
 
 
 class WatchingConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
@@ -131,13 +130,17 @@ async def test_a_leave_is_sent_as_plain_values():
     }
 
 
-async def test_a_prune_is_sent_as_one_bulk_change_per_room():
+async def test_a_prune_is_sent_as_one_notice_then_one_bulk_change_per_room():
     alice = await make_user("alice")
-    stale, fresh = await layer().new_channel(), await layer().new_channel()
+    stale_everywhere, stale_in_lobby, fresh = [
+        await layer().new_channel() for _ in range(3)
+    ]
     for room in ROOMS:
-        await Room.objects.aadd(room, stale)
+        await Room.objects.aadd(room, stale_everywhere)
         await Room.objects.aadd(room, fresh, alice)
-    await set_last_seen_back(stale)
+    await Room.objects.aadd("lobby", stale_in_lobby)
+    await set_last_seen_back(stale_everywhere)
+    await set_last_seen_back(stale_in_lobby)
     watcher = await subscribe(*ROOMS)
 
     await Room.objects.aprune_presences(age=60)
@@ -145,8 +148,19 @@ async def test_a_prune_is_sent_as_one_bulk_change_per_room():
     messages = await receive_until_marker(watcher)
     json.dumps(messages)
     assert_plain(messages)
-    assert sorted(messages, key=lambda m: m["room"]) == [
-        {
+    stale = {
+        "lobby": sorted([stale_everywhere, stale_in_lobby]),
+        "news": [stale_everywhere],
+    }
+    for room, channel_names in stale.items():
+        notice, change = [m for m in messages if m["room"] == room]
+        # The notice names the room's stale sockets, in no particular order.
+        assert {**notice, "channel_names": sorted(notice["channel_names"])} == {
+            "type": EXPIRED,
+            "room": room,
+            "channel_names": channel_names,
+        }
+        assert change == {
             "type": EVENT,
             "room": room,
             "added": None,
@@ -155,8 +169,6 @@ async def test_a_prune_is_sent_as_one_bulk_change_per_room():
             "members": [{"id": alice.pk, "username": "alice"}],
             "anonymous": 0,
         }
-        for room in sorted(ROOMS)
-    ]
 
 
 async def test_nothing_is_sent_while_broadcast_is_off():
@@ -199,19 +211,6 @@ async def test_a_consumer_without_presence_handlers_hears_no_presence_events(leg
         await old.answer('"still here"')
         assert [m["type"] for m in old.received_since(0)] == ["echo", "chat", "echo"]
         assert await Presence.objects.acount() == len(ROOMS)
-
-
-async def test_a_room_named_like_an_events_group_gets_no_presence_events():
-    # 1.0.0 took any group name as a room name; a room spelled like another
-    # room's events group must be refused, or never get that room's events.
-    bystander = await layer().new_channel()
-    try:
-        await Room.objects.aadd(events_group("lobby"), bystander)
-    except ValueError:
-        return
-    await Room.objects.aadd("lobby", await layer().new_channel())
-
-    assert await receive_until_marker(bystander) == []
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,8 @@ from tests.consumers import (
     JsonLegacyConsumer,
     LegacyConsumer,
     connected,
-    sockets,
 )
-from tests.helpers import group_members
+from tests.helpers import group_members, sockets
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

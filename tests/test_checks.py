@@ -10,7 +10,16 @@ from django.test import override_settings
 from pytest_django import Settings
 
 from channels_presence.checks import IN_MEMORY_LAYER
-from channels_presence.conf import FLAG_SETTINGS, NUMBER_SETTINGS, PREFIX
+
+# The settings of DESIGN.md's contract that hold seconds, and those that hold a flag.
+NUMBER_SETTINGS = [
+    "CHANNELS_PRESENCE_MAX_AGE",
+    "CHANNELS_PRESENCE_TOUCH_INTERVAL",
+    "CHANNELS_PRESENCE_FLUSH_INTERVAL",
+    "CHANNELS_PRESENCE_PRUNE_INTERVAL",
+    "CHANNELS_PRESENCE_ROOM_PRUNE_INTERVAL",
+]
+FLAG_SETTINGS = ["CHANNELS_PRESENCE_USE_CELERY", "CHANNELS_PRESENCE_BROADCAST"]
 
 REDIS_LAYER = {
     "BACKEND": "channels_redis.core.RedisChannelLayer",
@@ -105,11 +114,11 @@ WRONG_NUMBERS = {
 def test_a_number_setting_of_the_wrong_type_or_range_is_e003_naming_it(
     settings: Settings, name: str, value: object
 ) -> None:
-    setattr(settings, PREFIX + name, value)
+    setattr(settings, name, value)
     messages = presence_messages()
     assert [m.id for m in messages] == ["channels_presence.E003"]
     assert isinstance(messages[0], Error)
-    assert messages[0].msg.startswith(f"{PREFIX}{name} is {value!r};")
+    assert messages[0].msg.startswith(f"{name} is {value!r};")
     assert "seconds" in messages[0].msg
 
 
@@ -118,12 +127,12 @@ def test_a_number_setting_of_the_wrong_type_or_range_is_e003_naming_it(
 def test_a_flag_setting_that_is_not_a_bool_is_e003_naming_it(
     settings: Settings, name: str, value: object
 ) -> None:
-    setattr(settings, PREFIX + name, value)
+    setattr(settings, name, value)
     # E002 compares USE_CELERY with True, so a truthy non-bool must not hide
     # behind the in-memory layer check either.
     messages = presence_messages()
     assert [m.id for m in messages] == ["channels_presence.E003"]
-    assert messages[0].msg == f"{PREFIX}{name} is {value!r}; it must be True or False."
+    assert messages[0].msg == f"{name} is {value!r}; it must be True or False."
 
 
 @pytest.mark.parametrize("name", NUMBER_SETTINGS)
@@ -134,9 +143,10 @@ def test_zero_or_more_seconds_is_fine(
     # Keep the touch interval below MAX_AGE so that W001 stays out of the way.
     settings.CHANNELS_PRESENCE_MAX_AGE = 10**7
     settings.CHANNELS_PRESENCE_TOUCH_INTERVAL = 0
-    setattr(settings, PREFIX + name, value)
+    setattr(settings, name, value)
     # A MAX_AGE of 0 is valid, but every presence is stale at once: W001.
-    expected = ["channels_presence.W001"] if (name, value) == ("MAX_AGE", 0) else []
+    zero_max_age = (name, value) == ("CHANNELS_PRESENCE_MAX_AGE", 0)
+    expected = ["channels_presence.W001"] if zero_max_age else []
     assert ids() == expected
 
 
@@ -155,7 +165,7 @@ def test_every_wrong_setting_is_reported_at_once(settings: Settings) -> None:
     assert [m.id for m in messages] == ["channels_presence.E003"] * 3
     named = " ".join(m.msg for m in messages)
     for name in ("MAX_AGE", "FLUSH_INTERVAL", "BROADCAST"):
-        assert PREFIX + name in named
+        assert "CHANNELS_PRESENCE_" + name in named
 
 
 @pytest.mark.parametrize("touch_interval", [60, 61, 1000])

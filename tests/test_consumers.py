@@ -17,25 +17,35 @@ from django.urls import path
 
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.groups import events_group
-from channels_presence.models import Presence
+from channels_presence.models import Presence, Room
 from tests.consumers import (
     ECHO_CONSUMERS,
     ROOMS,
-    TIMEOUT,
     AsyncEchoConsumer,
     AsyncJsonEchoConsumer,
+    AsyncJsonLegacyConsumer,
+    AsyncLegacyConsumer,
     Client,
     EchoConsumer,
     JsonEchoConsumer,
+    JsonLegacyConsumer,
+    LegacyConsumer,
     connected,
+)
+from tests.helpers import (
+    HEARTBEATS,
+    LONG_HEARTBEAT,
+    TIMEOUT,
+    database_down,
+    group_members,
     last_seen,
     make_user,
     set_last_seen_back,
     sockets,
     touched_since,
+    wait_until,
     wait_until_touched,
 )
-from tests.helpers import group_members
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -229,7 +239,7 @@ async def test_a_room_name_channels_cannot_use_joins_no_room_at_all(base, signal
     assert accepted
     # The consumer stops with the error: there is nothing left to disconnect.
     with pytest.raises(ValueError, match="'no spaces' is not a valid Channels"):
-        await client.receive_output(TIMEOUT)
+        await client.wait(TIMEOUT)
 
     # Checked before the first join: "lobby" was not joined and left behind.
     assert signals == []
@@ -254,20 +264,54 @@ async def test_receiving_a_frame_touches(base):
             assert await touched_since(before)
 
 
+#: The bases whose handler takes raw text, JSON or not, and binary frames.
+RAW_BASES = (EchoConsumer, AsyncEchoConsumer)
+
+
+@pytest.mark.parametrize("frame", HEARTBEATS)
 @pytest.mark.parametrize("base", ECHO_CONSUMERS)
-async def test_heartbeat_touches_without_calling_the_handler(base):
+async def test_heartbeat_touches_without_calling_the_handler(base, frame):
     consumer = with_presence(base, presence_rooms=ROOMS)
     with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
         async with connected(consumer.as_asgi()) as client:
             await client.answer('"ping"')
             before = await set_last_seen_back()
 
-            await client.send_to(text_data='"heartbeat"')
+            await client.send_to(text_data=frame)
             await wait_until_touched(before)
 
+            # Frames are handled in order: a handled heartbeat would answer first.
             await client.answer('"pong"')
             echoes = [m for m in client.received_since(0) if m["type"] == "echo"]
             assert len(echoes) == 2
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_frames_that_only_look_like_a_heartbeat_reach_the_handler(base):
+    frames = [LONG_HEARTBEAT, '"heartbeats"', '["heartbeat"]', '"Heartbeat"']
+    if base in RAW_BASES:
+        # Text that is not JSON, which a JSON consumer would refuse.
+        frames += ["heartbeat", '"heartbeat', "'heartbeat'"]
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    async with connected(consumer.as_asgi()) as client:
+        for frame in frames:
+            await client.answer(frame)
+
+
+@pytest.mark.parametrize("base", RAW_BASES)
+async def test_binary_frames_touch_and_reach_the_handler(base):
+    consumer = with_presence(base, presence_rooms=ROOMS)
+    with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
+        async with connected(consumer.as_asgi()) as client:
+            await client.answer('"ping"')
+            before = await set_last_seen_back()
+
+            for frame in (b"\x00\xff", b'"heartbeat"'):
+                await client.send_to(bytes_data=frame)
+                echo = await client.receive_type("echo")
+                assert echo == {"type": "echo", "bytes": frame.hex()}
+
+            assert await touched_since(before)
 
 
 @pytest.mark.parametrize("base", ECHO_CONSUMERS)
@@ -275,7 +319,10 @@ async def test_no_touch_within_the_touch_interval_of_the_join(base):
     consumer = with_presence(base, presence_rooms=ROOMS)
     with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=60):
         async with connected(consumer.as_asgi()) as client:
-            await client.answer('"ping"')
+            # Each join is announced once its row is written; no frame sent yet,
+            # so only the joins can have started the touch clock.
+            for _ in ROOMS:
+                await client.receive_type("presence")
             before = await set_last_seen_back()
 
             for n in range(5):
@@ -363,3 +410,218 @@ async def test_a_client_is_not_told_of_its_own_departure(base):
             await a.receive_type("marker")
             assert [m["type"] for m in a.received_since(start)] == ["echo", "marker"]
             assert group_members(events_group("lobby")) == await sockets()
+
+
+# A socket a prune dropped is told, and joins again.
+
+
+def no_socket_names(texts: list[str], channel_names: set[str]) -> bool:
+    """Whether none of ``texts`` names a socket."""
+    return not any(
+        "specific." in text or any(name in text for name in channel_names)
+        for text in texts
+    )
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_pruned_socket_is_told_and_joins_again_at_its_next_frame(base):
+    alice = await make_user("alice")
+    bob = await make_user("bob")
+    application = with_presence(base, presence_rooms=("lobby",)).as_asgi()
+    async with connected(application, user=alice) as a:
+        assert await a.receive_type("presence") == presence(alice)
+        (a_socket,) = await sockets()
+        async with connected(application, user=bob) as b:
+            assert await b.receive_type("presence") == presence(alice, bob)
+            assert await a.receive_type("presence") == presence(alice, bob)
+            (b_socket,) = await sockets() - {a_socket}
+            a_start, b_start = len(a.texts), len(b.texts)
+            await set_last_seen_back(a_socket)
+
+            pruned = await Room.objects.aprune_presences()
+
+            assert [p.channel_name for p in pruned] == [a_socket]
+            expired = {"type": "presence.expired", "room": "lobby"}
+            assert await a.receive_type("presence.expired") == expired
+            assert await b.receive_type("presence") == presence(bob)
+            assert await rows() == {("lobby", b_socket, bob.pk)}
+            assert_in_rooms(b_socket, {"lobby"}, among={"lobby"})
+
+            # Any frame will do; a heartbeat goes no further than the mixin.
+            await a.send_to(text_data='"heartbeat"')
+
+            assert await b.receive_type("presence") == presence(alice, bob)
+            assert await a.receive_type("presence") == presence(alice, bob)
+            assert await rows() == {
+                ("lobby", a_socket, alice.pk),
+                ("lobby", b_socket, bob.pk),
+            }
+            assert group_members("lobby") == {a_socket, b_socket}
+            assert group_members(events_group("lobby")) == {a_socket, b_socket}
+            # a was told of its expiry and of nothing else the prune sent; b,
+            # which stayed, only of the members.
+            assert [m["type"] for m in a.received_since(a_start)] == [
+                "presence.expired",
+                "presence",
+            ]
+            assert [m["type"] for m in b.received_since(b_start)] == [
+                "presence",
+                "presence",
+            ]
+
+    assert no_socket_names(a.texts + b.texts, {a_socket, b_socket})
+
+
+@pytest.mark.parametrize(
+    "legacy",
+    [LegacyConsumer, JsonLegacyConsumer, AsyncLegacyConsumer, AsyncJsonLegacyConsumer],
+)
+async def test_a_pruned_consumer_without_presence_handlers_is_told_nothing(legacy):
+    layer: Any = get_channel_layer()
+    watching = with_presence(AsyncJsonEchoConsumer, presence_rooms=ROOMS)
+    async with connected(legacy.as_asgi()) as old:
+        await old.answer('"ping"')
+        (old_socket,) = await sockets()
+        async with connected(watching.as_asgi()) as new:
+            for _ in ROOMS:
+                await new.receive_type("presence")
+            (new_socket,) = await sockets() - {old_socket}
+            await set_last_seen_back()
+
+            pruned = await Room.objects.aprune_presences()
+
+            assert sorted(p.channel_name for p in pruned) == sorted(
+                [old_socket, new_socket] * len(ROOMS)
+            )
+            # The notices that told the mixin socket named the old one too.
+            for _ in ROOMS:
+                await new.receive_type("presence.expired")
+            # Behind anything the prune sent the old socket: a message it has
+            # no handler for would have closed it.
+            await layer.send(old_socket, {"type": "test.marker"})
+            await old.receive_type("marker")
+            await old.answer('"still here"')
+            assert [m["type"] for m in old.received_since(0)] == [
+                "echo",
+                "marker",
+                "echo",
+            ]
+
+
+# A join that failed during an outage is tried again.
+
+
+def noting_can_join(self, room):
+    self.scope["calls"].append(("can_join", room))
+    return room not in self.scope["refused"]
+
+
+async def anoting_can_join(self, room):
+    return noting_can_join(self, room)
+
+
+def with_noted_gate(base: type, rooms: tuple[str, ...]) -> Any:
+    """A mixin consumer of ``rooms`` whose can_join notes each room it is asked.
+
+    It refuses the rooms in ``scope["refused"]``, a set the test may change.
+    """
+    sync = issubclass(base, SyncConsumer)
+    gate = noting_can_join if sync else anoting_can_join
+    return with_presence(base, presence_rooms=rooms, can_join=gate)
+
+
+def asked(client: Client) -> list[str]:
+    """The rooms can_join was asked about, in order."""
+    return [call[1] for call in client.calls if call[0] == "can_join"]
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_join_that_failed_while_the_database_was_down_is_retried(base):
+    client = Client(with_noted_gate(base, ("lobby", "news")).as_asgi(), refused=set())
+    with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
+        try:
+            async with database_down():
+                accepted, _ = await client.connect(TIMEOUT)
+                assert accepted
+                # The socket works; each frame tries the joins again, in vain.
+                await client.answer('"ping"')
+                assert asked(client) == ["lobby", "news", "lobby", "news"]
+                for room in ("lobby", "news"):
+                    assert group_members(room) == set()
+                    assert group_members(events_group(room)) == set()
+
+            assert await sockets() == set()
+
+            await client.answer('"pong"')
+
+            (socket,) = await sockets()
+            assert await rows() == {("lobby", socket, None), ("news", socket, None)}
+            assert_in_rooms(socket, {"lobby", "news"}, among={"lobby", "news"})
+            # The joins are announced, to the socket too, as any join is.
+            for room in ("lobby", "news"):
+                expected = presence(anonymous=1, room=room)
+                assert await client.receive_type("presence") == expected
+            # Joined: nothing is left to try again.
+            await client.answer('"again"')
+            assert asked(client) == ["lobby", "news"] * 3
+        finally:
+            await client.disconnect()
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_room_can_join_refused_is_not_retried(base):
+    refused = {"staff"}
+    consumer = with_noted_gate(base, ("lobby", "news", "staff"))
+    client = Client(consumer.as_asgi(), refused=refused)
+    with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
+        try:
+            async with database_down():
+                accepted, _ = await client.connect(TIMEOUT)
+                assert accepted
+                await client.answer('"ping"')
+                # Refused at connect: only the rooms that failed are tried again.
+                assert asked(client) == ["lobby", "news", "staff", "lobby", "news"]
+
+            # Refused when tried again: dropped too.
+            refused.add("news")
+            await client.answer('"pong"')
+            await client.answer('"again"')
+
+            assert asked(client) == ["lobby", "news", "staff"] + ["lobby", "news"] * 2
+            (socket,) = await sockets()
+            assert await rows() == {("lobby", socket, None)}
+            assert_in_rooms(socket, {"lobby"}, among={"lobby", "news", "staff"})
+        finally:
+            await client.disconnect()
+
+
+# Nothing is sent once the socket is closed.
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_nothing_is_sent_after_the_consumer_closed_the_socket(base):
+    layer: Any = get_channel_layer()
+    application = with_presence(base, presence_rooms=("lobby",)).as_asgi()
+    async with connected(application) as closing:
+        assert await closing.receive_type("presence") == presence(anonymous=1)
+        (socket,) = await sockets()
+        await closing.send_to(text_data=json.dumps({"close": 4000}))
+        closed = await closing.receive_output(TIMEOUT)
+        assert (closed["type"], closed["code"]) == ("websocket.close", 4000)
+
+        # Until the server says the socket is gone, it is still in the room and
+        # hears its events: another socket joins, then a prune drops this one.
+        async with connected(application) as other:
+            assert await other.receive_type("presence") == presence(anonymous=2)
+            assert socket in group_members(events_group("lobby"))
+            await set_last_seen_back(socket)
+            assert len(await Room.objects.aprune_presences()) == 1
+            assert await other.receive_type("presence") == presence(anonymous=1)
+
+            # Handled after both events, and answered by no frame of its own.
+            await layer.send(socket, {"type": "test.note", "what": "events"})
+            await wait_until(lambda: ("note", "events") in closing.calls)
+            assert closing.sent_so_far() == []
+
+        await closing.disconnect(code=4000)
+        assert closing.sent_so_far() == []

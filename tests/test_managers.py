@@ -7,7 +7,7 @@ Names, argument names and return values are those of django-channels-presence
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 import pytest
@@ -24,7 +24,7 @@ from channels_presence import operations
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.signals import presence_changed
-from tests.helpers import group_members
+from tests.helpers import ago, group_members
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,25 +35,12 @@ OTHER_SOCKET = "specific.test!beta"
 THIRD_SOCKET = "specific.test!gamma"
 
 
-def _ago(seconds: float) -> datetime:
-    return timezone.now() - timedelta(seconds=seconds)
-
-
 def _sockets(room_name: str) -> set[str]:
     return set(
         Presence.objects.filter(room__channel_name=room_name).values_list(
             "channel_name", flat=True
         )
     )
-
-
-def _layer_members(layer: Any, group: str) -> set[str]:
-    """The members of ``group`` in ``layer`` (which need not be the default one)."""
-    client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
-    try:
-        return {str(member) for member in client.zrange(layer._group_key(group), 0, -1)}
-    finally:
-        client.close()
 
 
 @pytest.fixture
@@ -73,16 +60,6 @@ def explicit_layer() -> Iterator[Any]:
             client.delete(*keys)
     finally:
         client.close()
-
-
-@pytest.fixture
-def alice(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_user(username="alice")
-
-
-@pytest.fixture
-def bob(django_user_model: Any) -> Any:
-    return django_user_model.objects.create_user(username="bob")
 
 
 # Room.objects.add
@@ -174,8 +151,8 @@ def test_remove_of_an_unknown_socket_is_a_no_op(signals):
 
 
 def test_prune_presences_removes_presences_older_than_age():
-    operations.join(ROOM, SOCKET, at=_ago(45))
-    operations.join(ROOM, OTHER_SOCKET, at=_ago(15))
+    operations.join(ROOM, SOCKET, at=ago(45))
+    operations.join(ROOM, OTHER_SOCKET, at=ago(15))
 
     Room.objects.prune_presences(age=30)
 
@@ -184,8 +161,8 @@ def test_prune_presences_removes_presences_older_than_age():
 
 
 def test_prune_presences_defaults_to_the_max_age_setting():
-    operations.join(ROOM, SOCKET, at=_ago(45))
-    operations.join(ROOM, OTHER_SOCKET, at=_ago(15))
+    operations.join(ROOM, SOCKET, at=ago(45))
+    operations.join(ROOM, OTHER_SOCKET, at=ago(15))
 
     Room.objects.prune_presences()
     assert _sockets(ROOM) == {SOCKET, OTHER_SOCKET}  # 60 s by default
@@ -197,24 +174,24 @@ def test_prune_presences_defaults_to_the_max_age_setting():
 
 def test_prune_presences_discards_sockets_from_the_layer_passed_in(explicit_layer):
     operations.join(
-        ROOM, SOCKET, at=_ago(45), subscribe=True, channel_layer=explicit_layer
+        ROOM, SOCKET, at=ago(45), subscribe=True, channel_layer=explicit_layer
     )
-    assert _layer_members(explicit_layer, ROOM) == {SOCKET}
+    assert group_members(ROOM, explicit_layer) == {SOCKET}
 
     Room.objects.prune_presences(explicit_layer, 30)
 
     assert not Presence.objects.exists()
-    assert _layer_members(explicit_layer, ROOM) == set()
-    assert _layer_members(explicit_layer, events_group(ROOM)) == set()
+    assert group_members(ROOM, explicit_layer) == set()
+    assert group_members(events_group(ROOM), explicit_layer) == set()
 
 
 def test_prune_presences_accepts_channel_layer_as_a_keyword(explicit_layer):
-    operations.join(ROOM, SOCKET, at=_ago(45), channel_layer=explicit_layer)
+    operations.join(ROOM, SOCKET, at=ago(45), channel_layer=explicit_layer)
 
     Room.objects.prune_presences(channel_layer=explicit_layer, age=30)
 
     assert not Presence.objects.exists()
-    assert _layer_members(explicit_layer, ROOM) == set()
+    assert group_members(ROOM, explicit_layer) == set()
 
 
 def test_prune_rooms_deletes_only_empty_rooms():
@@ -230,9 +207,9 @@ def test_prune_rooms_deletes_only_empty_rooms():
 
 
 def test_touch_marks_every_presence_of_the_socket_as_seen_now():
-    operations.join(ROOM, SOCKET, at=_ago(45))
-    operations.join(OTHER_ROOM, SOCKET, at=_ago(45))
-    operations.join(ROOM, OTHER_SOCKET, at=_ago(45))
+    operations.join(ROOM, SOCKET, at=ago(45))
+    operations.join(OTHER_ROOM, SOCKET, at=ago(45))
+    operations.join(ROOM, OTHER_SOCKET, at=ago(45))
     before = timezone.now()
 
     Presence.objects.touch(SOCKET)
@@ -255,6 +232,138 @@ def test_leave_all_takes_the_socket_out_of_every_room():
     ]
     assert group_members(ROOM) == {OTHER_SOCKET}
     assert group_members(OTHER_ROOM) == set()
+
+
+# The querysets: stale, prune and remove on any set of presences; empty rooms
+
+
+def _signalled(signals: list[dict[str, Any]]) -> list[tuple[str, str | None, bool]]:
+    """Each signal's room, removed socket and bulk_change, in a stable order."""
+    return sorted(
+        (
+            s["room"].channel_name,
+            s["removed"] and s["removed"].channel_name,
+            s["bulk_change"],
+        )
+        for s in signals
+    )
+
+
+def test_operations_remove_takes_the_sockets_of_a_queryset_out_of_their_rooms(
+    alice, signals
+):
+    operations.join(ROOM, SOCKET, alice, subscribe=True)
+    operations.join(OTHER_ROOM, OTHER_SOCKET, alice, subscribe=True)
+    operations.join(ROOM, THIRD_SOCKET, subscribe=True)
+    signals.clear()
+
+    removed = operations.remove(Presence.objects.filter(user=alice))
+
+    assert sorted(p.channel_name for p in removed) == [SOCKET, OTHER_SOCKET]
+    assert _sockets(ROOM) == {THIRD_SOCKET}
+    assert _sockets(OTHER_ROOM) == set()
+    assert Room.objects.count() == 2
+    assert group_members(ROOM) == {THIRD_SOCKET}
+    assert group_members(events_group(ROOM)) == {THIRD_SOCKET}
+    assert group_members(OTHER_ROOM) == set()
+    assert group_members(events_group(OTHER_ROOM)) == set()
+    assert _signalled(signals) == [
+        (OTHER_ROOM, OTHER_SOCKET, False),
+        (ROOM, SOCKET, False),
+    ]
+
+
+def test_queryset_remove_uses_the_channel_layer_passed_in(explicit_layer, signals):
+    for socket in (SOCKET, OTHER_SOCKET):
+        operations.join(ROOM, socket, subscribe=True, channel_layer=explicit_layer)
+    operations.join(OTHER_ROOM, THIRD_SOCKET, channel_layer=explicit_layer)
+    signals.clear()
+
+    removed = Presence.objects.filter(room__channel_name=ROOM).remove(explicit_layer)
+
+    assert sorted(p.channel_name for p in removed) == [SOCKET, OTHER_SOCKET]
+    assert _sockets(ROOM) == set()
+    assert _sockets(OTHER_ROOM) == {THIRD_SOCKET}
+    assert group_members(ROOM, explicit_layer) == set()
+    assert group_members(events_group(ROOM), explicit_layer) == set()
+    assert group_members(OTHER_ROOM, explicit_layer) == {THIRD_SOCKET}
+    assert _signalled(signals) == [(ROOM, SOCKET, False), (ROOM, OTHER_SOCKET, False)]
+
+
+def test_queryset_stale_narrows_the_queryset_and_changes_nothing(signals):
+    operations.join(ROOM, SOCKET, at=ago(45))
+    operations.join(ROOM, OTHER_SOCKET, at=ago(75))
+    operations.join(ROOM, THIRD_SOCKET, at=ago(15))
+    operations.join(OTHER_ROOM, "specific.test!elsewhere", at=ago(75))
+    signals.clear()
+    in_room = Presence.objects.filter(room__channel_name=ROOM)
+
+    stale = set(in_room.stale(30).values_list("channel_name", flat=True))
+    stale_by_default = set(in_room.stale().values_list("channel_name", flat=True))
+
+    assert stale == {SOCKET, OTHER_SOCKET}
+    assert stale_by_default == {OTHER_SOCKET}  # MAX_AGE is 60 s
+    assert _sockets(ROOM) == {SOCKET, OTHER_SOCKET, THIRD_SOCKET}
+    assert group_members(ROOM) == {SOCKET, OTHER_SOCKET, THIRD_SOCKET}
+    assert signals == []
+
+
+def test_queryset_prune_removes_only_its_stale_presences(
+    alice, explicit_layer, signals
+):
+    join = partial(operations.join, subscribe=True, channel_layer=explicit_layer)
+    join(ROOM, SOCKET, alice, at=ago(45))
+    join(OTHER_ROOM, SOCKET, alice, at=ago(45))
+    join(ROOM, OTHER_SOCKET, alice, at=ago(15))
+    join(ROOM, THIRD_SOCKET, at=ago(45))
+    signals.clear()
+
+    removed = Presence.objects.filter(user=alice).prune(30, explicit_layer)
+
+    assert sorted((p.room.channel_name, p.channel_name) for p in removed) == [
+        (OTHER_ROOM, SOCKET),
+        (ROOM, SOCKET),
+    ]
+    assert _sockets(ROOM) == {OTHER_SOCKET, THIRD_SOCKET}
+    assert _sockets(OTHER_ROOM) == set()
+    for group in (ROOM, events_group(ROOM)):
+        assert group_members(group, explicit_layer) == {OTHER_SOCKET, THIRD_SOCKET}
+    for group in (OTHER_ROOM, events_group(OTHER_ROOM)):
+        assert group_members(group, explicit_layer) == set()
+    assert _signalled(signals) == [(OTHER_ROOM, None, True), (ROOM, None, True)]
+
+
+def test_room_presence_set_prune_prunes_only_that_room(signals):
+    room = operations.join(ROOM, SOCKET, at=ago(45), subscribe=True)
+    operations.join(ROOM, OTHER_SOCKET, at=ago(15), subscribe=True)
+    operations.join(OTHER_ROOM, THIRD_SOCKET, at=ago(45), subscribe=True)
+    signals.clear()
+
+    removed = room.presence_set.prune(30)
+
+    assert [p.channel_name for p in removed] == [SOCKET]
+    assert _sockets(ROOM) == {OTHER_SOCKET}
+    assert _sockets(OTHER_ROOM) == {THIRD_SOCKET}
+    assert group_members(ROOM) == {OTHER_SOCKET}
+    assert group_members(events_group(ROOM)) == {OTHER_SOCKET}
+    assert group_members(OTHER_ROOM) == {THIRD_SOCKET}
+    assert _signalled(signals) == [(ROOM, None, True)]
+
+
+def test_room_objects_empty_lists_the_rooms_without_presences_and_deletes_none():
+    Room.objects.add(ROOM, SOCKET)
+    Room.objects.create(channel_name=OTHER_ROOM)
+    Room.objects.create(channel_name="attic")
+
+    empty = Room.objects.empty()
+
+    assert sorted(empty.values_list("channel_name", flat=True)) == [
+        "attic",
+        OTHER_ROOM,
+    ]
+    assert Room.objects.count() == 3
+    Presence.objects.get().delete()
+    assert empty.count() == 3  # a queryset: evaluated afresh
 
 
 # Room instance methods
@@ -300,9 +409,9 @@ def test_remove_presence_with_neither_name_nor_presence_raises_type_error():
 
 
 def test_room_prune_presences_prunes_only_that_room():
-    room = operations.join(ROOM, SOCKET, at=_ago(45))
-    operations.join(ROOM, OTHER_SOCKET, at=_ago(15))
-    operations.join(OTHER_ROOM, THIRD_SOCKET, at=_ago(45))
+    room = operations.join(ROOM, SOCKET, at=ago(45))
+    operations.join(ROOM, OTHER_SOCKET, at=ago(15))
+    operations.join(OTHER_ROOM, THIRD_SOCKET, at=ago(45))
 
     room.prune_presences(age_in_seconds=30)
 
@@ -313,7 +422,7 @@ def test_room_prune_presences_prunes_only_that_room():
 
 
 def test_room_prune_presences_defaults_to_the_max_age_setting():
-    room = operations.join(ROOM, SOCKET, at=_ago(45))
+    room = operations.join(ROOM, SOCKET, at=ago(45))
 
     room.prune_presences()
     assert _sockets(ROOM) == {SOCKET}
@@ -403,7 +512,7 @@ def test_receiver_written_for_1_0_0_keeps_working():
     try:
         Room.objects.add(ROOM, SOCKET)
         Room.objects.remove(ROOM, SOCKET)
-        operations.join(ROOM, OTHER_SOCKET, at=_ago(45))
+        operations.join(ROOM, OTHER_SOCKET, at=ago(45))
         Room.objects.prune_presences(age=30)
     finally:
         presence_changed.disconnect(handler)
@@ -470,21 +579,21 @@ async def test_aremove_of_an_unknown_room_or_socket_is_a_no_op(signals):
 
 async def test_aprune_presences_removes_stale_presences(explicit_layer):
     join = database_sync_to_async(operations.join)
-    await join(ROOM, SOCKET, at=_ago(45), channel_layer=explicit_layer)
-    await join(ROOM, OTHER_SOCKET, at=_ago(15), channel_layer=explicit_layer)
+    await join(ROOM, SOCKET, at=ago(45), channel_layer=explicit_layer)
+    await join(ROOM, OTHER_SOCKET, at=ago(15), channel_layer=explicit_layer)
 
     await Room.objects.aprune_presences(explicit_layer, 30)
 
     assert [
         name async for name in Presence.objects.values_list("channel_name", flat=True)
     ] == [OTHER_SOCKET]
-    assert _layer_members(explicit_layer, ROOM) == {OTHER_SOCKET}
+    assert group_members(ROOM, explicit_layer) == {OTHER_SOCKET}
 
 
 async def test_aprune_presences_defaults_to_the_default_layer_and_max_age():
     join = database_sync_to_async(operations.join)
-    await join(ROOM, SOCKET, at=_ago(45))
-    await join(ROOM, OTHER_SOCKET, at=_ago(75))
+    await join(ROOM, SOCKET, at=ago(45))
+    await join(ROOM, OTHER_SOCKET, at=ago(75))
 
     await Room.objects.aprune_presences()
 
@@ -507,9 +616,9 @@ async def test_aprune_rooms_deletes_only_empty_rooms():
 
 async def test_atouch_marks_every_presence_of_the_socket_as_seen_now():
     join = database_sync_to_async(operations.join)
-    await join(ROOM, SOCKET, at=_ago(45))
-    await join(OTHER_ROOM, SOCKET, at=_ago(45))
-    await join(ROOM, OTHER_SOCKET, at=_ago(45))
+    await join(ROOM, SOCKET, at=ago(45))
+    await join(OTHER_ROOM, SOCKET, at=ago(45))
+    await join(ROOM, OTHER_SOCKET, at=ago(45))
     before = timezone.now()
 
     await Presence.objects.atouch(SOCKET)
@@ -573,9 +682,9 @@ async def test_room_aremove_presence_with_neither_name_nor_presence_raises_type_
 
 async def test_room_aprune_presences_prunes_only_that_room():
     join = database_sync_to_async(operations.join)
-    room = await join(ROOM, SOCKET, at=_ago(45))
-    await join(ROOM, OTHER_SOCKET, at=_ago(15))
-    await join(OTHER_ROOM, THIRD_SOCKET, at=_ago(45))
+    room = await join(ROOM, SOCKET, at=ago(45))
+    await join(ROOM, OTHER_SOCKET, at=ago(15))
+    await join(OTHER_ROOM, THIRD_SOCKET, at=ago(45))
 
     await room.aprune_presences(30)
 
