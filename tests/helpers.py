@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,6 +21,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import OperationalError, connection, connections
+from django.test import override_settings
 from django.utils import timezone
 
 from channels_presence.models import Presence, Room
@@ -153,9 +154,21 @@ def _mend_database(saved: dict[str, Any]) -> None:
     settings_dict.update(saved)
 
 
+@contextmanager
+def database_down() -> Iterator[None]:
+    """The default database cannot be reached until the block ends."""
+    saved = _break_database()
+    try:
+        with pytest.raises(OperationalError):
+            Room.objects.count()
+        yield
+    finally:
+        _mend_database(saved)
+
+
 @asynccontextmanager
-async def database_down() -> AsyncIterator[None]:
-    """The default database cannot be reached until the block ends.
+async def adatabase_down() -> AsyncIterator[None]:
+    """The same, for async code.
 
     Consumers and the async ORM use the database from asgiref's thread: it is
     that thread's connection which is closed, and has to reconnect.
@@ -167,3 +180,16 @@ async def database_down() -> AsyncIterator[None]:
         yield
     finally:
         await sync_to_async(_mend_database)(saved)
+
+
+@contextmanager
+def layer_down() -> Iterator[Any]:
+    """The default channel layer, pointed at a Redis that is not there."""
+    dead = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [f"redis://127.0.0.1:{closed_port()}"]},
+        }
+    }
+    with override_settings(CHANNEL_LAYERS=dead):
+        yield get_channel_layer()

@@ -36,7 +36,7 @@ from tests.helpers import (
     HEARTBEATS,
     LONG_HEARTBEAT,
     TIMEOUT,
-    database_down,
+    adatabase_down,
     group_members,
     last_seen,
     make_user,
@@ -540,7 +540,7 @@ async def test_a_join_that_failed_while_the_database_was_down_is_retried(base):
     client = Client(with_noted_gate(base, ("lobby", "news")).as_asgi(), refused=set())
     with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
         try:
-            async with database_down():
+            async with adatabase_down():
                 accepted, _ = await client.connect(TIMEOUT)
                 assert accepted
                 # The socket works; each frame tries the joins again, in vain.
@@ -575,7 +575,7 @@ async def test_a_room_can_join_refused_is_not_retried(base):
     client = Client(consumer.as_asgi(), refused=refused)
     with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=0):
         try:
-            async with database_down():
+            async with adatabase_down():
                 accepted, _ = await client.connect(TIMEOUT)
                 assert accepted
                 await client.answer('"ping"')

@@ -8,24 +8,21 @@ opened. Bad input, on the other hand, is still raised to the caller.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
-from django.db import OperationalError, connection, connections
+from django.db import OperationalError
 from django.test import override_settings
 from django.utils import timezone
 
 from channels_presence import dispatch, operations
 from channels_presence.models import Presence, Room
-from tests.helpers import group_members
+from tests.helpers import adatabase_down, database_down, group_members, layer_down
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -61,64 +58,6 @@ def loud(caplog: pytest.LogCaptureFixture) -> list[str]:
         for record in caplog.records
         if record.name == LOGGER and record.levelno >= logging.WARNING
     ]
-
-
-def closed_port() -> int:
-    """A local TCP port that nothing listens on (it was free a moment ago)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-@contextmanager
-def layer_down() -> Iterator[Any]:
-    """The default channel layer, pointed at a Redis that is not there."""
-    dead = {
-        "default": {
-            "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [f"redis://127.0.0.1:{closed_port()}"]},
-        }
-    }
-    with override_settings(CHANNEL_LAYERS=dead):
-        yield get_channel_layer()
-
-
-def _break_database() -> dict[str, Any]:
-    """Point the default database at nothing; return the settings to restore.
-
-    The settings dict is shared by every thread's connection, so a connection
-    opened afterwards, in any thread, fails to connect. This thread's own
-    connection is closed so that it has to reconnect.
-    """
-    settings_dict = connections.settings["default"]
-    saved = dict(settings_dict)
-    connection.close()
-    if connection.vendor == "postgresql":
-        settings_dict["HOST"] = "127.0.0.1"
-        settings_dict["PORT"] = str(closed_port())
-    else:
-        settings_dict["NAME"] = "/nonexistent-channels-presence/dir/test.sqlite3"
-    return saved
-
-
-def _mend_database(saved: dict[str, Any]) -> None:
-    connection.close()
-    settings_dict = connections.settings["default"]
-    settings_dict.clear()
-    settings_dict.update(saved)
-
-
-@contextmanager
-def database_down() -> Iterator[None]:
-    """The default database cannot be reached until the block ends."""
-    saved = _break_database()
-    try:
-        with pytest.raises(OperationalError):
-            Room.objects.count()
-        yield
-    finally:
-        _mend_database(saved)
 
 
 def live_consumer(name: str = "specific.a!1") -> Consumer:
@@ -238,15 +177,10 @@ async def test_async_twins_do_not_raise_when_the_database_is_down(
     consumer = live_consumer()
     # Async presence work runs in asgiref's thread, and so do these, so that
     # it is that thread's connection which has to reconnect.
-    saved = await sync_to_async(_break_database)()
-    try:
-        with pytest.raises(OperationalError):
-            await Room.objects.acount()
+    async with adatabase_down():
         assert await dispatch.ajoin(consumer, "lobby", None, subscribe=False) is False
         await dispatch.atouch(consumer)
         await dispatch.aleave_all(consumer)
-    finally:
-        await sync_to_async(_mend_database)(saved)
     assert group_members("lobby") == set()
     assert loud(log) == ["ERROR"]
 
