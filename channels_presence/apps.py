@@ -11,6 +11,7 @@ class ChannelsPresenceConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        """Register the checks; connect the broadcast receiver (once)."""
         from . import checks  # noqa: F401  (registers the checks)
         from .broadcast import broadcast_presence_changed
         from .signals import presence_changed
