@@ -44,16 +44,38 @@ def _echo(text_data: str | None, bytes_data: bytes | None) -> dict[str, Any]:
     return {"type": "echo", "text": text_data}
 
 
-def _room_to_leave(content: Any) -> str | None:
-    """The room of a ``{"leave": room}`` request, so a socket can leave one room."""
-    room = content.get("leave") if isinstance(content, dict) else None
-    return room if isinstance(room, str) else None
+def _requests(content: Any) -> tuple[int | None, str | None]:
+    """A frame's requests: ``{"close": code}`` closes the socket from the server,
+    ``{"leave": room}`` takes it out of one room."""
+    if not isinstance(content, dict):
+        return None, None
+    code, room = content.get("close"), content.get("leave")
+    return (
+        code if isinstance(code, int) else None,
+        room if isinstance(room, str) else None,
+    )
 
 
-def _close_code(content: Any) -> int | None:
-    """The code of a ``{"close": code}`` request, so the server closes the socket."""
-    code = content.get("close") if isinstance(content, dict) else None
-    return code if isinstance(code, int) else None
+def _obey(consumer: Any, content: Any) -> bool:
+    """Carry out the frame's requests; True if the socket was closed."""
+    code, room = _requests(content)
+    if code is not None:
+        consumer.close(code=code)
+        return True
+    if room is not None:
+        Room.objects.remove(room, consumer.channel_name)
+    return False
+
+
+async def _aobey(consumer: Any, content: Any) -> bool:
+    """:func:`_obey`, async."""
+    code, room = _requests(content)
+    if code is not None:
+        await consumer.close(code=code)
+        return True
+    if room is not None:
+        await Room.objects.aremove(room, consumer.channel_name)
+    return False
 
 
 def _parse(text_data: str | None) -> Any:
@@ -76,15 +98,8 @@ class EchoConsumer(WebsocketConsumer):
     """Answers every frame; ``{"leave": room}`` first takes the socket out of it."""
 
     def receive(self, text_data=None, bytes_data=None):
-        content = _parse(text_data)
-        code = _close_code(content)
-        if code is not None:
-            self.close(code=code)
-            return
-        room = _room_to_leave(content)
-        if room is not None:
-            Room.objects.remove(room, self.channel_name)
-        self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
+        if not _obey(self, _parse(text_data)):
+            self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
 
     def disconnect(self, code):
         rows = Presence.objects.filter(channel_name=self.channel_name).count()
@@ -104,14 +119,8 @@ class JsonEchoConsumer(JsonWebsocketConsumer):
     """:class:`EchoConsumer` for JSON content."""
 
     def receive_json(self, content, **kwargs):
-        code = _close_code(content)
-        if code is not None:
-            self.close(code=code)
-            return
-        room = _room_to_leave(content)
-        if room is not None:
-            Room.objects.remove(room, self.channel_name)
-        self.send_json({"type": "echo", "content": content})
+        if not _obey(self, content):
+            self.send_json({"type": "echo", "content": content})
 
     def disconnect(self, code):
         rows = Presence.objects.filter(channel_name=self.channel_name).count()
@@ -131,15 +140,8 @@ class AsyncEchoConsumer(AsyncWebsocketConsumer):
     """:class:`EchoConsumer`, async."""
 
     async def receive(self, text_data=None, bytes_data=None):
-        content = _parse(text_data)
-        code = _close_code(content)
-        if code is not None:
-            await self.close(code=code)
-            return
-        room = _room_to_leave(content)
-        if room is not None:
-            await Room.objects.aremove(room, self.channel_name)
-        await self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
+        if not await _aobey(self, _parse(text_data)):
+            await self.send(text_data=json.dumps(_echo(text_data, bytes_data)))
 
     async def disconnect(self, code):
         rows = await Presence.objects.filter(channel_name=self.channel_name).acount()
@@ -159,14 +161,8 @@ class AsyncJsonEchoConsumer(AsyncJsonWebsocketConsumer):
     """:class:`JsonEchoConsumer`, async."""
 
     async def receive_json(self, content, **kwargs):
-        code = _close_code(content)
-        if code is not None:
-            await self.close(code=code)
-            return
-        room = _room_to_leave(content)
-        if room is not None:
-            await Room.objects.aremove(room, self.channel_name)
-        await self.send_json({"type": "echo", "content": content})
+        if not await _aobey(self, content):
+            await self.send_json({"type": "echo", "content": content})
 
     async def disconnect(self, code):
         rows = await Presence.objects.filter(channel_name=self.channel_name).acount()
