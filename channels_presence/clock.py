@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 from django.utils import timezone
@@ -16,6 +17,21 @@ def moment(at: datetime | None) -> datetime:
     if not isinstance(at, datetime) or timezone.is_naive(at):
         raise TypeError(f"at must be an aware datetime or None, not {at!r}")
     return at
+
+
+def from_timestamp(at: object) -> datetime | None:
+    """The moment of a task's ``at``: UNIX time in seconds, or None for now."""
+    if at is None:
+        return None
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        raise ValueError(
+            f"at must be a UNIX time in seconds (a float, as time.time() gives) "
+            f"or None for now, not {at!r}"
+        )
+    try:
+        return datetime.fromtimestamp(at, UTC)
+    except (OverflowError, OSError, ValueError) as error:
+        raise ValueError(f"at {at!r} is not a time a datetime can hold") from error
 
 
 def stale_before(age: object = None) -> datetime:

@@ -141,6 +141,12 @@ class Presence(models.Model):
         help_text="When the socket last showed it was alive; it is stale once "
         "older than CHANNELS_PRESENCE_MAX_AGE seconds.",
     )
+    joined_at = models.DateTimeField(
+        "joined at",
+        default=timezone.now,
+        help_text="When the socket joined the room, by the clock of its server: "
+        "a leave that happened before this does not remove it.",
+    )
 
     objects = PresenceManager()
 
@@ -168,3 +174,48 @@ class Presence(models.Model):
     def is_stale(self) -> bool:
         """Whether the socket has gone silent for longer than MAX_AGE."""
         return self.last_seen < clock.stale_before()
+
+
+class Departure(models.Model):
+    """A socket that left a room, or every room, remembered for a while.
+
+    Celery workers may run a socket's tasks out of order: a leave can reach the
+    database before the join it follows. The departure makes the late join a
+    no-op. Departures are forgotten by ``prune_presences`` once older than
+    ``operations.DEPARTURE_RETENTION``.
+    """
+
+    channel_name = models.CharField(
+        "socket",
+        max_length=255,
+        help_text="The reply channel name of the socket that left.",
+    )
+    room_channel_name = models.CharField(
+        "room",
+        max_length=255,
+        blank=True,
+        help_text="The group name of the room it left; empty when it left every "
+        "room (it disconnected).",
+    )
+    left_at = models.DateTimeField(
+        "left at",
+        help_text="When the socket left, by the clock of its server.",
+    )
+
+    class Meta:
+        verbose_name = "departure"
+        verbose_name_plural = "departures"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["channel_name", "room_channel_name"],
+                name="channels_presence_departure_unique",
+            )
+        ]
+        indexes = [
+            # prune_presences() forgets the oldest departures.
+            models.Index(fields=["left_at"], name="channels_presence_left_idx"),
+        ]
+
+    def __str__(self) -> str:
+        where = self.room_channel_name or "every room"
+        return f"{self.channel_name} left {where}"

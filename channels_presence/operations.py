@@ -22,30 +22,60 @@ Nothing is written before every argument has been checked.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer
 from django.apps import apps
-from django.db import DatabaseError, IntegrityError, router, transaction
+from django.db import DatabaseError, IntegrityError, models, router, transaction
 from django.db.models import Exists, OuterRef, QuerySet
+from django.utils import timezone
 
 from . import broadcast, clock, groups, validation
 from .broadcast import Change
+from .conf import conf
 from .signals import presence_changed
 
 if TYPE_CHECKING:
-    from .models import Presence, Room
+    from .models import Departure, Presence, Room
 
 logger = logging.getLogger("channels_presence")
 
 # Rows deleted per DELETE statement: bounded so that SQLite's limit on query
 # parameters is never reached, however many presences a prune removes.
 DELETE_BATCH = 10_000
+
+# Departures are remembered for this many times MAX_AGE (ten minutes by default).
+DEPARTURE_RETENTION = 10
+
+
+@overload
+def join(
+    room_name: str,
+    channel_name: str,
+    user: Any = None,
+    *,
+    at: None = None,
+    subscribe: bool = False,
+    channel_layer: BaseChannelLayer | None = None,
+) -> Room: ...
+
+
+@overload
+def join(
+    room_name: str,
+    channel_name: str,
+    user: Any = None,
+    *,
+    at: datetime | None,
+    subscribe: bool = False,
+    channel_layer: BaseChannelLayer | None = None,
+) -> Room | None: ...
 
 
 def join(
@@ -56,26 +86,54 @@ def join(
     at: datetime | None = None,
     subscribe: bool = False,
     channel_layer: BaseChannelLayer | None = None,
-) -> Room:
+) -> Room | None:
     """Put a socket in a room, as ``user`` (anonymous when None), and return the room.
 
     A socket already in the room keeps its row: its user is updated when it
     differs (a real change, announced as ``added``), else it only counts as a
     touch. ``subscribe`` also puts the socket in the room's events group.
+
+    ``at`` is when the socket joined, by its server's clock. Given, the join is
+    ordered against the socket's leaves: if the socket left this room, or every
+    room, at or after ``at``, the join is late and changes nothing (returns
+    None). Without ``at`` the join happens now, unconditionally.
     """
     room_name = validation.room_name(room_name)
     channel_name = validation.channel_name(channel_name)
     user_id = validation.user_id(user)
     layer = groups.get_layer(channel_layer)
     moment = clock.moment(at)
-
-    async_to_sync(groups.join)(layer, room_name, channel_name, subscribe=subscribe)
+    in_caller_transaction = transaction.get_connection().in_atomic_block
+    grouped = False
     try:
-        room, changes = _write_join(room_name, channel_name, user, user_id, moment)
+        # A concurrent prune_rooms can delete the room between our read and
+        # our insert; the foreign key then fails at commit, and one retry
+        # recreates it.
+        for attempt in (1, 2):
+            try:
+                with transaction.atomic():
+                    _lock_socket(channel_name)
+                    if at is not None and _departed(room_name, channel_name, moment):
+                        return None
+                    if not grouped:
+                        # In the group before the row exists (invariant 2),
+                        # and under the socket's lock, so that a leave
+                        # ordered after this join discards after this add.
+                        async_to_sync(groups.join)(
+                            layer, room_name, channel_name, subscribe=subscribe
+                        )
+                        grouped = True
+                    room, changes = _write_join(
+                        room_name, channel_name, user, user_id, moment
+                    )
+                break
+            except IntegrityError:
+                if attempt == 2 or in_caller_transaction:
+                    raise
     except BaseException:
         # Undo the group add, unless the socket was already in the room: its
         # row is still there, and must keep its group membership.
-        if not _is_present(room_name, channel_name):
+        if grouped and not _is_present(room_name, channel_name):
             async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
         raise
     if changes:
@@ -87,29 +145,25 @@ def _write_join(
     room_name: str, channel_name: str, user: Any, user_id: int | None, at: datetime
 ) -> tuple[Room, list[Change]]:
     room_model, presence_model = _models()
-    # A concurrent prune_rooms can delete the room between our read and our
-    # insert; the foreign key then fails at commit, and one retry recreates it.
-    for attempt in (1, 2):
-        try:
-            with transaction.atomic():
-                room, _ = room_model.objects.get_or_create(channel_name=room_name)
-                presence, created = presence_model.objects.get_or_create(
-                    room=room,
-                    channel_name=channel_name,
-                    defaults={"user_id": user_id, "last_seen": at},
-                )
-                changed = created or presence.user_id != user_id
-                if changed and not created:
-                    presence.user_id = user_id
-                    presence.last_seen = max(presence.last_seen, at)
-                    presence.save(update_fields=["user", "last_seen"])
-                elif not created:
-                    _touch(presence_model.objects.filter(pk=presence.pk), at)
-            break
-        except IntegrityError:
-            if attempt == 2 or transaction.get_connection().in_atomic_block:
-                raise
-    if user_id is not None:
+    room, _ = room_model.objects.get_or_create(channel_name=room_name)
+    presence, created = presence_model.objects.get_or_create(
+        room=room,
+        channel_name=channel_name,
+        defaults={"user_id": user_id, "last_seen": at, "joined_at": at},
+    )
+    # A join older than the one that made the row (a late or repeated task)
+    # must not undo what the newer one wrote.
+    newer = not created and at >= presence.joined_at
+    changed = created or (newer and presence.user_id != user_id)
+    if changed and not created:
+        presence.user_id = user_id
+        presence.last_seen = max(presence.last_seen, at)
+        presence.joined_at = at
+        presence.save(update_fields=["user", "last_seen", "joined_at"])
+    elif newer:
+        presence_model.objects.filter(pk=presence.pk).update(joined_at=at)
+        _touch(presence_model.objects.filter(pk=presence.pk), at)
+    if user_id is not None and presence.user_id == user_id:
         presence.user = user
     return room, [Change(room, added=presence)] if changed else []
 
@@ -131,11 +185,15 @@ def leave(
     room_name: str,
     channel_name: str,
     *,
+    at: datetime | None = None,
     channel_layer: BaseChannelLayer | None = None,
 ) -> Presence | None:
     """Take a socket out of a room; return the presence removed, if there was one.
 
-    The socket leaves the room's groups even when it had no row.
+    The socket leaves the room's groups even when it had no row. ``at`` is
+    when it left, by its server's clock: given, a presence that joined after
+    ``at`` stays (and keeps its groups), and the departure is remembered so
+    that a join from before ``at`` that arrives later changes nothing.
     """
     room_name = validation.room_name(room_name)
     channel_name = validation.channel_name(channel_name)
@@ -144,7 +202,16 @@ def leave(
     presences = presence_model.objects.filter(
         room__channel_name=room_name, channel_name=channel_name
     )
-    removed = _remove(layer, presences, departed=[(room_name, channel_name)])
+    stays = False
+    with transaction.atomic():
+        _lock_socket(channel_name)
+        if at is not None:
+            moment = clock.moment(at)
+            _remember_departure(channel_name, room_name, moment)
+            stays = presences.filter(joined_at__gt=moment).exists()
+            presences = presences.filter(joined_at__lte=moment)
+        removed = _delete(presences)
+    _after_removal(layer, removed, [] if stays else [(room_name, channel_name)])
     return removed[0] if removed else None
 
 
@@ -156,29 +223,102 @@ def remove(
     A constant number of queries however many rooms; one ``removed`` signal
     per presence.
     """
-    return _remove(groups.get_layer(channel_layer), presences)
+    layer = groups.get_layer(channel_layer)
+    removed = _delete(presences)
+    _after_removal(layer, removed)
+    return removed
 
 
 def leave_all(
-    channel_name: str, *, channel_layer: BaseChannelLayer | None = None
+    channel_name: str,
+    *,
+    at: datetime | None = None,
+    channel_layer: BaseChannelLayer | None = None,
 ) -> list[Presence]:
-    """Take a socket out of every room it is in; return the presences removed."""
+    """Take a socket out of every room it is in; return the presences removed.
+
+    ``at`` orders the leave against the socket's joins, as for :func:`leave`.
+    """
     channel_name = validation.channel_name(channel_name)
+    layer = groups.get_layer(channel_layer)
     _, presence_model = _models()
     presences = presence_model.objects.filter(channel_name=channel_name)
-    return remove(presences, channel_layer=channel_layer)
+    with transaction.atomic():
+        _lock_socket(channel_name)
+        if at is not None:
+            moment = clock.moment(at)
+            _remember_departure(channel_name, "", moment)
+            presences = presences.filter(joined_at__lte=moment)
+        removed = _delete(presences)
+    _after_removal(layer, removed)
+    return removed
 
 
-def _remove(
+def _after_removal(
     layer: BaseChannelLayer,
-    presences: QuerySet[Presence],
+    removed: list[Presence],
     departed: Sequence[tuple[str, str]] = (),
-) -> list[Presence]:
-    removed = _delete(presences)
+) -> None:
     pairs = {(p.room.channel_name, p.channel_name) for p in removed} | set(departed)
     changes = [Change(presence.room, removed=presence) for presence in removed]
     _on_commit(partial(_after_commit, layer, changes, departed=sorted(pairs)))
-    return removed
+
+
+def _lock_socket(channel_name: str) -> None:
+    """Serialize the joins and leaves of one socket, until the transaction ends.
+
+    Without it, a join and a leave of one socket run by two workers at once
+    could each miss the other's uncommitted row. PostgreSQL takes an advisory
+    lock; SQLite already lets one writer in at a time.
+    """
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        return
+    digest = hashlib.blake2b(channel_name.encode(), digest_size=8).digest()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(%s)",
+            [int.from_bytes(digest, "big", signed=True)],
+        )
+
+
+def _departed(room_name: str, channel_name: str, at: datetime) -> bool:
+    """Whether the socket left the room, or every room, at or after ``at``."""
+    found: bool = (
+        _departures()
+        .filter(
+            channel_name=channel_name,
+            room_channel_name__in=[room_name, ""],
+            left_at__gte=at,
+        )
+        .exists()
+    )
+    return found
+
+
+def _remember_departure(channel_name: str, room_name: str, at: datetime) -> None:
+    departure, created = _departures().get_or_create(
+        channel_name=channel_name, room_channel_name=room_name, defaults={"left_at": at}
+    )
+    if not created and departure.left_at < at:
+        _departures().filter(pk=departure.pk).update(left_at=at)
+
+
+def forget_departures() -> int:
+    """Forget the departures older than :func:`departure_retention`; return how many."""
+    cutoff = timezone.now() - timedelta(seconds=departure_retention())
+    old = _departures().filter(left_at__lt=cutoff)
+    deleted: int = old._raw_delete(router.db_for_write(old.model))
+    return deleted
+
+
+def departure_retention() -> float:
+    """Seconds a departure is remembered: DEPARTURE_RETENTION times MAX_AGE.
+
+    A join that arrives later than that is older than MAX_AGE: its presence
+    is stale when it is written, and the next prune removes it.
+    """
+    return DEPARTURE_RETENTION * conf.MAX_AGE
 
 
 def touch(channel_names: Iterable[str], *, at: datetime | None = None) -> int:
@@ -326,6 +466,13 @@ def _after_commit(
 
 def _touch(presences: QuerySet[Presence], at: datetime) -> int:
     return presences.filter(last_seen__lt=at).update(last_seen=at)
+
+
+def _departures() -> models.Manager[Departure]:
+    departures: models.Manager[Departure] = apps.get_model(
+        "channels_presence", "Departure"
+    ).objects
+    return departures
 
 
 def _models() -> tuple[type[Room], type[Presence]]:

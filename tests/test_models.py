@@ -29,13 +29,14 @@ def test_room_channel_name_is_a_unique_255_char_field() -> None:
     assert not field.null
 
 
-def test_presence_has_exactly_the_fields_of_1_0_0() -> None:
+def test_presence_has_the_fields_of_1_0_0_and_when_it_joined() -> None:
     assert concrete_field_names(Presence) == {
         "id",
         "room",
         "channel_name",
         "user",
         "last_seen",
+        "joined_at",
     }
 
 
