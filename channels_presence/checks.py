@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from celery import current_app
 from django.apps import AppConfig
 from django.conf import settings
 from django.core import checks
@@ -74,6 +75,42 @@ def check_settings(
                 "sockets would be pruned between two touches.",
                 hint="Make the touch interval a fraction of MAX_AGE, e.g. a quarter.",
                 id="channels_presence.W001",
+            )
+        )
+    return errors
+
+
+@checks.register()
+def check_celery(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E004: Celery mode with no broker; W002: no django_celery_beat to prune."""
+    if conf.USE_CELERY is not True:
+        return []
+    errors: list[checks.CheckMessage] = []
+    if not current_app.conf.broker_url:
+        errors.append(
+            checks.Error(
+                "CHANNELS_PRESENCE_USE_CELERY is on, but the Celery application "
+                "of this process has no broker: presence tasks cannot be sent.",
+                hint="Create your Celery app configured from Django settings "
+                "(app.config_from_object('django.conf:settings', namespace="
+                "'CELERY')), set CELERY_BROKER_URL, e.g. 'redis://127.0.0.1:6379/0', "
+                "and import the app in your project's __init__.py, as the README "
+                "shows; or set CHANNELS_PRESENCE_USE_CELERY = False.",
+                id="channels_presence.E004",
+            )
+        )
+    if "django_celery_beat" not in settings.INSTALLED_APPS:
+        errors.append(
+            checks.Warning(
+                "CHANNELS_PRESENCE_USE_CELERY is on, but django_celery_beat is not "
+                "installed: nothing schedules prune_presences and prune_rooms.",
+                hint="Add 'django_celery_beat' to INSTALLED_APPS, migrate, and run "
+                "'celery -A tasks beat -S django'; or schedule "
+                "channels_presence.tasks.prune_presences yourself and silence "
+                "this check.",
+                id="channels_presence.W002",
             )
         )
     return errors

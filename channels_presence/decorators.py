@@ -1,16 +1,18 @@
-"""Decorators for consumer methods, sync or async: 1.0.0's two, on Channels 4.
+"""Decorators for consumer methods, sync or async: 1.0.0's two, and a join.
 
-``touch_presence`` goes on ``receive(self, text_data=None, bytes_data=None)`` or
-on ``receive_json(self, content, **kwargs)``; ``remove_presence`` goes on
+``add_presence(room)`` goes on ``connect(self)``; ``touch_presence`` goes on
+``receive(self, text_data=None, bytes_data=None)`` or on
+``receive_json(self, content, **kwargs)``; ``remove_presence`` goes on
 ``disconnect(self, code)``. Each works on a plain method and on an ``async def``
-one, and neither lets a database or channel-layer outage reach the handler.
+one, and none lets a database, broker or channel-layer outage reach the handler.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 from asgiref.sync import iscoroutinefunction
@@ -18,6 +20,64 @@ from asgiref.sync import iscoroutinefunction
 from . import dispatch
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+#: A room: its name, or a callable that takes the consumer and returns it.
+RoomSpec = str | Callable[[Any], str]
+
+
+def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
+    """Join ``room`` once the decorated ``connect`` has accepted the socket.
+
+    ``room`` is a name, or a callable that takes the consumer and returns one,
+    e.g. ``lambda consumer: consumer.scope["url_route"]["kwargs"]["room"]``.
+    The socket joins as ``scope["user"]``. A connect that does not accept (it
+    closes, or raises ``DenyConnection``) joins nothing. A consumer with
+    ``presence_changed`` and ``presence_expired`` handlers also receives the
+    room's presence events; one without them never receives a message it
+    cannot handle.
+    """
+    if not (isinstance(room, str) or callable(room)):
+        raise TypeError(
+            "add_presence(room) takes a room name, or a callable that takes the "
+            f"consumer and returns one, not {room!r}: write @add_presence('lobby')"
+        )
+    if iscoroutinefunction(room):
+        raise TypeError("add_presence(room): the room callable must not be async")
+
+    def decorate(func: Handler) -> Handler:
+        if iscoroutinefunction(func):
+
+            @functools.wraps(func)
+            async def connect_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+                with _watching_accept(self, is_async=True) as accepted:
+                    result = await func(self, *args, **kwargs)
+                if accepted:
+                    await dispatch.ajoin(
+                        self,
+                        _room_name(room, self),
+                        self.scope.get("user"),
+                        subscribe=_subscribes(self),
+                    )
+                return result
+
+            return cast(Handler, connect_async)
+
+        @functools.wraps(func)
+        def connect_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+            with _watching_accept(self, is_async=False) as accepted:
+                result = func(self, *args, **kwargs)
+            if accepted:
+                dispatch.join(
+                    self,
+                    _room_name(room, self),
+                    self.scope.get("user"),
+                    subscribe=_subscribes(self),
+                )
+            return result
+
+        return cast(Handler, connect_sync)
+
+    return decorate
 
 
 def touch_presence(func: Handler) -> Handler:
@@ -85,3 +145,62 @@ def _is_heartbeat(
         content = args[0] if args else kwargs.get("content")
         return bool(content == dispatch.HEARTBEAT_CONTENT)
     return bool(args) and dispatch.is_heartbeat(args[0])
+
+
+class _Accepted:
+    """Whether the consumer accepted its socket, and did not close it, so far."""
+
+    def __init__(self) -> None:
+        self.value = False
+
+    def __bool__(self) -> bool:
+        return self.value
+
+
+@contextmanager
+def _watching_accept(consumer: Any, *, is_async: bool) -> Iterator[_Accepted]:
+    # Channels sends the handshake's answer through base_send, for sync and
+    # async consumers alike: watch it while connect() runs.
+    accepted = _Accepted()
+    base_send = consumer.base_send
+
+    def watch(message: dict[str, Any]) -> None:
+        if message.get("type") == "websocket.accept":
+            accepted.value = True
+        elif message.get("type") == "websocket.close":
+            accepted.value = False
+
+    if is_async:
+
+        async def send_async(message: dict[str, Any]) -> None:
+            watch(message)
+            await base_send(message)
+
+        consumer.base_send = send_async
+    else:
+
+        def send_sync(message: dict[str, Any]) -> None:
+            watch(message)
+            base_send(message)
+
+        consumer.base_send = send_sync
+    try:
+        yield accepted
+    finally:
+        consumer.base_send = base_send
+
+
+def _room_name(room: RoomSpec, consumer: Any) -> str:
+    name = room(consumer) if callable(room) else room
+    if not isinstance(name, str):
+        raise TypeError(
+            f"add_presence(room): the room callable returned {name!r}; it must "
+            "return the room's name, a string"
+        )
+    return name
+
+
+def _subscribes(consumer: Any) -> bool:
+    return callable(getattr(consumer, "presence_changed", None)) and callable(
+        getattr(consumer, "presence_expired", None)
+    )

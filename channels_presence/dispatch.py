@@ -1,10 +1,14 @@
 """What a socket handler calls: hand presence work to where it runs.
 
 Decorators and the consumer mixin come here rather than to the operations, so a
-socket handler never fails because the database or the channel layer is down:
-the failure is logged once per outage and the handler goes on. In this version
-every operation runs inline (awaited from async code); Celery mode moves the
-work to workers without changing what a handler calls.
+socket handler never fails because the database, the broker or the channel
+layer is down: the failure is logged once per outage and the handler goes on.
+
+In Celery mode (``CHANNELS_PRESENCE_USE_CELERY``, the default) a join or a
+leave changes the socket's group membership at once, since that is what makes
+messages flow, and appends the database work, stamped with the time it
+happened, to the process's outbox; a touch only appends. With Celery mode off,
+every operation runs inline (awaited from async code).
 
 Touches are coalesced per socket: a socket touched less than TOUCH_INTERVAL ago
 is not touched again, and deciding that costs no I/O.
@@ -15,13 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
+from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.db import Error as DatabaseError
 from redis.exceptions import RedisError
 
-from . import operations
+from . import groups, operations, outbox, validation
 from .conf import conf
 
 logger = logging.getLogger("channels_presence")
@@ -100,6 +106,16 @@ def touch_due(consumer: Any) -> bool:
 
 def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
     """Put the consumer's socket in a room; False if the room could not be joined."""
+    if conf.USE_CELERY:
+        task = _join_task(consumer, room_name, user, subscribe=subscribe)
+        try:
+            async_to_sync(groups.join)(
+                consumer.channel_layer, task.room, task.channel, subscribe=subscribe
+            )
+        except UNAVAILABLE as error:
+            outage.failed("join", error)
+            return False
+        return _joined(consumer, task)
     try:
         operations.join(
             room_name,
@@ -119,6 +135,18 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
 
 def leave_all(consumer: Any) -> None:
     """Take the consumer's socket out of every room."""
+    if conf.USE_CELERY:
+        at, pairs = _leaving(consumer)
+        try:
+            async_to_sync(groups.leave)(consumer.channel_layer, pairs)
+        except UNAVAILABLE as error:
+            # The worker discards the groups of the presences it removes.
+            outage.failed("leave", error)
+        else:
+            if pairs:
+                outage.recovered(CHANNEL_LAYER)
+        outbox.default.send(LEAVE_ALL, consumer.channel_name, at=at)
+        return
     try:
         removed = operations.leave_all(
             consumer.channel_name, channel_layer=consumer.channel_layer
@@ -137,6 +165,9 @@ def touch(consumer: Any) -> None:
 
 
 def _touch_now(consumer: Any) -> None:
+    if conf.USE_CELERY:
+        outbox.default.touch(consumer.channel_name)
+        return
     try:
         operations.touch([consumer.channel_name])
     except UNAVAILABLE as error:
@@ -149,6 +180,16 @@ def _touch_now(consumer: Any) -> None:
 
 async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
     """Async twin of :func:`join`."""
+    if conf.USE_CELERY:
+        task = _join_task(consumer, room_name, user, subscribe=subscribe)
+        try:
+            await groups.join(
+                consumer.channel_layer, task.room, task.channel, subscribe=subscribe
+            )
+        except UNAVAILABLE as error:
+            outage.failed("join", error)
+            return False
+        return _joined(consumer, task)
     joined: bool = await database_sync_to_async(join)(
         consumer, room_name, user, subscribe=subscribe
     )
@@ -157,10 +198,94 @@ async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) ->
 
 async def aleave_all(consumer: Any) -> None:
     """Async twin of :func:`leave_all`."""
-    await database_sync_to_async(leave_all)(consumer)
+    if not conf.USE_CELERY:
+        await database_sync_to_async(leave_all)(consumer)
+        return
+    at, pairs = _leaving(consumer)
+    try:
+        await groups.leave(consumer.channel_layer, pairs)
+    except UNAVAILABLE as error:
+        # The worker discards the groups of the presences it removes.
+        outage.failed("leave", error)
+    else:
+        if pairs:
+            outage.recovered(CHANNEL_LAYER)
+    outbox.default.send(LEAVE_ALL, consumer.channel_name, at=at)
 
 
 async def atouch(consumer: Any) -> None:
-    """Async twin of :func:`touch`; a coalesced touch does not leave the loop."""
-    if touch_due(consumer):
+    """Async twin of :func:`touch`; a coalesced touch does not leave the loop.
+
+    In Celery mode a due touch does not leave it either: it is an append.
+    """
+    if not touch_due(consumer):
+        return
+    if conf.USE_CELERY:
+        outbox.default.touch(consumer.channel_name)
+    else:
         await database_sync_to_async(_touch_now)(consumer)
+
+
+# Celery mode.
+
+ADD_PRESENCE = "channels_presence.tasks.add_presence"
+LEAVE_ALL = "channels_presence.tasks.leave_all"
+
+
+@dataclass(frozen=True)
+class _JoinTask:
+    room: str
+    channel: str
+    user_id: int | None
+    at: float
+    subscribe: bool
+
+
+def _join_task(
+    consumer: Any, room_name: str, user: Any, *, subscribe: bool
+) -> _JoinTask:
+    """The add_presence task of a join, every argument checked before any I/O."""
+    return _JoinTask(
+        room=validation.room_name(room_name),
+        channel=validation.channel_name(consumer.channel_name),
+        user_id=validation.user_id(user),
+        at=_socket_time(consumer),
+        subscribe=subscribe,
+    )
+
+
+def _joined(consumer: Any, task: _JoinTask) -> bool:
+    """After the group add: remember the room, and hand the row to a worker."""
+    outage.recovered(CHANNEL_LAYER)
+    joined: dict[str, bool] = consumer.__dict__.setdefault("_presence_joined", {})
+    joined[task.room] = task.subscribe
+    outbox.default.send(
+        ADD_PRESENCE,
+        task.room,
+        task.channel,
+        task.user_id,
+        at=task.at,
+        subscribe=task.subscribe,
+    )
+    # The join writes last_seen: the next touch can wait a whole interval.
+    consumer._presence_touched_at = time.monotonic()
+    return True
+
+
+def _leaving(consumer: Any) -> tuple[float, list[tuple[str, str]]]:
+    """When the socket leaves, and the (room, socket) pairs it joined."""
+    at = _socket_time(consumer)
+    joined: dict[str, bool] = consumer.__dict__.pop("_presence_joined", {})
+    return at, [(room, consumer.channel_name) for room in sorted(joined)]
+
+
+def _socket_time(consumer: Any) -> float:
+    """Now, as UNIX time; never earlier than the socket's previous operation.
+
+    The workers order a socket's tasks by these times, so a clock stepped back
+    between a join and a leave must not reverse them.
+    """
+    last: float = getattr(consumer, "_presence_last_at", 0.0)
+    at = max(time.time(), last + 1e-6)
+    consumer._presence_last_at = at
+    return at

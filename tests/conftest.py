@@ -11,6 +11,7 @@ from channels.layers import channel_layers, get_channel_layer
 from django.db import connections
 
 from channels_presence.signals import presence_changed
+from tasks import app as celery_app  # noqa: F401  (this process sends with it)
 
 
 @pytest.fixture(autouse=True)

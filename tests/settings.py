@@ -2,6 +2,11 @@
 
 The database comes from DATABASE_URL (``postgres://user@host:port/name``), and
 is a throwaway SQLite file when it is unset; Redis comes from REDIS_URL.
+
+The celery workers a test starts (``tests/workers.py``) read these settings
+too: the run's id, in the environment they inherit, gives them the same
+channel-layer prefix and Celery queue, and CHANNELS_PRESENCE_TEST_DATABASE
+names the test database they must use.
 """
 
 import os
@@ -22,6 +27,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "channels",
+    "django_celery_beat",
     "channels_presence",
 ]
 
@@ -77,6 +83,13 @@ def _database(url: str | None) -> dict[str, object]:
 
 
 DATABASES = {"default": _database(os.environ.get("DATABASE_URL"))}
+if os.environ.get("CHANNELS_PRESENCE_TEST_DATABASE"):
+    # A worker started by a test: it uses the test's database, as it is.
+    DATABASES["default"]["NAME"] = os.environ["CHANNELS_PRESENCE_TEST_DATABASE"]
+
+# One id per test run, inherited by the workers the run starts: each run keeps
+# to its own keys and queue on a Redis that other runs may share.
+RUN = os.environ.setdefault("CHANNELS_PRESENCE_TEST_RUN", uuid.uuid4().hex[:12])
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -86,10 +99,17 @@ CHANNEL_LAYERS = {
         "CONFIG": {
             "hosts": [REDIS_URL],
             # Each run keeps to its own keys on a Redis others may share.
-            "prefix": f"cp-test-{uuid.uuid4().hex[:12]}",
+            "prefix": f"cp-test-{RUN}",
         },
     }
 }
 
 # The operations run inline in this suite: Celery mode has its own tests.
 CHANNELS_PRESENCE_USE_CELERY = False
+
+CELERY_BROKER_URL = os.environ.get("CHANNELS_PRESENCE_TEST_BROKER_URL", REDIS_URL)
+CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"cp-test-{RUN}:"}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_DEFAULT_QUEUE = f"presence-{RUN}"
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"

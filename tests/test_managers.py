@@ -335,6 +335,7 @@ def test_queryset_prune_removes_only_its_stale_presences(
 
 def test_room_presence_set_prune_prunes_only_that_room(signals):
     room = operations.join(ROOM, SOCKET, at=ago(45), subscribe=True)
+    assert room is not None
     operations.join(ROOM, OTHER_SOCKET, at=ago(15), subscribe=True)
     operations.join(OTHER_ROOM, THIRD_SOCKET, at=ago(45), subscribe=True)
     signals.clear()
@@ -410,6 +411,7 @@ def test_remove_presence_with_neither_name_nor_presence_raises_type_error():
 
 def test_room_prune_presences_prunes_only_that_room():
     room = operations.join(ROOM, SOCKET, at=ago(45))
+    assert room is not None
     operations.join(ROOM, OTHER_SOCKET, at=ago(15))
     operations.join(OTHER_ROOM, THIRD_SOCKET, at=ago(45))
 
@@ -423,6 +425,7 @@ def test_room_prune_presences_prunes_only_that_room():
 
 def test_room_prune_presences_defaults_to_the_max_age_setting():
     room = operations.join(ROOM, SOCKET, at=ago(45))
+    assert room is not None
 
     room.prune_presences()
     assert _sockets(ROOM) == {SOCKET}

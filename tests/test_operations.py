@@ -608,6 +608,7 @@ NEEDS_A_LAYER: dict[str, Callable[[Room], object]] = {
 @pytest.mark.parametrize("call", NEEDS_A_LAYER.values(), ids=NEEDS_A_LAYER.keys())
 def test_operation_without_a_channel_layer_raises_improperly_configured(call, signals):
     room = operations.join(ROOM, SOCKET, at=ago(45))
+    assert room is not None
     signals.clear()
     before = _state()
 

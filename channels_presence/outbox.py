@@ -1,0 +1,271 @@
+"""The per-process outbox: what the socket side hands to Celery, sent in the background.
+
+Publishing a task is a network round trip to the broker, and a broker that is
+down makes it fail or hang: a socket handler must do neither. So a handler only
+appends to this outbox, in memory, and a background thread of the process
+publishes:
+
+* joins and leaves (``add_presence``, ``leave_all``) at once, in the order they
+  were appended, so that each socket's tasks reach the broker in its order;
+* touches as one ``touch_presences`` task per FLUSH_INTERVAL, naming every
+  socket touched since the last one, however many there are.
+
+While the broker is down the outbox keeps what it holds and tries again every
+``retry_interval`` seconds; the outage is logged when it starts and when it
+ends, not once per task. It holds at most ``limit`` items: past that, touches
+are dropped first (a socket touches again within TOUCH_INTERVAL), and only then
+the oldest joins and leaves, each drop logged. Whatever is pending when the
+process exits is sent then, on a best-effort basis, and logged if it could not be.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from celery import Celery, current_app
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import RedisError
+
+from .conf import conf
+
+logger = logging.getLogger("channels_presence")
+
+TOUCH_TASK = "channels_presence.tasks.touch_presences"
+
+# What a broker that is down or unreachable raises; anything else is a bug, and
+# the task that raised it is dropped (and logged) rather than retried forever.
+UNREACHABLE = (BrokerError, RedisError, OSError, TimeoutError)
+
+Task = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+class Outbox:
+    """A buffer of presence tasks that a background thread sends to the broker.
+
+    ``app`` is the Celery application to publish with; None means Celery's
+    current application, looked up at each send (the project's own, once it is
+    imported, as Celery's Django guide arranges).
+    """
+
+    def __init__(
+        self,
+        app: Celery | None = None,
+        *,
+        limit: int = 100_000,
+        retry_interval: float = 1.0,
+        exit_timeout: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.retry_interval = retry_interval
+        self.exit_timeout = exit_timeout
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._tasks: deque[Task] = deque()
+        self._touches: set[str] = set()
+        self._touched_at = 0.0
+        self._last_touch_flush = 0.0
+        self._thread: threading.Thread | None = None
+        self._failing = False
+        self._dropping = False
+        self.sent = 0
+        self.dropped = 0
+
+    def send(self, name: str, *args: Any, **kwargs: Any) -> None:
+        """Queue task ``name`` for the broker; return at once."""
+        self._after_fork()
+        with self._lock:
+            self._ensure_running()
+            if len(self._tasks) + len(self._touches) >= self.limit:
+                self._make_room()
+            self._tasks.append((name, args, kwargs))
+        self._wake.set()
+
+    def touch(self, channel_name: str) -> None:
+        """Queue a touch of ``channel_name`` for the next touch_presences batch."""
+        self._after_fork()
+        with self._lock:
+            self._ensure_running()
+            if channel_name not in self._touches:
+                if len(self._tasks) + len(self._touches) >= self.limit:
+                    self._drop("a touch", 1)
+                    return
+                self._touches.add(channel_name)
+            self._touched_at = time.time()
+
+    def pending(self) -> tuple[int, int]:
+        """How many tasks, and how many touches, wait to be sent."""
+        with self._lock:
+            return len(self._tasks), len(self._touches)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until everything pending is sent, touches included; True if it was."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._last_touch_flush = 0.0
+        self._wake.set()
+        while time.monotonic() < deadline:
+            if self.pending() == (0, 0):
+                return True
+            time.sleep(0.01)
+        return self.pending() == (0, 0)
+
+    def close(self) -> None:
+        """Stop the sender and send what is left; log what could not be sent."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.exit_timeout)
+        try:
+            self._send_pending(touches_due=True)
+        except UNREACHABLE as error:
+            tasks, touches = self.pending()
+            logger.error(
+                "presence outbox: %d joins and leaves and %d touches could not be "
+                "sent at exit, the broker is unavailable (%s); prune_presences "
+                "will catch up",
+                tasks,
+                touches,
+                error,
+            )
+
+    # The sender thread.
+
+    def _after_fork(self) -> None:
+        if self._pid != os.getpid():
+            # A forked child: the parent's thread and pending work are not ours.
+            self._reset()
+
+    def _ensure_running(self) -> None:
+        # Called with the lock held.
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="channels-presence-outbox", daemon=True
+            )
+            self._thread.start()
+            atexit.register(self.close)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            now = time.monotonic()
+            due = now - self._last_touch_flush >= conf.FLUSH_INTERVAL
+            try:
+                self._send_pending(touches_due=due)
+            except UNREACHABLE as error:
+                self._outage(error)
+                self._stop.wait(self.retry_interval)
+                continue
+            except Exception:
+                # The sender must outlive any bug, or nothing is sent again.
+                logger.exception("presence outbox: the sender failed")
+                self._stop.wait(self.retry_interval)
+                continue
+            self._recovered()
+            with self._lock:
+                touches = bool(self._touches)
+            if touches:
+                wait = self._last_touch_flush + conf.FLUSH_INTERVAL - time.monotonic()
+                self._wake.wait(max(wait, 0.001))
+            else:
+                self._wake.wait()
+
+    def _send_pending(self, *, touches_due: bool) -> None:
+        while True:
+            with self._lock:
+                if not self._tasks:
+                    break
+                task = self._tasks[0]
+            try:
+                self._publish(*task)
+            except UNREACHABLE:
+                raise
+            except Exception:
+                logger.exception("presence outbox: task %s could not be sent", task)
+            with self._lock:
+                # Unless a full outbox dropped it meanwhile.
+                if self._tasks and self._tasks[0] is task:
+                    self._tasks.popleft()
+        if not touches_due:
+            return
+        with self._lock:
+            names, at = sorted(self._touches), self._touched_at
+            self._touches.clear()
+        if not names:
+            return
+        try:
+            self._publish(TOUCH_TASK, (names,), {"at": at})
+        except UNREACHABLE:
+            with self._lock:
+                room = max(self.limit - len(self._tasks) - len(self._touches), 0)
+                self._touches.update(names[:room])
+            raise
+        self._last_touch_flush = time.monotonic()
+
+    def _publish(
+        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        app = self.app if self.app is not None else current_app
+        app.send_task(name, args=args, kwargs=kwargs, retry=False)
+        self.sent += 1
+
+    # Bookkeeping.
+
+    def _make_room(self) -> None:
+        # Called with the lock held, when the outbox is full.
+        if self._touches:
+            self._drop("touches", len(self._touches))
+            self._touches.clear()
+        else:
+            self._tasks.popleft()
+            self._drop("the oldest join or leave", 1)
+
+    def _drop(self, what: str, count: int) -> None:
+        self.dropped += count
+        if self._dropping:
+            return
+        self._dropping = True
+        logger.error(
+            "presence outbox is full (%d items, the broker is unavailable?): "
+            "dropping %s; more drops are not logged until it empties",
+            self.limit,
+            what,
+        )
+
+    def _outage(self, error: BaseException) -> None:
+        if self._failing:
+            logger.debug("presence outbox: the broker is still unavailable: %s", error)
+            return
+        self._failing = True
+        tasks, touches = self.pending()
+        logger.error(
+            "presence outbox: the broker is unavailable (%s); %d tasks and %d "
+            "touches are kept and sent when it answers",
+            error,
+            tasks,
+            touches,
+        )
+
+    def _recovered(self) -> None:
+        if self._failing:
+            self._failing = False
+            logger.warning("presence outbox: the broker answers again")
+        with self._lock:
+            if self._dropping and not self._tasks and not self._touches:
+                self._dropping = False
+
+
+#: The outbox of this process, that the decorators and the mixin use.
+default = Outbox()

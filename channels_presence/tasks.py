@@ -1,0 +1,144 @@
+"""The Celery tasks: the presence operations, run by a worker.
+
+In Celery mode the socket side enqueues ``add_presence``, ``leave_all`` and
+batches of ``touch_presences``; celery beat runs the two prunes. Each task only
+calls the operation of the same meaning, and each is idempotent: a task run
+twice, or after a later task of the same socket, changes nothing more, because
+``at`` (the UNIX time at which it happened on the socket) orders it.
+
+Tasks whose loss would lose a change are acknowledged late and rejected when
+their worker dies, so that the broker delivers them again; all of them retry
+while the database is unreachable. The names are public: ``prune_presence`` is
+1.0.0's registered name, kept so that its beat schedules keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import shared_task
+from django.contrib.auth import get_user_model
+from django.db import InterfaceError, OperationalError
+
+from . import clock, operations
+
+logger = logging.getLogger("channels_presence")
+
+# A database that cannot be reached is waited for, with backoff up to a minute.
+_RETRY: dict[str, Any] = {
+    "autoretry_for": (OperationalError, InterfaceError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 60,
+    "retry_jitter": True,
+    "max_retries": None,
+}
+# Redelivered if the worker dies before it is done: the task would be lost.
+_DURABLE: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
+
+
+@shared_task(
+    name="channels_presence.tasks.add_presence",
+    ignore_result=True,
+    **_DURABLE,
+    **_RETRY,
+)
+def add_presence(
+    room_channel_name: str,
+    user_channel_name: str,
+    user_id: int | None = None,
+    at: float | None = None,
+    subscribe: bool = False,
+) -> None:
+    """Put socket ``user_channel_name`` in room ``room_channel_name`` as ``user_id``.
+
+    Nothing happens if the socket left the room, or every room, after ``at``.
+    ``subscribe`` also puts it in the room's events group, as the mixin asks.
+    """
+    operations.join(
+        room_channel_name,
+        user_channel_name,
+        _user(user_id),
+        at=clock.from_timestamp(at),
+        subscribe=subscribe,
+    )
+
+
+@shared_task(
+    name="channels_presence.tasks.remove_presence",
+    ignore_result=True,
+    **_DURABLE,
+    **_RETRY,
+)
+def remove_presence(
+    room_channel_name: str, user_channel_name: str, at: float | None = None
+) -> None:
+    """Take socket ``user_channel_name`` out of room ``room_channel_name``."""
+    operations.leave(room_channel_name, user_channel_name, at=clock.from_timestamp(at))
+
+
+@shared_task(
+    name="channels_presence.tasks.leave_all",
+    ignore_result=True,
+    **_DURABLE,
+    **_RETRY,
+)
+def leave_all(user_channel_name: str, at: float | None = None) -> None:
+    """Take socket ``user_channel_name`` out of every room (it disconnected)."""
+    operations.leave_all(user_channel_name, at=clock.from_timestamp(at))
+
+
+@shared_task(
+    name="channels_presence.tasks.touch_presences", ignore_result=True, **_RETRY
+)
+def touch_presences(user_channel_names: list[str], at: float | None = None) -> int:
+    """Mark the sockets as seen at ``at``: one UPDATE for the whole batch.
+
+    Never moves ``last_seen`` backwards, never creates a presence. A lost batch
+    costs nothing lasting: each socket touches again within TOUCH_INTERVAL.
+    """
+    if isinstance(user_channel_names, str):
+        raise TypeError(
+            "touch_presences takes a list of channel names, not one string: "
+            f"pass [{user_channel_names!r}]"
+        )
+    return operations.touch(user_channel_names, at=clock.from_timestamp(at))
+
+
+@shared_task(name="channels_presence.tasks.prune_presences", ignore_result=True)
+def prune_presences(age: float | None = None) -> int:
+    """Remove the presences not touched for ``age`` seconds (default MAX_AGE).
+
+    Stale sockets are told first (``presence.expired``, one message per room),
+    then discarded from their groups. Departures old enough to be of no more
+    use are forgotten. Returns how many presences were removed.
+    """
+    operations.forget_departures()
+    return len(operations.prune_presences(age))
+
+
+@shared_task(name="channels_presence.tasks.prune_presence", ignore_result=True)
+def prune_presence(age: float | None = None) -> int:
+    """1.0.0's registered name for :func:`prune_presences`."""
+    count: int = prune_presences(age)
+    return count
+
+
+@shared_task(name="channels_presence.tasks.prune_rooms", ignore_result=True)
+def prune_rooms() -> int:
+    """Delete the rooms that have no presence; returns how many."""
+    return len(operations.prune_rooms())
+
+
+def _user(user_id: int | None) -> Any:
+    if user_id is None:
+        return None
+    user = get_user_model()._default_manager.filter(pk=user_id).first()
+    if user is None:
+        # The socket is in the room all the same: shown, anonymously.
+        logger.warning(
+            "add_presence: user %r does not exist (deleted since the socket "
+            "joined?); the socket joins anonymously",
+            user_id,
+        )
+    return user
