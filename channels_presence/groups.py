@@ -53,9 +53,14 @@ async def join(
     layer: BaseChannelLayer, room_name: str, channel_name: str, *, subscribe: bool
 ) -> None:
     """Put a socket in a room's group, and in its events group if it subscribes."""
-    await layer.group_add(room_name, channel_name)
     if subscribe:
-        await layer.group_add(events_group(room_name), channel_name)
+        # Both at once: the join waits for one round of Redis calls, not two.
+        await asyncio.gather(
+            layer.group_add(room_name, channel_name),
+            layer.group_add(events_group(room_name), channel_name),
+        )
+    else:
+        await layer.group_add(room_name, channel_name)
 
 
 async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
