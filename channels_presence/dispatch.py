@@ -95,13 +95,26 @@ def is_heartbeat(text: object) -> bool:
 
 
 def touch_due(consumer: Any) -> bool:
-    """Whether ``consumer``'s socket is due a touch; if so, the clock restarts."""
+    """Whether ``consumer``'s socket is due a touch; if so, the clock restarts.
+
+    The interval is read from the settings when the clock restarts, not at
+    every message: looking up an unset Django setting costs microseconds, a
+    heartbeat's whole budget.
+    """
     now = time.monotonic()
     last: float | None = getattr(consumer, "_presence_touched_at", None)
-    if last is not None and now - last < conf.TOUCH_INTERVAL:
-        return False
-    consumer._presence_touched_at = now
+    if last is not None:
+        interval = getattr(consumer, "_presence_touch_interval", None)
+        if now - last < (conf.TOUCH_INTERVAL if interval is None else interval):
+            return False
+    _touched(consumer, now)
     return True
+
+
+def _touched(consumer: Any, now: float) -> None:
+    """Restart the socket's touch clock at ``now`` (a ``time.monotonic()``)."""
+    consumer._presence_touched_at = now
+    consumer._presence_touch_interval = conf.TOUCH_INTERVAL
 
 
 def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
@@ -129,7 +142,7 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
         return False
     outage.recovered(DATABASE, CHANNEL_LAYER)
     # The join wrote last_seen: the next touch can wait a whole interval.
-    consumer._presence_touched_at = time.monotonic()
+    _touched(consumer, time.monotonic())
     return True
 
 
@@ -268,7 +281,7 @@ def _joined(consumer: Any, task: _JoinTask) -> bool:
         subscribe=task.subscribe,
     )
     # The join writes last_seen: the next touch can wait a whole interval.
-    consumer._presence_touched_at = time.monotonic()
+    _touched(consumer, time.monotonic())
     return True
 
 

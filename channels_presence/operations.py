@@ -211,7 +211,8 @@ def leave(
             stays = presences.filter(joined_at__gt=moment).exists()
             presences = presences.filter(joined_at__lte=moment)
         removed = _delete(presences)
-    _after_removal(layer, removed, [] if stays else [(room_name, channel_name)])
+    departed = [] if stays else [(room_name, channel_name)]
+    _after_removal(layer, removed, departed, socket=channel_name)
     return removed[0] if removed else None
 
 
@@ -250,7 +251,7 @@ def leave_all(
             _remember_departure(channel_name, "", moment)
             presences = presences.filter(joined_at__lte=moment)
         removed = _delete(presences)
-    _after_removal(layer, removed)
+    _after_removal(layer, removed, socket=channel_name)
     return removed
 
 
@@ -258,10 +259,14 @@ def _after_removal(
     layer: BaseChannelLayer,
     removed: list[Presence],
     departed: Sequence[tuple[str, str]] = (),
+    *,
+    socket: str | None = None,
 ) -> None:
     pairs = {(p.room.channel_name, p.channel_name) for p in removed} | set(departed)
     changes = [Change(presence.room, removed=presence) for presence in removed]
-    _on_commit(partial(_after_commit, layer, changes, departed=sorted(pairs)))
+    _on_commit(
+        partial(_after_commit, layer, changes, departed=sorted(pairs), socket=socket)
+    )
 
 
 def _lock_socket(channel_name: str) -> None:
@@ -440,9 +445,13 @@ def _after_commit(
     changes: list[Change],
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, dict[str, Any]]] = (),
+    socket: str | None = None,
 ) -> None:
-    """Fire presence_changed for each change, then update the channel layer."""
-    room_model, _ = _models()
+    """Fire presence_changed for each change, then update the channel layer.
+
+    ``socket``: the one socket that left, whose joins may have run since.
+    """
+    room_model, presence_model = _models()
     with broadcast.collecting() as collected:
         for change in changes:
             responses = presence_changed.send_robust(
@@ -460,7 +469,22 @@ def _after_commit(
                         exc_info=response,
                     )
     messages = broadcast.messages(collected)
-    if notices or departed or messages:
+    if socket is not None and departed:
+        # Another worker may have applied a newer join of the socket since our
+        # commit, group add included: discarding it now would leave that
+        # presence outside its group for good. Check and discard under the
+        # socket's lock, which a join holds from its group add to its commit.
+        with transaction.atomic():
+            _lock_socket(socket)
+            back = set(
+                presence_model.objects.filter(
+                    channel_name=socket,
+                    room__channel_name__in=[room for room, _ in departed],
+                ).values_list("room__channel_name", "channel_name")
+            )
+            departed = [pair for pair in departed if pair not in back]
+            async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
+    elif notices or departed or messages:
         async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
 
 

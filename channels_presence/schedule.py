@@ -43,7 +43,8 @@ def ensure_schedule(using: str = "default") -> list[str]:
     created = []
     for name, task, aliases, interval_setting in ENTRIES:
         tasks = PeriodicTask.objects.using(using)
-        if tasks.filter(task__in=(task, *aliases)).exists() or tasks.filter(name=name):
+        made = tasks.filter(task__in=(task, *aliases)) | tasks.filter(name=name)
+        if made.exists():
             continue
         every = max(1, math.ceil(interval_setting()))
         schedules = IntervalSchedule.objects.using(using)

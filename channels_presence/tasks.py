@@ -7,9 +7,11 @@ twice, or after a later task of the same socket, changes nothing more, because
 ``at`` (the UNIX time at which it happened on the socket) orders it.
 
 Tasks whose loss would lose a change are acknowledged late and rejected when
-their worker dies, so that the broker delivers them again; all of them retry
-while the database is unreachable. The names are public: ``prune_presence`` is
-1.0.0's registered name, kept so that its beat schedules keep working.
+their worker dies, so that the broker delivers them again; they and the
+touches retry while the database is unreachable. The prunes do not: beat runs
+them again at their next interval, and retries would only pile up during an
+outage. The names are public: ``prune_presence`` is 1.0.0's registered name,
+kept so that its beat schedules keep working.
 """
 
 from __future__ import annotations
