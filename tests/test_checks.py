@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
+from celery import Celery, current_app
 from django.core.checks import CheckMessage, Error, Warning, run_checks
 from django.test import override_settings
 from pytest_django import Settings
 
 from channels_presence.checks import IN_MEMORY_LAYER
+from tasks import app as tasks_app
 
 # The settings of DESIGN.md's contract that hold seconds, and those that hold a flag.
 NUMBER_SETTINGS = [
@@ -202,3 +206,116 @@ def test_checks_read_settings_at_call_time() -> None:
     with override_settings(CHANNELS_PRESENCE_MAX_AGE=-5):
         assert ids() == ["channels_presence.E003"]
     assert ids() == []
+
+
+# Celery: E004 (no broker) and W002 (nothing schedules the prunes).
+
+
+@pytest.fixture
+def make_current(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Celery]]:
+    """``make_current(**config)``: a new Celery app, current until the test ends.
+
+    Other tests may leave an app of theirs current; afterwards the suite's own
+    (``tasks.app``, which conftest imports) is.
+    """
+    # Celery reads CELERY_BROKER_URL from the environment before its own conf.
+    monkeypatch.delenv("CELERY_BROKER_URL", raising=False)
+    made: list[Celery] = []
+
+    def make(**config: Any) -> Celery:
+        app = Celery("checked", set_as_current=True, **config)
+        made.append(app)
+        return app
+
+    try:
+        yield make
+    finally:
+        tasks_app.set_current()
+        for app in made:
+            app.close()
+
+
+@pytest.fixture
+def brokerless_app(make_current: Callable[..., Celery]) -> Celery:
+    """A Celery app with no broker configured, current for the test's duration."""
+    return make_current()
+
+
+def test_celery_mode_with_a_broker_is_fine(
+    settings: Settings, make_current: Callable[..., Celery]
+) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = True
+    make_current(broker="redis://127.0.0.1:6379/0")
+    assert ids() == []
+
+
+@pytest.mark.parametrize("use_celery", [True, None], ids=["on", "by default"])
+def test_celery_mode_with_a_brokerless_app_is_e004(
+    settings: Settings, brokerless_app: Celery, use_celery: bool | None
+) -> None:
+    assert current_app.main == "checked"
+    if use_celery is None:
+        del settings.CHANNELS_PRESENCE_USE_CELERY
+    else:
+        settings.CHANNELS_PRESENCE_USE_CELERY = use_celery
+    messages = presence_messages()
+    assert [m.id for m in messages] == ["channels_presence.E004"]
+    assert isinstance(messages[0], Error)
+    assert "no broker" in messages[0].msg
+    hint = str(messages[0].hint)
+    assert "CELERY_BROKER_URL" in hint
+    assert "config_from_object('django.conf:settings'" in hint
+    assert "CHANNELS_PRESENCE_USE_CELERY = False" in hint
+
+
+def test_a_brokerless_app_without_celery_mode_is_fine(
+    settings: Settings, brokerless_app: Celery
+) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = False
+    assert ids() == []
+
+
+def test_e004_looks_at_the_current_app_at_call_time(
+    settings: Settings, brokerless_app: Celery
+) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = True
+    assert ids() == ["channels_presence.E004"]
+    tasks_app.set_current()
+    assert ids() == []
+    brokerless_app.set_current()
+    assert ids() == ["channels_presence.E004"]
+
+
+def _without_beat(settings: Settings) -> list[str]:
+    apps = [app for app in settings.INSTALLED_APPS if app != "django_celery_beat"]
+    assert len(apps) == len(settings.INSTALLED_APPS) - 1
+    return apps
+
+
+def test_celery_mode_without_django_celery_beat_is_w002(settings: Settings) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = True
+    settings.INSTALLED_APPS = _without_beat(settings)
+    messages = presence_messages()
+    assert [m.id for m in messages] == ["channels_presence.W002"]
+    assert isinstance(messages[0], Warning)
+    assert "django_celery_beat" in messages[0].msg
+    hint = str(messages[0].hint)
+    assert "Add 'django_celery_beat' to INSTALLED_APPS" in hint
+    assert "beat -S django" in hint
+    assert "channels_presence.tasks.prune_presences" in hint
+
+
+def test_no_django_celery_beat_without_celery_mode_is_fine(
+    settings: Settings,
+) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = False
+    settings.INSTALLED_APPS = _without_beat(settings)
+    assert ids() == []
+
+
+def test_no_broker_and_no_django_celery_beat_are_both_reported(
+    settings: Settings, brokerless_app: Celery
+) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = True
+    settings.INSTALLED_APPS = _without_beat(settings)
+    assert ids() == ["channels_presence.E004", "channels_presence.W002"]

@@ -2,29 +2,52 @@
 
 from __future__ import annotations
 
+import atexit
+import base64
+import functools
 import json
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import redis
+from celery import Celery
+from channels.exceptions import DenyConnection
+from django.conf import settings
 from django.test import override_settings
 
+from channels_presence import outbox
+from channels_presence.decorators import add_presence
+from channels_presence.groups import events_group
+from channels_presence.models import Presence
+from channels_presence.outbox import Outbox
 from tests.consumers import (
     ROOMS,
     AsyncDecoratedConsumer,
+    AsyncEchoConsumer,
     AsyncJsonDecoratedConsumer,
+    AsyncJsonEchoConsumer,
+    Client,
     DecoratedConsumer,
+    EchoConsumer,
     JsonDecoratedConsumer,
+    JsonEchoConsumer,
     connected,
 )
 from tests.helpers import (
     HEARTBEATS,
     LONG_HEARTBEAT,
+    TIMEOUT,
+    closed_port,
     group_members,
     last_seen,
+    rooms_of,
     set_last_seen_back,
     sockets,
     touched_since,
     wait_until_touched,
 )
+from tests.workers import purge_queue
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -153,3 +176,273 @@ async def test_remove_presence_leaves_every_room_then_calls_the_handler(consumer
         for room in ROOMS:
             assert group_members(room) == {stayer}
         assert staying.calls == []
+
+
+# add_presence on connect.
+
+SYNC_BASES = [EchoConsumer, JsonEchoConsumer]
+ASYNC_BASES = [AsyncEchoConsumer, AsyncJsonEchoConsumer]
+BASES = SYNC_BASES + ASYNC_BASES
+
+
+def _url_room(consumer: Any) -> str:
+    room: str = consumer.scope["url_route"]["kwargs"]["room"]
+    return room
+
+
+def joining(
+    base: type,
+    room: Any,
+    behaviour: str = "accept",
+    methods: dict[str, Any] | None = None,
+) -> Any:
+    """``base`` with a ``connect`` decorated with ``add_presence(room)``.
+
+    ``behaviour`` is what connect does: "accept"; "close" without accepting;
+    "deny" (raise DenyConnection); "accept, close". ``methods`` are added.
+    """
+    if base in ASYNC_BASES:
+
+        async def connect(self: Any) -> None:
+            if behaviour == "deny":
+                raise DenyConnection
+            if behaviour.startswith("accept"):
+                await self.accept()
+            if behaviour.endswith("close"):
+                await self.close()
+
+    else:
+
+        def connect(self: Any) -> None:  # type: ignore[misc]
+            if behaviour == "deny":
+                raise DenyConnection
+            if behaviour.startswith("accept"):
+                self.accept()
+            if behaviour.endswith("close"):
+                self.close()
+
+    name = f"Joining{base.__name__}"
+    attributes = {"connect": add_presence(room)(connect), **(methods or {})}
+    return type(name, (base,), attributes)
+
+
+async def _presence_changed(self: Any, event: Any) -> None:
+    pass
+
+
+async def _presence_expired(self: Any, event: Any) -> None:
+    pass
+
+
+def _sync_handler(self: Any, event: Any) -> None:
+    pass
+
+
+@pytest.mark.parametrize("base", BASES)
+async def test_add_presence_joins_the_room_once_connect_accepted(base):
+    consumer = joining(base, "lobby")
+    async with connected(consumer.as_asgi()) as client:
+        # Handled after connect returned: the join is done by then.
+        await client.answer('"ping"')
+        (socket,) = await sockets()
+        assert await rooms_of(socket) == {"lobby"}
+        assert group_members("lobby") == {socket}
+    assert await Presence.objects.filter(user__isnull=False).aexists() is False
+
+
+@pytest.mark.parametrize("base", BASES)
+async def test_add_presence_takes_the_room_from_a_callable(base):
+    consumer = joining(base, _url_room)
+    route = {"kwargs": {"room": "kitchen"}}
+    async with connected(consumer.as_asgi(), url_route=route) as client:
+        await client.answer('"ping"')
+        (socket,) = await sockets()
+        assert await rooms_of(socket) == {"kitchen"}
+        assert group_members("kitchen") == {socket}
+
+
+@pytest.mark.parametrize("base", BASES)
+async def test_add_presence_joins_as_the_user_of_the_scope(base, alice):
+    consumer = joining(base, "lobby")
+    async with connected(consumer.as_asgi(), user=alice) as client:
+        await client.answer('"ping"')
+        presence = await Presence.objects.select_related("user").aget()
+        assert presence.user == alice
+
+
+@pytest.mark.parametrize("behaviour", ["close", "deny"])
+@pytest.mark.parametrize("base", BASES)
+async def test_a_connect_that_refuses_the_socket_joins_nothing(base, behaviour):
+    client = Client(joining(base, "lobby", behaviour).as_asgi())
+    accepted, _ = await client.connect(TIMEOUT)
+    assert not accepted
+    # Handled after connect returned, and only then does the consumer stop.
+    await client.disconnect()
+    assert await sockets() == set()
+    assert group_members("lobby") == set()
+
+
+@pytest.mark.parametrize("base", BASES)
+async def test_a_connect_that_accepts_then_closes_joins_nothing(base):
+    client = Client(joining(base, "lobby", "accept, close").as_asgi())
+    accepted, _ = await client.connect(TIMEOUT)
+    assert accepted
+    assert (await client.receive_output(TIMEOUT))["type"] == "websocket.close"
+    await client.disconnect()
+    assert await sockets() == set()
+    assert group_members("lobby") == set()
+
+
+async def _async_room(consumer: Any) -> str:
+    return "lobby"
+
+
+@pytest.mark.parametrize(
+    "room",
+    [42, None, b"lobby", ["lobby"], _async_room, functools.partial(_async_room)],
+    ids=["int", "None", "bytes", "list", "async function", "async partial"],
+)
+def test_add_presence_refuses_a_bad_room_when_it_decorates(room):
+    with pytest.raises(TypeError, match=r"add_presence\(room\)"):
+        add_presence(room)
+
+
+async def _run_to_the_end(client: Client) -> None:
+    """Connect, then wait until the application ends; raise what ended it."""
+    await client.connect(TIMEOUT)
+    await client.wait(TIMEOUT)
+
+
+@pytest.mark.parametrize("returned", [42, None, b"lobby"], ids=repr)
+@pytest.mark.parametrize("base", BASES)
+async def test_a_room_callable_that_returns_no_string_is_a_type_error(base, returned):
+    client = Client(joining(base, lambda consumer: returned).as_asgi())
+    with pytest.raises(TypeError, match="it must return the room's name"):
+        await _run_to_the_end(client)
+    assert await sockets() == set()
+    assert group_members("lobby") == set()
+
+
+@pytest.mark.parametrize(
+    ("handlers", "subscribed"),
+    [
+        ({}, False),
+        ({"presence_changed": "handler"}, False),
+        ({"presence_expired": "handler"}, False),
+        ({"presence_changed": "handler", "presence_expired": "handler"}, True),
+    ],
+    ids=["no handler", "changed only", "expired only", "both"],
+)
+@pytest.mark.parametrize("base", BASES)
+async def test_only_a_consumer_with_both_handlers_joins_the_events_group(
+    base, handlers, subscribed
+):
+    handler = _presence_changed if base in ASYNC_BASES else _sync_handler
+    methods = {name: handler for name in handlers}
+    async with connected(joining(base, "lobby", methods=methods).as_asgi()) as client:
+        await client.answer('"ping"')
+        (socket,) = await sockets()
+        assert group_members("lobby") == {socket}
+        expected = {socket} if subscribed else set()
+        assert group_members(events_group("lobby")) == expected
+
+
+async def test_a_subscribed_async_consumer_joins_the_events_group_of_its_room():
+    # The async handlers of the consumer mixin's kind, both present.
+    methods = {
+        "presence_changed": _presence_changed,
+        "presence_expired": _presence_expired,
+    }
+    consumer = joining(AsyncJsonEchoConsumer, _url_room, methods=methods)
+    route = {"kwargs": {"room": "kitchen"}}
+    async with connected(consumer.as_asgi(), url_route=route) as client:
+        await client.answer('"ping"')
+        (socket,) = await sockets()
+        assert group_members(events_group("kitchen")) == {socket}
+        assert group_members(events_group("lobby")) == set()
+
+
+# add_presence in Celery mode: the group at once, the row left to a worker.
+
+
+@pytest.fixture
+def unreachable_outbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Outbox]:
+    """The process's outbox, replaced by one whose broker is not there.
+
+    What the socket side hands to Celery stays pending in it, to be looked at.
+    """
+    app = Celery(
+        "unreachable",
+        broker=f"redis://127.0.0.1:{closed_port()}/0",
+        # Give up on the first refused connection, not after seconds of retries.
+        broker_transport_options={"max_retries": 0},
+        # Current, it would be the app every later test sends with.
+        set_as_current=False,
+    )
+    box = Outbox(app=app, exit_timeout=1)
+    monkeypatch.setattr(outbox, "default", box)
+    try:
+        with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
+            yield box
+    finally:
+        box.close()
+        atexit.unregister(box.close)
+        app.close()
+
+
+@pytest.mark.parametrize("base", BASES)
+async def test_in_celery_mode_the_socket_is_in_the_group_at_once_and_one_task_waits(
+    base, unreachable_outbox
+):
+    async with connected(joining(base, "lobby").as_asgi()) as client:
+        await client.answer('"ping"')
+        (socket,) = group_members("lobby")
+        assert socket.startswith("specific.")
+        # The row is the worker's to write; the broker is down, so it waits.
+        assert await sockets() == set()
+        assert unreachable_outbox.pending() == (1, 0)
+
+
+@pytest.fixture
+def celery_queue() -> Iterator[None]:
+    """Celery mode, with the run's queue empty at the start and at the end."""
+    purge_queue()
+    with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
+        yield
+    purge_queue()
+
+
+def _queued_tasks() -> list[tuple[str, list[Any], dict[str, Any]]]:
+    """(task name, args, kwargs) of each task waiting in the run's queue."""
+    prefix = settings.CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"]
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    try:
+        key = f"{prefix}{settings.CELERY_TASK_DEFAULT_QUEUE}"
+        raw: list[bytes] = client.lrange(key, 0, -1)  # type: ignore[assignment]
+    finally:
+        client.close()
+    tasks = []
+    for item in reversed(raw):  # kombu LPUSHes: the oldest is last
+        message = json.loads(item)
+        args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        tasks.append((message["headers"]["task"], args, kwargs))
+    return tasks
+
+
+@pytest.mark.parametrize("base", [JsonEchoConsumer, AsyncJsonEchoConsumer])
+async def test_in_celery_mode_one_add_presence_task_reaches_the_broker(
+    base, celery_queue, alice
+):
+    handler = _sync_handler if base in SYNC_BASES else _presence_changed
+    methods = {"presence_changed": handler, "presence_expired": handler}
+    consumer = joining(base, "lobby", methods=methods)
+    async with connected(consumer.as_asgi(), user=alice) as client:
+        await client.answer('"ping"')
+        (socket,) = group_members("lobby")
+        assert outbox.default.flush(timeout=TIMEOUT)
+        ((name, args, kwargs),) = _queued_tasks()
+        assert name == "channels_presence.tasks.add_presence"
+        assert args == ["lobby", socket, alice.pk]
+        assert kwargs["subscribe"] is True
+        assert isinstance(kwargs["at"], float)
+        assert await sockets() == set()
