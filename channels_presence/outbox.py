@@ -74,6 +74,8 @@ class Outbox:
         self._stop = threading.Event()
         self._tasks: deque[Task] = deque()
         self._touches: set[str] = set()
+        # A touch batch being published: still pending until it is sent.
+        self._touches_in_flight = 0
         self._touched_at = 0.0
         self._last_touch_flush = 0.0
         self._thread: threading.Thread | None = None
@@ -95,19 +97,25 @@ class Outbox:
     def touch(self, channel_name: str) -> None:
         """Queue a touch of ``channel_name`` for the next touch_presences batch."""
         self._after_fork()
+        first = False
         with self._lock:
             self._ensure_running()
             if channel_name not in self._touches:
                 if len(self._tasks) + len(self._touches) >= self.limit:
                     self._drop("a touch", 1)
                     return
+                first = not self._touches
                 self._touches.add(channel_name)
             self._touched_at = time.time()
+        if first:
+            # With no touches pending the sender sleeps until woken: it has
+            # to learn that a batch is now due.
+            self._wake.set()
 
     def pending(self) -> tuple[int, int]:
         """How many tasks, and how many touches, wait to be sent."""
         with self._lock:
-            return len(self._tasks), len(self._touches)
+            return len(self._tasks), len(self._touches) + self._touches_in_flight
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything pending is sent, touches included; True if it was."""
@@ -123,6 +131,8 @@ class Outbox:
 
     def close(self) -> None:
         """Stop the sender and send what is left; log what could not be sent."""
+        # At the exit of a forked child, what is pending is its parent's.
+        self._after_fork()
         self._stop.set()
         self._wake.set()
         thread = self._thread
@@ -203,6 +213,7 @@ class Outbox:
         with self._lock:
             names, at = sorted(self._touches), self._touched_at
             self._touches.clear()
+            self._touches_in_flight = len(names)
         if not names:
             return
         try:
@@ -212,6 +223,9 @@ class Outbox:
                 room = max(self.limit - len(self._tasks) - len(self._touches), 0)
                 self._touches.update(names[:room])
             raise
+        finally:
+            with self._lock:
+                self._touches_in_flight = 0
         self._last_touch_flush = time.monotonic()
 
     def _publish(

@@ -1,0 +1,750 @@
+# mypy: disallow-subclassing-any=False
+"""The per-process outbox, and what the socket side does while the broker is down.
+
+The broker here is real: a throwaway ``redis-server`` of each test's own, which a
+test stops and starts again on the same port, as an outage would. What reached
+it is read from the queue list kombu's Redis transport keeps (messages are
+pushed on the left and consumed from the right, so the oldest is last).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from channels.generic.websocket import WebsocketConsumer
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.test import override_settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from channels_presence import dispatch, outbox
+from channels_presence.consumers import PresenceConsumerMixin
+from channels_presence.decorators import add_presence, remove_presence, touch_presence
+from channels_presence.outbox import TOUCH_TASK, Outbox
+from tests.consumers import AsyncJsonEchoConsumer, connected
+from tests.helpers import closed_port, group_members, sockets
+from tests.workers import CeleryProcess, celery_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+REDIS_SERVER = "/usr/bin/redis-server"
+ADD = dispatch.ADD_PRESENCE
+LEAVE_ALL = dispatch.LEAVE_ALL
+
+
+# A broker that can go down and come back.
+
+
+@dataclass
+class Message:
+    """A task message as it sits in the broker's queue."""
+
+    task: str
+    args: list[Any]
+    kwargs: dict[str, Any]
+
+
+class ThrowawayRedis:
+    """A ``redis-server`` subprocess on a port of its own, that persists nothing."""
+
+    def __init__(self) -> None:
+        self.port = closed_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the server (again, on the same port) and wait until it answers."""
+        assert self.process is None, "already running"
+        self.process = subprocess.Popen(
+            [
+                REDIS_SERVER,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.client() as client:
+                    client.ping()
+                return
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(
+                        f"redis-server did not start on {self.port}"
+                    ) from None
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the server; whatever it held is gone."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
+    def client(self) -> redis.Redis:
+        # No retries: a server that is not up yet is asked again at once.
+        return redis.Redis(
+            port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
+        )
+
+    def messages(self, queue: str = "celery") -> list[Message]:
+        """The task messages waiting in ``queue``, oldest first."""
+        with self.client() as client:
+            raw = client.lrange(queue, 0, -1)
+        found = []
+        for item in reversed(raw):
+            message = json.loads(item)
+            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            found.append(Message(message["headers"]["task"], args, kwargs))
+        return found
+
+
+@pytest.fixture
+def broker() -> Iterator[ThrowawayRedis]:
+    server = ThrowawayRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_outbox(broker: ThrowawayRedis) -> Iterator[Callable[..., Outbox]]:
+    """Outboxes publishing to the throwaway broker; closed when the test ends."""
+    made: list[Outbox] = []
+
+    def make(app: Celery | None = None, **options: Any) -> Outbox:
+        options.setdefault("exit_timeout", 1.0)
+        box = Outbox(app or fail_fast_app(broker.url), **options)
+        made.append(box)
+        return box
+
+    yield make
+    for box in made:
+        box.close()
+        atexit.unregister(box.close)
+
+
+def fail_fast_app(url: str) -> Celery:
+    """A Celery app whose every publish to a down broker fails at once.
+
+    By default kombu tries to connect for about six seconds before a publish
+    fails, even with ``retry=False`` (see the test of exit timing below); the
+    outage tests want many failed attempts within a short outage.
+    """
+    app = Celery("t", broker=url)
+    app.conf.broker_transport_options = {"max_retries": 0}
+    return app
+
+
+def socket_of(name: str = "") -> Any:
+    """A stand-in for a consumer: what dispatch uses of one."""
+    return SimpleNamespace(
+        channel_name=f"specific.{uuid.uuid4().hex}!{name}",
+        channel_layer=get_channel_layer(),
+    )
+
+
+def groups_holding(channel_name: str) -> set[str]:
+    """The keys of every group of the channel layer that holds ``channel_name``."""
+    layer: Any = get_channel_layer()
+    client = redis.Redis.from_url(settings.REDIS_URL, decode_responses=True)
+    try:
+        return {
+            key
+            for key in client.scan_iter(layer._group_key("").decode() + "*")
+            if client.zscore(key, channel_name) is not None
+        }
+    finally:
+        client.close()
+
+
+def finishes_without_suspending(coroutine: Any) -> bool:
+    """Whether ``coroutine`` runs to its end at its first step: no await on I/O."""
+    try:
+        coroutine.send(None)
+    except StopIteration:
+        return True
+    coroutine.close()
+    return False
+
+
+# 1. The socket side: what each handler call costs.
+
+
+@pytest.fixture
+def down_outbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Outbox]:
+    """The process's outbox, to a broker that is not there, and closed before use.
+
+    A closed outbox keeps what is appended but never sends it, so what the
+    socket side appends stays there to be counted (a sender trying the broker
+    takes a touch batch out while it tries).
+    """
+    box = Outbox(
+        Celery("t", broker=f"redis://127.0.0.1:{closed_port()}/0"), exit_timeout=0.5
+    )
+    box.close()
+    monkeypatch.setattr(outbox, "default", box)
+    with override_settings(
+        CHANNELS_PRESENCE_USE_CELERY=True, CHANNELS_PRESENCE_TOUCH_INTERVAL=30
+    ):
+        yield box
+    atexit.unregister(box.close)
+
+
+def test_a_heartbeat_inside_the_touch_interval_appends_nothing(
+    down_outbox: Outbox,
+) -> None:
+    sock = socket_of()
+    sock._presence_touched_at = time.monotonic()
+    for _ in range(1000):
+        dispatch.touch(sock)
+        assert finishes_without_suspending(dispatch.atouch(sock))
+    assert down_outbox.pending() == (0, 0)
+    assert down_outbox._thread is None, "the sender was started: something was sent"
+
+
+def test_a_due_touch_is_one_entry_in_the_touch_set(down_outbox: Outbox) -> None:
+    first, second = socket_of("1"), socket_of("2")
+    dispatch.touch(first)
+    assert down_outbox.pending() == (0, 1)
+    # Due again (its interval is over): still the one entry, no task.
+    first._presence_touched_at = None
+    assert finishes_without_suspending(dispatch.atouch(first))
+    assert down_outbox.pending() == (0, 1)
+    dispatch.touch(first)  # within the interval now
+    assert finishes_without_suspending(dispatch.atouch(second))
+    assert down_outbox.pending() == (0, 2)
+
+
+def test_a_join_is_one_group_add_and_one_pending_task(down_outbox: Outbox) -> None:
+    sock = socket_of()
+    assert dispatch.join(sock, "lobby", None, subscribe=False)
+    assert sock.channel_name in group_members("lobby")
+    assert len(groups_holding(sock.channel_name)) == 1
+    assert down_outbox.pending() == (1, 0)
+    # The join wrote last_seen: a heartbeat right after it appends nothing.
+    dispatch.touch(sock)
+    assert down_outbox.pending() == (1, 0)
+
+
+async def test_an_async_join_then_leave_appends_two_tasks(down_outbox: Outbox) -> None:
+    sock = socket_of()
+    assert await dispatch.ajoin(sock, "lobby", None, subscribe=True)
+    assert len(groups_holding(sock.channel_name)) == 2  # the room and its events
+    await dispatch.aleave_all(sock)
+    assert groups_holding(sock.channel_name) == set()
+    assert down_outbox.pending() == (2, 0)
+    assert [task[0] for task in down_outbox._tasks] == [ADD, LEAVE_ALL]
+
+
+@pytest.mark.parametrize(
+    ("room", "channel", "user"),
+    [
+        ("a b", None, None),
+        ("presence_events.lobby", None, None),
+        ("lobby", "x" * 101, None),
+        ("lobby", None, "unsaved"),
+    ],
+    ids=["room-with-a-space", "reserved-room", "long-channel", "unsaved-user"],
+)
+def test_bad_input_raises_before_any_group_add_or_append(
+    down_outbox: Outbox, room: str, channel: str | None, user: str | None
+) -> None:
+    sock = socket_of()
+    if channel is not None:
+        sock.channel_name = channel
+    someone = get_user_model()(username="carol") if user else None
+    with pytest.raises(ValueError, match=r"not a valid|reserved|has not been saved"):
+        dispatch.join(sock, room, someone, subscribe=True)
+    assert groups_holding(sock.channel_name) == set()
+    assert down_outbox.pending() == (0, 0)
+    assert not getattr(sock, "_presence_joined", None)
+
+
+# 2. What reaches the broker, and in which order.
+
+
+@override_settings(CHANNELS_PRESENCE_FLUSH_INTERVAL=1.0)
+def test_touches_of_many_sockets_reach_the_broker_once_per_flush_interval(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox()
+    names = [f"specific.many!{n}" for n in range(500)]
+    touched: set[str] = set()
+    start = time.monotonic()
+    while time.monotonic() - start < 2.9:
+        # A different half of the sockets each round, as heartbeats come in.
+        for name in names[::2] if len(touched) % 2 else names[1::2]:
+            box.touch(name)
+            touched.add(name)
+        time.sleep(0.05)
+    box.touch("specific.many!last")
+    touched.add("specific.many!last")
+    duration = time.monotonic() - start
+    # No flush(): the sender sends the last batch by itself, within an interval.
+    deadline = time.monotonic() + 2.5
+    while box.pending() != (0, 0) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert box.pending() == (0, 0), "touches were left unsent without a flush()"
+
+    batches = broker.messages()
+    assert {message.task for message in batches} == {TOUCH_TASK}
+    assert len(batches) <= math.ceil(duration / 1.0) + 1
+    reached: set[str] = set()
+    for batch in batches:
+        (sent,) = batch.args
+        assert len(sent) == len(set(sent))
+        assert isinstance(batch.kwargs["at"], float)
+        reached.update(sent)
+    assert reached == touched
+
+
+def test_a_touch_after_a_quiet_spell_is_sent_without_a_flush(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox()
+    with override_settings(CHANNELS_PRESENCE_FLUSH_INTERVAL=0.2):
+        box.touch("specific.quiet!1")
+        time.sleep(0.5)
+        assert box.pending() == (0, 0)
+        box.touch("specific.quiet!2")
+        time.sleep(0.6)
+        assert box.pending() == (0, 0), "the sender slept through a touch"
+    assert [m.args[0] for m in broker.messages()] == [
+        ["specific.quiet!1"],
+        ["specific.quiet!2"],
+    ]
+
+
+def test_a_touch_batch_is_pending_until_the_broker_has_it() -> None:
+    # Celery's default options: each attempt to reach a down broker lasts ~6 s.
+    box = Outbox(Celery("t", broker=f"redis://127.0.0.1:{closed_port()}/0"))
+    try:
+        box.touch("specific.flight!1")
+        time.sleep(0.1)  # the sender has taken the batch and is trying
+        assert box.pending() == (0, 1)
+        assert not box.flush(0.5)
+    finally:
+        box._stop.set()
+        atexit.unregister(box.close)
+
+
+def test_joins_and_leaves_reach_the_broker_in_the_order_appended(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox()
+    for n in range(200):
+        if n % 3 == 2:
+            box.send(LEAVE_ALL, f"specific.order!{n}", at=float(n))
+        else:
+            box.send(ADD, "lobby", f"specific.order!{n}", None, at=float(n))
+        box.touch(f"specific.order!{n}")
+    assert box.flush(10)
+    tasks = [m for m in broker.messages() if m.task != TOUCH_TASK]
+    assert [m.kwargs["at"] for m in tasks] == [float(n) for n in range(200)]
+    assert [m.task for m in tasks] == [
+        LEAVE_ALL if n % 3 == 2 else ADD for n in range(200)
+    ]
+    assert tasks[0].args == ["lobby", "specific.order!0", None]
+    assert box.sent == len(broker.messages())
+
+
+# 3. The broker goes down, and comes back.
+
+
+def _records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "channels_presence" and record.levelno == level
+    ]
+
+
+def test_an_outage_is_logged_once_and_what_was_kept_is_delivered_in_order(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="channels_presence")
+    box = make_outbox(retry_interval=0.05)
+    box.send(ADD, "lobby", "specific.before!0", None, at=0.0)
+    assert box.flush(5)
+    broker.stop()
+
+    for n in range(1, 101):
+        box.send(ADD, "lobby", f"specific.during!{n}", None, at=float(n))
+        box.touch(f"specific.during!{n}")
+        time.sleep(0.005)  # about ten attempts fail meanwhile
+    assert not box.flush(0.3)
+    assert box.pending() == (100, 100)
+    retries = [m for m in _records(caplog, logging.DEBUG) if "still" in m]
+    assert len(retries) >= 5, "too few attempts failed to show anything"
+    errors = _records(caplog, logging.ERROR)
+    assert len(errors) == 1, errors
+    assert "the broker is unavailable" in errors[0]
+    assert _records(caplog, logging.WARNING) == []
+
+    broker.start()  # empty: what the first server held is gone
+    assert box.flush(10)
+    deadline = time.monotonic() + 2  # logged just after the last send
+    while not _records(caplog, logging.WARNING) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    warnings = _records(caplog, logging.WARNING)
+    assert warnings == ["presence outbox: the broker answers again"]
+    assert len(_records(caplog, logging.ERROR)) == 1
+    messages = broker.messages()
+    tasks = [m.kwargs["at"] for m in messages if m.task == ADD]
+    assert tasks == [float(n) for n in range(1, 101)]
+    touched = {name for m in messages if m.task == TOUCH_TASK for name in m.args[0]}
+    assert touched == {f"specific.during!{n}" for n in range(1, 101)}
+
+    # A second outage is a second error.
+    broker.stop()
+    box.send(LEAVE_ALL, "specific.during!1", at=101.0)
+    time.sleep(0.3)
+    assert len(_records(caplog, logging.ERROR)) == 2
+
+
+def test_a_full_outbox_drops_touches_first_then_the_oldest_joins_and_leaves(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="channels_presence")
+    broker.stop()
+    box = make_outbox(limit=10, retry_interval=0.05)
+    for n in range(4):
+        box.send(ADD, "lobby", f"specific.full!{n}", None, at=float(n))
+    for n in range(6):
+        box.touch(f"specific.full!t{n}")
+    assert box.pending() == (4, 6)
+    box.touch("specific.full!t6")  # full: a new touch is the first to go
+    assert box.pending() == (4, 6)
+    box.send(LEAVE_ALL, "specific.full!4", at=4.0)  # full: the touches go
+    assert box.pending() == (5, 0)
+    box.touch("specific.full!t7")
+    assert box.pending() == (5, 1)
+    for n in range(5, 10):
+        box.send(ADD, "lobby", f"specific.full!{n}", None, at=float(n))
+    assert box.pending() == (10, 0)
+    for n in range(10, 12):  # only joins and leaves left: the oldest go
+        box.send(ADD, "lobby", f"specific.full!{n}", None, at=float(n))
+    assert box.pending() == (10, 0)
+    assert box.dropped == 1 + 6 + 1 + 2
+    full = [m for m in _records(caplog, logging.ERROR) if "is full" in m]
+    assert len(full) == 1, full
+
+    broker.start()
+    assert box.flush(10)
+    messages = broker.messages()
+    assert [m.kwargs["at"] for m in messages] == [float(n) for n in range(2, 12)]
+    assert [m.task for m in messages] == [ADD, ADD, LEAVE_ALL] + [ADD] * 7
+
+
+def test_the_outbox_is_bounded_when_joins_and_leaves_alone_fill_it(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    broker.stop()
+    box = make_outbox(limit=10, retry_interval=0.05)
+    for n in range(1000):
+        box.send(LEAVE_ALL, f"specific.bound!{n}", at=float(n))
+        box.touch(f"specific.bound!{n}")
+        assert sum(box.pending()) <= 10
+    broker.start()
+    assert box.flush(10)
+    messages = broker.messages()
+    assert [m.kwargs["at"] for m in messages if m.task == LEAVE_ALL] == [
+        float(n) for n in range(990, 1000)
+    ]
+
+
+# 4. The broker goes down while sockets come and go; a worker converges.
+
+
+class LobbyConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
+    presence_rooms = ["lobby"]
+
+
+class DecoratedLobbyConsumer(WebsocketConsumer):
+    """A plain sync consumer with the three decorators."""
+
+    @add_presence("lobby")
+    def connect(self) -> None:
+        self.accept()
+
+    @touch_presence
+    def receive(
+        self, text_data: str | None = None, bytes_data: bytes | None = None
+    ) -> None:
+        self.send(text_data=json.dumps({"type": "echo", "text": text_data}))
+
+    @remove_presence
+    def disconnect(self, code: int) -> None:
+        pass
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_sockets_keep_working_while_the_broker_is_down_and_presence_converges(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    app = Celery("t")
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.update(broker_url=broker.url)
+    box = make_outbox(app, retry_interval=0.1)
+    monkeypatch.setattr(outbox, "default", box)
+    broker.stop()
+    with override_settings(
+        CHANNELS_PRESENCE_USE_CELERY=True, CHANNELS_PRESENCE_TOUCH_INTERVAL=0
+    ):
+        async with (
+            connected(LobbyConsumer.as_asgi()) as a,
+            connected(DecoratedLobbyConsumer.as_asgi()) as b,
+            connected(LobbyConsumer.as_asgi()) as c,
+        ):
+            for client in (a, b, c):
+                await client.answer('{"hello": 1}')
+                await client.send_to(text_data='"heartbeat"')
+                await client.answer('{"hello": 2}')
+            assert len(group_members("lobby")) == 3
+            await c.disconnect()
+            connected_now = group_members("lobby")
+            assert len(connected_now) == 2
+            assert box.pending()[0] == 4  # three joins and a leave, kept
+            assert await sockets() == set()
+
+            broker.start()
+            with celery_worker(CHANNELS_PRESENCE_TEST_BROKER_URL=broker.url) as worker:
+                assert box.flush(20)
+                # Until c's leave has run, {a, b} is only a passing state.
+                await _until_done(worker, LEAVE_ALL)
+                await _eventually(connected_now)
+                assert group_members("lobby") == connected_now
+                # And with everything up, a socket comes and goes.
+                async with connected(DecoratedLobbyConsumer.as_asgi()) as d:
+                    await d.answer("hi")
+                    everyone = group_members("lobby")
+                    assert len(everyone) == 3
+                    await _eventually(everyone)
+                await _eventually(connected_now)
+                await a.disconnect()
+                await b.disconnect()
+                await _eventually(set())
+    assert group_members("lobby") == set()
+
+
+async def _until_done(worker: CeleryProcess, task: str) -> None:
+    """Wait until ``worker`` says it has run ``task``."""
+    async with asyncio.timeout(20):
+        while True:
+            if any(f"{task}[" in line and "succeeded" in line for line in worker.lines):
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _eventually(expected: set[str]) -> None:
+    """Wait until the presences are those of ``expected`` sockets (a worker runs)."""
+    found: set[str] = set()
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                found = await sockets()
+                if found == expected:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"presences {found} != sockets {expected}") from None
+
+
+# 5. The process exits.
+
+EXIT_SCRIPT = """
+import sys, time
+import django
+django.setup()
+from celery import Celery
+from django.conf import settings
+from channels_presence.outbox import Outbox
+
+app = Celery("t", broker=sys.argv[1])
+if sys.argv[2] == "fail-fast":
+    app.conf.broker_transport_options = {"max_retries": 0}
+box = Outbox(app, exit_timeout=1.0)
+box.touch("specific.exit!early")
+box.flush(2)
+# Not due before the exit: only the exit flush can send this one.
+settings.CHANNELS_PRESENCE_FLUSH_INTERVAL = 60
+box.touch("specific.exit!late")
+box.send("channels_presence.tasks.leave_all", "specific.exit!late", at=1.0)
+print("exiting", flush=True)
+"""
+
+
+@dataclass
+class Exit:
+    """How a script ended: its code, its output, and how long its exit took."""
+
+    code: int
+    stdout: str
+    stderr: str
+    exit_took: float
+
+
+def _run_until_exit(script: str, *args: str) -> Exit:
+    """Run ``script``; time its exit from the moment it prints "exiting"."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        exiting = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        took = time.monotonic() - exiting
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return Exit(process.returncode, line + out, err, took)
+
+
+@pytest.mark.parametrize("app", ["default", "fail-fast"])
+def test_what_is_pending_at_exit_is_sent(broker: ThrowawayRedis, app: str) -> None:
+    done = _run_until_exit(EXIT_SCRIPT, broker.url, app)
+    assert done.code == 0, done.stderr
+    assert done.stdout.startswith("exiting")
+    assert [(m.task, m.args) for m in broker.messages()] == [
+        (TOUCH_TASK, [["specific.exit!early"]]),
+        (LEAVE_ALL, ["specific.exit!late"]),
+        (TOUCH_TASK, [["specific.exit!late"]]),
+    ]
+    assert "could not be sent" not in done.stderr
+
+
+LOST = "1 joins and leaves and 2 touches could not be sent at exit"
+
+
+def test_an_exit_with_the_broker_down_is_quick_and_says_what_was_lost(
+    broker: ThrowawayRedis,
+) -> None:
+    broker.stop()
+    done = _run_until_exit(EXIT_SCRIPT, broker.url, "fail-fast")
+    assert done.code == 0, done.stderr
+    assert done.stdout.startswith("exiting")
+    assert done.exit_took < 1.0 + 2, done.exit_took  # exit_timeout, and a margin
+    assert LOST in done.stderr, done.stderr
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="kombu retries the connection for ~6 s (broker_connection_timeout and "
+    "its intervals) inside every publish, even with retry=False: the exit waits "
+    "exit_timeout and then one more such attempt; the sender's retry_interval "
+    "is likewise ~6 s + retry_interval in effect",
+)
+def test_an_exit_with_the_broker_down_is_quick_with_celerys_default_options(
+    broker: ThrowawayRedis,
+) -> None:
+    broker.stop()
+    done = _run_until_exit(EXIT_SCRIPT, broker.url, "default")
+    assert done.code == 0, done.stderr
+    assert LOST in done.stderr, done.stderr
+    assert done.exit_took < 1.0 + 2, done.exit_took
+
+
+# 6. A forked child is not its parent.
+
+FORK_SCRIPT = """
+import os, sys
+import django
+django.setup()
+from celery import Celery
+from channels_presence.outbox import Outbox
+
+app = Celery("t", broker=sys.argv[1])
+app.conf.broker_transport_options = {"max_retries": 0}  # no attempt in flight
+box = Outbox(app, retry_interval=60, exit_timeout=1.0)
+box.send("channels_presence.tasks.leave_all", "specific.fork!parent", at=1.0)
+box.flush(0.5)  # the broker is down: it stays pending
+print("pending", box.pending(), flush=True)
+sys.stdin.readline()  # the broker is up now
+pid = os.fork()
+if pid == 0:
+    if sys.argv[2] == "uses-it":
+        box.send("channels_presence.tasks.leave_all", "specific.fork!child", at=2.0)
+        box.flush(5)
+    print("child pending", box.pending(), flush=True)
+    sys.exit(0)  # a normal exit: atexit handlers run
+_, status = os.waitpid(pid, 0)
+print("child exited", os.waitstatus_to_exitcode(status), flush=True)
+os._exit(0)  # the parent never sends its own task
+"""
+
+
+@pytest.mark.parametrize("child", ["uses-it", "leaves-it-alone"])
+def test_a_forked_child_does_not_send_its_parents_pending_tasks(
+    broker: ThrowawayRedis, child: str
+) -> None:
+    broker.stop()
+    process = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(FORK_SCRIPT), broker.url, child],
+        cwd=ROOT,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdin is not None
+        assert process.stdout.readline().strip() == "pending (1, 0)"
+        broker.start()
+        process.stdin.write("go\n")
+        process.stdin.flush()
+        out, err = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert "child exited 0" in out, err
+    expected = ["specific.fork!child"] if child == "uses-it" else []
+    assert [m.args[0] for m in broker.messages()] == expected
