@@ -11,7 +11,13 @@ from channels.layers import channel_layers, get_channel_layer
 from django.db import connections
 
 from channels_presence.signals import presence_changed
-from tasks import app as celery_app  # noqa: F401  (this process sends with it)
+from tasks import app as celery_app
+
+
+@pytest.fixture(autouse=True)
+def _celery_app_is_current() -> None:
+    """Tasks are sent with the project's app, whatever app a test made current."""
+    celery_app.set_current()
 
 
 @pytest.fixture(autouse=True)

@@ -163,7 +163,7 @@ def fail_fast_app(url: str) -> Celery:
     fails, even with ``retry=False`` (see the test of exit timing below); the
     outage tests want many failed attempts within a short outage.
     """
-    app = Celery("t", broker=url)
+    app = Celery("t", broker=url, set_as_current=False)
     app.conf.broker_transport_options = {"max_retries": 0}
     return app
 
@@ -212,7 +212,12 @@ def down_outbox(monkeypatch: pytest.MonkeyPatch) -> Iterator[Outbox]:
     takes a touch batch out while it tries).
     """
     box = Outbox(
-        Celery("t", broker=f"redis://127.0.0.1:{closed_port()}/0"), exit_timeout=0.5
+        Celery(
+            "t",
+            broker=f"redis://127.0.0.1:{closed_port()}/0",
+            set_as_current=False,
+        ),
+        exit_timeout=0.5,
     )
     box.close()
     monkeypatch.setattr(outbox, "default", box)
@@ -350,7 +355,13 @@ def test_a_touch_after_a_quiet_spell_is_sent_without_a_flush(
 
 def test_a_touch_batch_is_pending_until_the_broker_has_it() -> None:
     # Celery's default options: each attempt to reach a down broker lasts ~6 s.
-    box = Outbox(Celery("t", broker=f"redis://127.0.0.1:{closed_port()}/0"))
+    box = Outbox(
+        Celery(
+            "t",
+            broker=f"redis://127.0.0.1:{closed_port()}/0",
+            set_as_current=False,
+        )
+    )
     try:
         box.touch("specific.flight!1")
         time.sleep(0.1)  # the sender has taken the batch and is trying
@@ -521,7 +532,7 @@ async def test_sockets_keep_working_while_the_broker_is_down_and_presence_conver
     make_outbox: Callable[..., Outbox],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    app = Celery("t")
+    app = Celery("t", set_as_current=False)
     app.config_from_object("django.conf:settings", namespace="CELERY")
     app.conf.update(broker_url=broker.url)
     box = make_outbox(app, retry_interval=0.1)

@@ -19,7 +19,6 @@ from typing import Any, cast
 
 import pytest
 import redis
-from celery import current_app
 from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from channels.routing import URLRouter
@@ -33,6 +32,7 @@ from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.groups import events_group
 from channels_presence.models import Presence
+from tasks import app as celery_app
 from tests.consumers import (
     ECHO_CONSUMERS,
     ROOMS,
@@ -426,7 +426,7 @@ async def test_a_stale_mixin_socket_is_told_once_per_room_and_joins_again(
         for room in ROOMS:
             await layer.group_add(events_group(room), watcher)
 
-        current_app.send_task(PRUNE_PRESENCES)
+        celery_app.send_task(PRUNE_PRESENCES)
 
         for client in (a, c):
             told = [await client.receive_type("presence.expired") for _ in ROOMS]
@@ -477,7 +477,7 @@ async def test_a_stale_decorated_socket_with_handlers_is_told(
             await drained()
             await set_last_seen_back(channel_of(a))
 
-            current_app.send_task(PRUNE_PRESENCES)
+            celery_app.send_task(PRUNE_PRESENCES)
 
             expired = {"type": "presence.expired", "room": "lobby"}
             assert await a.receive_type("presence.expired") == expired
@@ -506,7 +506,7 @@ async def test_a_stale_1_0_0_style_socket_loses_its_rows_and_nothing_else(
             await drained()
             await set_last_seen_back(old_socket)
 
-            current_app.send_task(PRUNE_PRESENCES)
+            celery_app.send_task(PRUNE_PRESENCES)
 
             # The prune's change reaches the rooms after its group discards.
             await until_told(new, {r: presence(anonymous=1, room=r) for r in ROOMS})
