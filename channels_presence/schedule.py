@@ -57,6 +57,10 @@ def ensure_schedule(using: str = "default") -> list[str]:
             name=name,
             task=task,
             interval=interval,
+            # A prune still queued when the next is due is dropped: after a
+            # worker outage, a backlog of prunes run ahead of the touches
+            # queued behind them would remove sockets that are alive.
+            expire_seconds=every,
             description="Made by channels_presence after migrate. Change the "
             "interval or disable it here: migrate leaves it as you set it.",
         )

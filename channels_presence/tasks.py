@@ -22,6 +22,7 @@ from typing import Any
 from celery import shared_task
 from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
+from redis.exceptions import RedisError
 
 from . import clock, operations
 
@@ -35,6 +36,13 @@ _RETRY: dict[str, Any] = {
     "retry_jitter": True,
     "max_retries": None,
 }
+# A join or leave also waits for the channel layer: the socket side changed its
+# groups already, and only this task writes the row. Each runs again safely,
+# ordered by ``at``, and a failed join has undone its own group add.
+_RETRY_LAYER: dict[str, Any] = {
+    **_RETRY,
+    "autoretry_for": (OperationalError, InterfaceError, RedisError, OSError),
+}
 # Redelivered if the worker dies before it is done: the task would be lost.
 _DURABLE: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
 
@@ -43,7 +51,7 @@ _DURABLE: dict[str, Any] = {"acks_late": True, "reject_on_worker_lost": True}
     name="channels_presence.tasks.add_presence",
     ignore_result=True,
     **_DURABLE,
-    **_RETRY,
+    **_RETRY_LAYER,
 )
 def add_presence(
     room_channel_name: str,
@@ -70,7 +78,7 @@ def add_presence(
     name="channels_presence.tasks.remove_presence",
     ignore_result=True,
     **_DURABLE,
-    **_RETRY,
+    **_RETRY_LAYER,
 )
 def remove_presence(
     room_channel_name: str, user_channel_name: str, at: float | None = None
@@ -83,7 +91,7 @@ def remove_presence(
     name="channels_presence.tasks.leave_all",
     ignore_result=True,
     **_DURABLE,
-    **_RETRY,
+    **_RETRY_LAYER,
 )
 def leave_all(user_channel_name: str, at: float | None = None) -> None:
     """Take socket ``user_channel_name`` out of every room (it disconnected)."""

@@ -84,6 +84,14 @@ def test_the_default_intervals_are_10_and_600_seconds() -> None:
 
 
 @pytest.mark.django_db
+def test_a_prune_still_queued_at_the_next_interval_expires() -> None:
+    # After a worker outage, queued prunes must not run ahead of the touches
+    # queued behind them.
+    for task in (PRUNE_PRESENCES, PRUNE_ROOMS):
+        assert entry(task).expire_seconds == seconds(task)
+
+
+@pytest.mark.django_db
 @pytest.mark.parametrize(
     ("prune", "room_prune", "expected"),
     [(30, 3600, (30, 3600)), (2.5, 59.1, (3, 60)), (0, 0.2, (1, 1))],

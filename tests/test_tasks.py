@@ -537,3 +537,11 @@ def test_tasks_ignore_their_results():
     # Nobody waits on a presence task: storing results would fill the backend.
     for name in NAMES:
         assert _task(name).ignore_result is True, name
+
+
+@pytest.mark.parametrize("name", DURABLE)
+def test_joins_and_leaves_retry_while_the_channel_layer_is_down(name):
+    # The socket side changed its groups already: only this task writes the row.
+    from redis.exceptions import RedisError
+
+    assert RedisError in _task(name).autoretry_for
