@@ -120,15 +120,11 @@ def _touched(consumer: Any, now: float) -> None:
 def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
     """Put the consumer's socket in a room; False if the room could not be joined."""
     if conf.USE_CELERY:
-        task = _join_task(consumer, room_name, user, subscribe=subscribe)
-        try:
-            async_to_sync(groups.join)(
-                consumer.channel_layer, task.room, task.channel, subscribe=subscribe
-            )
-        except UNAVAILABLE as error:
-            outage.failed("join", error)
-            return False
-        return _joined(consumer, task)
+        # The group add is a channel-layer call: the async path, wrapped.
+        joined: bool = async_to_sync(ajoin)(
+            consumer, room_name, user, subscribe=subscribe
+        )
+        return joined
     try:
         operations.join(
             room_name,
@@ -149,16 +145,7 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
 def leave_all(consumer: Any) -> None:
     """Take the consumer's socket out of every room."""
     if conf.USE_CELERY:
-        at, pairs = _leaving(consumer)
-        try:
-            async_to_sync(groups.leave)(consumer.channel_layer, pairs)
-        except UNAVAILABLE as error:
-            # The worker discards the groups of the presences it removes.
-            outage.failed("leave", error)
-        else:
-            if pairs:
-                outage.recovered(CHANNEL_LAYER)
-        outbox.default.send(LEAVE_ALL, consumer.channel_name, at=at)
+        async_to_sync(aleave_all)(consumer)
         return
     try:
         removed = operations.leave_all(
