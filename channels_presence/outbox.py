@@ -79,6 +79,9 @@ class Outbox:
         self._touched_at = 0.0
         self._last_touch_flush = 0.0
         self._thread: threading.Thread | None = None
+        # The sender's broker connection, and the app it belongs to.
+        self._connection: Any = None
+        self._connection_app: Celery | None = None
         self._failing = False
         self._dropping = False
         self.sent = 0
@@ -150,6 +153,8 @@ class Outbox:
                 touches,
                 error,
             )
+        finally:
+            self._disconnect()
 
     # The sender thread.
 
@@ -232,8 +237,38 @@ class Outbox:
         self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
         app = self.app if self.app is not None else current_app
-        app.send_task(name, args=args, kwargs=kwargs, retry=False)
+        try:
+            app.send_task(
+                name,
+                args=args,
+                kwargs=kwargs,
+                retry=False,
+                connection=self._connection_for(app),
+            )
+        except UNREACHABLE:
+            self._disconnect()
+            raise
         self.sent += 1
+
+    def _connection_for(self, app: Celery) -> Any:
+        # A connection of our own, that fails at once when the broker is down:
+        # with the app's own, kombu retries connecting for seconds inside
+        # every publish, even with retry=False, which held up the retries
+        # and the exit of an outage.
+        if self._connection is None or self._connection_app is not app:
+            self._disconnect()
+            options = {**app.conf.broker_transport_options, "max_retries": 0}
+            self._connection = app.connection_for_write(transport_options=options)
+            self._connection_app = app
+        return self._connection
+
+    def _disconnect(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.release()
+            except Exception:
+                logger.debug("presence outbox: closing the broker connection failed")
 
     # Bookkeeping.
 

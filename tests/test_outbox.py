@@ -684,13 +684,6 @@ def test_an_exit_with_the_broker_down_is_quick_and_says_what_was_lost(
     assert LOST in done.stderr, done.stderr
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kombu retries the connection for ~6 s (broker_connection_timeout and "
-    "its intervals) inside every publish, even with retry=False: the exit waits "
-    "exit_timeout and then one more such attempt; the sender's retry_interval "
-    "is likewise ~6 s + retry_interval in effect",
-)
 def test_an_exit_with_the_broker_down_is_quick_with_celerys_default_options(
     broker: ThrowawayRedis,
 ) -> None:
