@@ -50,6 +50,9 @@ logger = logging.getLogger("channels_presence")
 # parameters is never reached, however many presences a prune removes.
 DELETE_BATCH = 10_000
 
+# The advisory lock that each socket's lock is held under (PostgreSQL).
+EVERY_SOCKET = 0x6368616E6E656C73  # "channels"
+
 # Departures are remembered for this many times MAX_AGE (ten minutes by default).
 DEPARTURE_RETENTION = 10
 
@@ -212,7 +215,7 @@ def leave(
             presences = presences.filter(joined_at__lte=moment)
         removed = _delete(presences)
     departed = [] if stays else [(room_name, channel_name)]
-    _after_removal(layer, removed, departed, socket=channel_name)
+    _after_removal(layer, removed, departed)
     return removed[0] if removed else None
 
 
@@ -251,7 +254,7 @@ def leave_all(
             _remember_departure(channel_name, "", moment)
             presences = presences.filter(joined_at__lte=moment)
         removed = _delete(presences)
-    _after_removal(layer, removed, socket=channel_name)
+    _after_removal(layer, removed)
     return removed
 
 
@@ -259,14 +262,10 @@ def _after_removal(
     layer: BaseChannelLayer,
     removed: list[Presence],
     departed: Sequence[tuple[str, str]] = (),
-    *,
-    socket: str | None = None,
 ) -> None:
     pairs = {(p.room.channel_name, p.channel_name) for p in removed} | set(departed)
     changes = [Change(presence.room, removed=presence) for presence in removed]
-    _on_commit(
-        partial(_after_commit, layer, changes, departed=sorted(pairs), socket=socket)
-    )
+    _on_commit(partial(_after_commit, layer, changes, departed=sorted(pairs)))
 
 
 def _lock_socket(channel_name: str) -> None:
@@ -274,17 +273,37 @@ def _lock_socket(channel_name: str) -> None:
 
     Without it, a join and a leave of one socket run by two workers at once
     could each miss the other's uncommitted row. PostgreSQL takes an advisory
-    lock; SQLite already lets one writer in at a time.
+    lock, under a shared hold of the lock of every socket (see
+    :func:`_lock_every_socket`); SQLite already lets one writer in at a time.
     """
     connection = transaction.get_connection()
     if connection.vendor != "postgresql":
         return
-    digest = hashlib.blake2b(channel_name.encode(), digest_size=8).digest()
     with connection.cursor() as cursor:
+        # Evaluated in order: the shared lock first, as everywhere, so that
+        # no two transactions wait for each other's locks.
         cursor.execute(
-            "SELECT pg_advisory_xact_lock(%s)",
-            [int.from_bytes(digest, "big", signed=True)],
+            "SELECT pg_advisory_xact_lock_shared(%s), pg_advisory_xact_lock(%s)",
+            [EVERY_SOCKET, _lock_key(channel_name)],
         )
+
+
+def _lock_every_socket() -> None:
+    """Wait until no socket's join or leave is running, and hold them off.
+
+    For the group discards of a removal of many sockets (a prune), which
+    cannot take thousands of socket locks at once.
+    """
+    connection = transaction.get_connection()
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [EVERY_SOCKET])
+
+
+def _lock_key(name: str) -> int:
+    digest = hashlib.blake2b(name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
 
 
 def _departed(room_name: str, channel_name: str, at: datetime) -> bool:
@@ -445,13 +464,9 @@ def _after_commit(
     changes: list[Change],
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, dict[str, Any]]] = (),
-    socket: str | None = None,
 ) -> None:
-    """Fire presence_changed for each change, then update the channel layer.
-
-    ``socket``: the one socket that left, whose joins may have run since.
-    """
-    room_model, presence_model = _models()
+    """Fire presence_changed for each change, then update the channel layer."""
+    room_model, _ = _models()
     with broadcast.collecting() as collected:
         for change in changes:
             responses = presence_changed.send_robust(
@@ -469,23 +484,38 @@ def _after_commit(
                         exc_info=response,
                     )
     messages = broadcast.messages(collected)
-    if socket is not None and departed:
-        # Another worker may have applied a newer join of the socket since our
-        # commit, group add included: discarding it now would leave that
-        # presence outside its group for good. Check and discard under the
-        # socket's lock, which a join holds from its group add to its commit.
+    if departed:
+        # Another worker may have applied a newer join of a departed socket
+        # since our commit, group add included: discarding it now would leave
+        # that presence outside its group for good. Check and discard under
+        # the socket's lock (or every socket's, for many), which a join holds
+        # from its group add to its commit.
         with transaction.atomic():
-            _lock_socket(socket)
-            back = set(
-                presence_model.objects.filter(
-                    channel_name=socket,
-                    room__channel_name__in=[room for room, _ in departed],
-                ).values_list("room__channel_name", "channel_name")
-            )
-            departed = [pair for pair in departed if pair not in back]
+            sockets = sorted({channel_name for _, channel_name in departed})
+            if len(sockets) == 1:
+                _lock_socket(sockets[0])
+            else:
+                _lock_every_socket()
+            departed = _still_gone(departed, sockets)
             async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
-    elif notices or departed or messages:
+    elif notices or messages:
         async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
+
+
+def _still_gone(
+    departed: Sequence[tuple[str, str]], sockets: list[str]
+) -> list[tuple[str, str]]:
+    """The (room, socket) pairs of ``departed`` that have no presence again."""
+    _, presence_model = _models()
+    back: set[tuple[str, str]] = set()
+    for start in range(0, len(sockets), DELETE_BATCH):
+        names = sockets[start : start + DELETE_BATCH]
+        back.update(
+            presence_model.objects.filter(channel_name__in=names).values_list(
+                "room__channel_name", "channel_name"
+            )
+        )
+    return [pair for pair in departed if pair not in back]
 
 
 def _touch(presences: QuerySet[Presence], at: datetime) -> int:

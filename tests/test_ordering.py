@@ -472,3 +472,37 @@ def test_migration_0006_gives_existing_presences_joined_at_their_last_seen(at_00
         for name, (user_id, last_seen) in rows.items()
     )
     assert not new.get_model(APP, "Departure").objects.exists()
+
+
+# A prune and a rejoin of the same socket
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one stale socket", "many"])
+def test_a_socket_that_rejoins_while_a_prune_finishes_keeps_its_groups(many, signals):
+    """A rejoin applied between a prune's commit and its group discards.
+
+    The prune told the stale socket (``presence.expired``); the socket is alive,
+    joins again, and a worker applies that join before the prune has discarded
+    the socket from its groups. The discard must not undo the rejoin: the row
+    is there, so the socket stays in the room's groups (invariant 2).
+    """
+    others = [f"{SOCKET}-{n}" for n in range(3)] if many else []
+    for name in [SOCKET, *others]:
+        tasks.add_presence(ROOM, name, at=time.time() - 120, subscribe=True)
+    rejoined: list[str] = []
+
+    def rejoin_during_the_prune(sender: Any, bulk_change: bool = False, **kw: Any):
+        if bulk_change and not rejoined:
+            rejoined.append(SOCKET)
+            tasks.add_presence(ROOM, SOCKET, at=time.time(), subscribe=True)
+
+    presence_changed.connect(rejoin_during_the_prune, dispatch_uid="tests.rejoin")
+    try:
+        assert tasks.prune_presences() == 1 + len(others)
+    finally:
+        presence_changed.disconnect(dispatch_uid="tests.rejoin")
+
+    assert rejoined == [SOCKET]
+    assert list(Presence.objects.values_list("channel_name", flat=True)) == [SOCKET]
+    assert group_members(ROOM) == {SOCKET}
+    assert group_members(events_group(ROOM)) == {SOCKET}
