@@ -11,8 +11,10 @@ code and how many presences its socket still had at that moment.
 There is one of each kind for the four websocket bases Channels ships: the echo
 consumers themselves, 1.0.0-style ones (``Room.objects.add`` in ``connect``, no
 presence event handler), and the same decorated with ``touch_presence`` and
-``remove_presence``. Below them: the client the tests drive them with. Helpers
-that look at presences in the database live in ``tests.helpers``.
+``remove_presence``; the JSON ones also join with ``add_presence`` instead. Below
+them: the client the tests drive them with, and what it is told of a room's
+presence. Helpers that look at presences in the database live in
+``tests.helpers``.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from channels.generic.websocket import (
 )
 from channels.testing import WebsocketCommunicator
 
-from channels_presence.decorators import remove_presence, touch_presence
+from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.models import Presence, Room
 from tests.helpers import TIMEOUT
 
@@ -276,6 +278,48 @@ class AsyncJsonDecoratedConsumer(AsyncJsonLegacyConsumer):
         await super().disconnect(code)
 
 
+# Joined with add_presence instead. Each notes its channel name when it accepts,
+# so that a test knows its sockets without asking the database: in Celery mode a
+# worker writes the rows, later.
+
+
+def url_room(consumer: Any) -> str:
+    """The room the URL names (``ws/<room>/``): a room callable for add_presence."""
+    return str(consumer.scope["url_route"]["kwargs"]["room"])
+
+
+def note_channel(consumer: Any) -> None:
+    """Note the consumer's channel name, for :func:`channel_of`."""
+    _note(consumer, "channel", consumer.channel_name)
+
+
+class JsonJoiningConsumer(JsonDecoratedConsumer):
+    """:class:`JsonDecoratedConsumer`, joining the lobby with ``add_presence``."""
+
+    @add_presence("lobby")
+    def connect(self):
+        note_channel(self)
+        self.accept()
+
+
+class AsyncJsonJoiningConsumer(AsyncJsonDecoratedConsumer):
+    """:class:`JsonJoiningConsumer`, async."""
+
+    @add_presence("lobby")
+    async def connect(self):
+        note_channel(self)
+        await self.accept()
+
+
+class AsyncJsonUrlJoiningConsumer(AsyncJsonDecoratedConsumer):
+    """:class:`AsyncJsonJoiningConsumer`, in the room the URL names."""
+
+    @add_presence(url_room)
+    async def connect(self):
+        note_channel(self)
+        await self.accept()
+
+
 # The client.
 
 
@@ -359,3 +403,19 @@ async def connected(
     finally:
         if not client.closed:
             await client.disconnect()
+
+
+def channel_of(client: Client) -> str:
+    """The channel name of the client's socket, as its consumer noted it."""
+    (name,) = [call[1] for call in client.calls if call[0] == "channel"]
+    return str(name)
+
+
+def presence(*users: Any, anonymous: int = 0, room: str = "lobby") -> dict[str, Any]:
+    """What the client of a socket in ``room`` is told when these are present."""
+    return {
+        "type": "presence",
+        "room": room,
+        "members": [{"id": user.pk, "username": user.username} for user in users],
+        "anonymous": anonymous,
+    }

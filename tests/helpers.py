@@ -1,8 +1,9 @@
 """Helpers that look at presences in the database and into the Redis channel layer.
 
-They wait on what they look for, never longer than :data:`TIMEOUT`; and they can
-take the database down for real for a while, as an outage would. Below them, the
-heartbeat frames the consumer tests send.
+They wait on what they look for, never longer than :data:`TIMEOUT` unless told;
+they can take the database down for real for a while, as an outage would, and put
+a test in Celery mode with the run's queue empty. Below them, the heartbeat frames
+the consumer tests send.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from channels_presence.models import Presence, Room
+from tests.workers import purge_queue
 
 #: Seconds a test waits for a frame, a message or a change before it fails.
 TIMEOUT = 3
@@ -99,9 +101,11 @@ async def touched_since(moment: datetime, channel_name: str | None = None) -> bo
     return bool(seen) and min(seen) > moment
 
 
-async def wait_until(condition: Callable[[], Awaitable[bool] | bool]) -> None:
-    """Wait until ``condition()`` holds; fail after :data:`TIMEOUT` seconds."""
-    async with asyncio.timeout(TIMEOUT):
+async def wait_until(
+    condition: Callable[[], Awaitable[bool] | bool], *, seconds: float = TIMEOUT
+) -> None:
+    """Wait until ``condition()`` holds; fail after ``seconds`` (:data:`TIMEOUT`)."""
+    async with asyncio.timeout(seconds):
         while True:
             outcome = condition()
             if not isinstance(outcome, bool):
@@ -193,3 +197,15 @@ def layer_down() -> Iterator[Any]:
     }
     with override_settings(CHANNEL_LAYERS=dead):
         yield get_channel_layer()
+
+
+# Celery mode.
+
+
+@contextmanager
+def celery_mode() -> Iterator[None]:
+    """Celery mode, with the run's queue empty at the start and at the end."""
+    purge_queue()
+    with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
+        yield
+    purge_queue()

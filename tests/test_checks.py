@@ -45,6 +45,14 @@ def ids() -> list[str]:
     return [str(message.id) for message in presence_messages()]
 
 
+def the_message(check_id: str, level: type[CheckMessage]) -> CheckMessage:
+    """The checks' one message, once checked to be ``check_id`` at ``level``."""
+    messages = presence_messages()
+    assert [m.id for m in messages] == [check_id]
+    assert isinstance(messages[0], level)
+    return messages[0]
+
+
 def test_the_test_settings_raise_no_message() -> None:
     assert presence_messages() == []
 
@@ -58,10 +66,8 @@ def test_no_default_channel_layer_is_e001(
     settings: Settings, layers: dict[str, object]
 ) -> None:
     settings.CHANNEL_LAYERS = layers
-    messages = presence_messages()
-    assert [m.id for m in messages] == ["channels_presence.E001"]
-    assert isinstance(messages[0], Error)
-    assert "CHANNEL_LAYERS['default']" in str(messages[0].hint)
+    message = the_message("channels_presence.E001", Error)
+    assert "CHANNEL_LAYERS['default']" in str(message.hint)
 
 
 def test_no_channel_layers_setting_at_all_is_e001(settings: Settings) -> None:
@@ -72,10 +78,8 @@ def test_no_channel_layers_setting_at_all_is_e001(settings: Settings) -> None:
 def test_the_in_memory_layer_with_celery_is_e002(settings: Settings) -> None:
     settings.CHANNEL_LAYERS = {"default": MEMORY_LAYER}
     settings.CHANNELS_PRESENCE_USE_CELERY = True
-    messages = presence_messages()
-    assert [m.id for m in messages] == ["channels_presence.E002"]
-    assert isinstance(messages[0], Error)
-    assert "CHANNELS_PRESENCE_USE_CELERY = False" in str(messages[0].hint)
+    message = the_message("channels_presence.E002", Error)
+    assert "CHANNELS_PRESENCE_USE_CELERY = False" in str(message.hint)
 
 
 def test_the_in_memory_layer_with_celery_by_default_is_e002(
@@ -119,11 +123,9 @@ def test_a_number_setting_of_the_wrong_type_or_range_is_e003_naming_it(
     settings: Settings, name: str, value: object
 ) -> None:
     setattr(settings, name, value)
-    messages = presence_messages()
-    assert [m.id for m in messages] == ["channels_presence.E003"]
-    assert isinstance(messages[0], Error)
-    assert messages[0].msg.startswith(f"{name} is {value!r};")
-    assert "seconds" in messages[0].msg
+    message = the_message("channels_presence.E003", Error)
+    assert message.msg.startswith(f"{name} is {value!r};")
+    assert "seconds" in message.msg
 
 
 @pytest.mark.parametrize("name", FLAG_SETTINGS)
@@ -178,10 +180,8 @@ def test_a_touch_interval_not_shorter_than_max_age_is_w001(
 ) -> None:
     settings.CHANNELS_PRESENCE_MAX_AGE = 60
     settings.CHANNELS_PRESENCE_TOUCH_INTERVAL = touch_interval
-    messages = presence_messages()
-    assert [m.id for m in messages] == ["channels_presence.W001"]
-    assert isinstance(messages[0], Warning)
-    assert f"({touch_interval})" in messages[0].msg
+    message = the_message("channels_presence.W001", Warning)
+    assert f"({touch_interval})" in message.msg
 
 
 def test_a_touch_interval_shorter_than_max_age_is_fine(
@@ -258,14 +258,14 @@ def test_celery_mode_with_a_brokerless_app_is_e004(
         del settings.CHANNELS_PRESENCE_USE_CELERY
     else:
         settings.CHANNELS_PRESENCE_USE_CELERY = use_celery
-    messages = presence_messages()
-    assert [m.id for m in messages] == ["channels_presence.E004"]
-    assert isinstance(messages[0], Error)
-    assert "no broker" in messages[0].msg
-    hint = str(messages[0].hint)
-    assert "CELERY_BROKER_URL" in hint
-    assert "config_from_object('django.conf:settings'" in hint
-    assert "CHANNELS_PRESENCE_USE_CELERY = False" in hint
+    message = the_message("channels_presence.E004", Error)
+    assert "no broker" in message.msg
+    for advice in (
+        "CELERY_BROKER_URL",
+        "config_from_object('django.conf:settings'",
+        "CHANNELS_PRESENCE_USE_CELERY = False",
+    ):
+        assert advice in str(message.hint)
 
 
 def test_a_brokerless_app_without_celery_mode_is_fine(
@@ -295,14 +295,14 @@ def _without_beat(settings: Settings) -> list[str]:
 def test_celery_mode_without_django_celery_beat_is_w002(settings: Settings) -> None:
     settings.CHANNELS_PRESENCE_USE_CELERY = True
     settings.INSTALLED_APPS = _without_beat(settings)
-    messages = presence_messages()
-    assert [m.id for m in messages] == ["channels_presence.W002"]
-    assert isinstance(messages[0], Warning)
-    assert "django_celery_beat" in messages[0].msg
-    hint = str(messages[0].hint)
-    assert "Add 'django_celery_beat' to INSTALLED_APPS" in hint
-    assert "beat -S django" in hint
-    assert "channels_presence.tasks.prune_presences" in hint
+    message = the_message("channels_presence.W002", Warning)
+    assert "django_celery_beat" in message.msg
+    for advice in (
+        "Add 'django_celery_beat' to INSTALLED_APPS",
+        "beat -S django",
+        "channels_presence.tasks.prune_presences",
+    ):
+        assert advice in str(message.hint)
 
 
 def test_no_django_celery_beat_without_celery_mode_is_fine(

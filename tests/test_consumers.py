@@ -31,6 +31,8 @@ from tests.consumers import (
     JsonLegacyConsumer,
     LegacyConsumer,
     connected,
+    presence,
+    url_room,
 )
 from tests.helpers import (
     HEARTBEATS,
@@ -79,16 +81,6 @@ async def rows() -> set[tuple[str, str, int | None]]:
     return {row async for row in values}
 
 
-def presence(*users: Any, anonymous: int = 0, room: str = "lobby") -> dict[str, Any]:
-    """What the client of a socket in ``room`` is told when these are present."""
-    return {
-        "type": "presence",
-        "room": room,
-        "members": [{"id": user.pk, "username": user.username} for user in users],
-        "anonymous": anonymous,
-    }
-
-
 def assert_in_rooms(socket: str, rooms: set[str], *, among: set[str]) -> None:
     """``socket`` is in the groups and events groups of ``rooms``, and no others."""
     for room in among:
@@ -102,12 +94,12 @@ def assert_in_rooms(socket: str, rooms: set[str], *, among: set[str]) -> None:
 
 class RoomFromUrlConsumer(PresenceConsumerMixin, JsonEchoConsumer):
     def get_presence_rooms(self):
-        return [self.scope["url_route"]["kwargs"]["room"], "news"]
+        return [url_room(self), "news"]
 
 
 class AsyncRoomFromUrlConsumer(PresenceConsumerMixin, AsyncEchoConsumer):
     async def get_presence_rooms(self):
-        return [self.scope["url_route"]["kwargs"]["room"], "news"]
+        return [url_room(self), "news"]
 
 
 class OneRoomConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):

@@ -33,11 +33,13 @@ from tests.consumers import (
     JsonDecoratedConsumer,
     JsonEchoConsumer,
     connected,
+    url_room,
 )
 from tests.helpers import (
     HEARTBEATS,
     LONG_HEARTBEAT,
     TIMEOUT,
+    celery_mode,
     closed_port,
     group_members,
     last_seen,
@@ -47,7 +49,6 @@ from tests.helpers import (
     touched_since,
     wait_until_touched,
 )
-from tests.workers import purge_queue
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -185,11 +186,6 @@ ASYNC_BASES = [AsyncEchoConsumer, AsyncJsonEchoConsumer]
 BASES = SYNC_BASES + ASYNC_BASES
 
 
-def _url_room(consumer: Any) -> str:
-    room: str = consumer.scope["url_route"]["kwargs"]["room"]
-    return room
-
-
 def joining(
     base: type,
     room: Any,
@@ -252,7 +248,7 @@ async def test_add_presence_joins_the_room_once_connect_accepted(base):
 
 @pytest.mark.parametrize("base", BASES)
 async def test_add_presence_takes_the_room_from_a_callable(base):
-    consumer = joining(base, _url_room)
+    consumer = joining(base, url_room)
     route = {"kwargs": {"room": "kitchen"}}
     async with connected(consumer.as_asgi(), url_route=route) as client:
         await client.answer('"ping"')
@@ -353,7 +349,7 @@ async def test_a_subscribed_async_consumer_joins_the_events_group_of_its_room():
         "presence_changed": _presence_changed,
         "presence_expired": _presence_expired,
     }
-    consumer = joining(AsyncJsonEchoConsumer, _url_room, methods=methods)
+    consumer = joining(AsyncJsonEchoConsumer, url_room, methods=methods)
     route = {"kwargs": {"room": "kitchen"}}
     async with connected(consumer.as_asgi(), url_route=route) as client:
         await client.answer('"ping"')
@@ -406,10 +402,8 @@ async def test_in_celery_mode_the_socket_is_in_the_group_at_once_and_one_task_wa
 @pytest.fixture
 def celery_queue() -> Iterator[None]:
     """Celery mode, with the run's queue empty at the start and at the end."""
-    purge_queue()
-    with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
+    with celery_mode():
         yield
-    purge_queue()
 
 
 def _queued_tasks() -> list[tuple[str, list[Any], dict[str, Any]]]:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import ExitStack, asynccontextmanager
 from typing import Any, cast
 
 import pytest
@@ -29,7 +29,6 @@ from django.urls import path
 
 from channels_presence import outbox
 from channels_presence.consumers import PresenceConsumerMixin
-from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.groups import events_group
 from channels_presence.models import Presence
 from tasks import app as celery_app
@@ -38,23 +37,32 @@ from tests.consumers import (
     ROOMS,
     AsyncDecoratedConsumer,
     AsyncJsonEchoConsumer,
+    AsyncJsonJoiningConsumer,
+    AsyncJsonUrlJoiningConsumer,
     Client,
     DecoratedConsumer,
     JsonEchoConsumer,
+    JsonJoiningConsumer,
+    channel_of,
     connected,
+    note_channel,
+    presence,
+    url_room,
 )
 from tests.helpers import (
+    celery_mode,
     group_members,
     make_user,
     set_last_seen_back,
     sockets,
     touched_since,
+    wait_until,
 )
-from tests.workers import CeleryProcess, celery_worker, purge_queue
+from tests.workers import CeleryProcess, celery_worker
 
 pytestmark = [
     pytest.mark.django_db(transaction=True),
-    pytest.mark.usefixtures("celery_mode"),
+    pytest.mark.usefixtures("in_celery_mode"),
 ]
 
 #: Seconds a test waits for a worker to have done something: a worker process
@@ -65,11 +73,9 @@ PRUNE_PRESENCES = "channels_presence.tasks.prune_presences"
 
 
 @pytest.fixture
-def celery_mode() -> Iterator[None]:
-    purge_queue()
-    with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
+def in_celery_mode() -> Iterator[None]:
+    with celery_mode():
         yield
-    purge_queue()
 
 
 @pytest.fixture
@@ -86,14 +92,7 @@ async def eventually(
     seconds: float = WORKER_TIMEOUT,
 ) -> None:
     """Wait until ``condition()`` holds; fail after ``seconds``."""
-    async with asyncio.timeout(seconds):
-        while True:
-            outcome = condition()
-            if not isinstance(outcome, bool):
-                outcome = await outcome
-            if outcome:
-                return
-            await asyncio.sleep(0.02)
+    await wait_until(condition, seconds=seconds)
 
 
 def queued() -> int:
@@ -133,16 +132,6 @@ async def count(expected: int) -> bool:
 # What the clients are told.
 
 
-def presence(*users: Any, anonymous: int = 0, room: str = "lobby") -> dict[str, Any]:
-    """What a client in ``room`` is told when these are present."""
-    return {
-        "type": "presence",
-        "room": room,
-        "members": [{"id": user.pk, "username": user.username} for user in users],
-        "anonymous": anonymous,
-    }
-
-
 async def until_told(client: Client, expected: dict[str, dict[str, Any]]) -> None:
     """Read the client's presence events until the last of each room is expected."""
     last: dict[str, dict[str, Any]] = {}
@@ -151,36 +140,20 @@ async def until_told(client: Client, expected: dict[str, dict[str, Any]]) -> Non
         last[message["room"]] = message
 
 
-def channel_of(client: Client) -> str:
-    """The channel name of the client's socket, as its consumer noted it."""
-    (name,) = [call[1] for call in client.calls if call[0] == "channel"]
-    return str(name)
+# Consumers. Those a test follows by socket note their channel name when they
+# accept (tests.consumers.note_channel), so that it knows its sockets without
+# asking the database the workers write to.
 
 
-# Consumers. Each notes its channel name when it accepts, so that a test knows
-# its sockets without asking the database the workers write to.
+def _payload(consumer: Any, event: dict[str, Any]) -> dict[str, Any] | None:
+    """What a decorated consumer with presence handlers sends its client.
 
-
-def _note_channel(consumer: Any) -> None:
-    consumer.scope["calls"].append(("channel", consumer.channel_name))
-
-
-def _room_of(consumer: Any) -> str:
-    return str(consumer.scope["url_route"]["kwargs"]["room"])
-
-
-def _event(consumer: Any, event: dict[str, Any]) -> dict[str, Any] | None:
-    """What a decorated consumer with presence handlers sends its client."""
-    if event["type"] == "presence.expired":
-        if consumer.channel_name not in event["channel_names"]:
-            return None
-        return {"type": "presence.expired", "room": event["room"]}
-    return {
-        "type": "presence",
-        "room": event["room"],
-        "members": event["members"],
-        "anonymous": event["anonymous"],
-    }
+    What the mixin sends; a prune's notice only to the sockets it names.
+    """
+    expired = event["type"] == "presence.expired"
+    if expired and consumer.channel_name not in event["channel_names"]:
+        return None
+    return PresenceConsumerMixin.presence_payload(consumer, event)
 
 
 class LobbyConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
@@ -191,82 +164,43 @@ class SyncLobbyConsumer(PresenceConsumerMixin, JsonEchoConsumer):
     presence_rooms = ["lobby"]
 
 
-class DecoratedLobbyConsumer(JsonEchoConsumer):
+class DecoratedLobbyConsumer(JsonJoiningConsumer):
     """Joins the lobby with ``add_presence``, and handles its presence events."""
 
-    @add_presence("lobby")
-    def connect(self):
-        _note_channel(self)
-        self.accept()
-
-    @touch_presence
-    def receive_json(self, content, **kwargs):
-        super().receive_json(content, **kwargs)
-
-    @remove_presence
-    def disconnect(self, code):
-        super().disconnect(code)
-
     def presence_changed(self, event):
-        self.send_json(_event(self, event))
+        self.send_json(_payload(self, event))
 
     def presence_expired(self, event):
-        message = _event(self, event)
+        message = _payload(self, event)
         if message is not None:
             self.send_json(message)
 
 
-class AsyncDecoratedLobbyConsumer(AsyncJsonEchoConsumer):
+class AsyncDecoratedLobbyConsumer(AsyncJsonJoiningConsumer):
     """:class:`DecoratedLobbyConsumer`, async."""
 
-    @add_presence("lobby")
-    async def connect(self):
-        _note_channel(self)
-        await self.accept()
-
-    @touch_presence
-    async def receive_json(self, content, **kwargs):
-        await super().receive_json(content, **kwargs)
-
-    @remove_presence
-    async def disconnect(self, code):
-        await super().disconnect(code)
-
     async def presence_changed(self, event):
-        await self.send_json(_event(self, event))
+        await self.send_json(_payload(self, event))
 
     async def presence_expired(self, event):
-        message = _event(self, event)
+        message = _payload(self, event)
         if message is not None:
             await self.send_json(message)
+
+
+#: add_presence, with presence handlers: sync and async.
+WITH_HANDLERS = [DecoratedLobbyConsumer, AsyncDecoratedLobbyConsumer]
 
 
 class RoomFromUrlConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
     """The mixin, in the room the URL names."""
 
     async def connect(self):
-        _note_channel(self)
+        note_channel(self)
         await self.accept()
 
     def get_presence_rooms(self):
-        return [_room_of(self)]
-
-
-class DecoratedRoomFromUrlConsumer(AsyncJsonEchoConsumer):
-    """``add_presence`` in the room the URL names; no presence events."""
-
-    @add_presence(_room_of)
-    async def connect(self):
-        _note_channel(self)
-        await self.accept()
-
-    @touch_presence
-    async def receive_json(self, content, **kwargs):
-        await super().receive_json(content, **kwargs)
-
-    @remove_presence
-    async def disconnect(self, code):
-        await super().disconnect(code)
+        return [url_room(self)]
 
 
 def with_presence(base: type, **body: Any) -> Any:
@@ -274,13 +208,13 @@ def with_presence(base: type, **body: Any) -> Any:
     if issubclass(base, SyncConsumer):
 
         def connect(self):
-            _note_channel(self)
+            note_channel(self)
             self.accept()
 
     else:
 
         async def connect(self):
-            _note_channel(self)
+            note_channel(self)
             await self.accept()
 
     return type(
@@ -311,22 +245,31 @@ async def test_a_join_reaches_the_other_clients_from_the_worker(
     assert group_members("lobby") == set()
 
 
-@pytest.mark.parametrize(
-    "consumer", [DecoratedLobbyConsumer, AsyncDecoratedLobbyConsumer]
-)
-async def test_add_presence_with_presence_handlers_hears_the_worker(
-    worker: CeleryProcess, alice, bob, consumer
-) -> None:
+@asynccontextmanager
+async def alice_then_bob(
+    consumer: Any, alice: Any, bob: Any
+) -> AsyncIterator[tuple[Client, Client]]:
+    """alice's client, then bob's, in the lobby; each told who is there as it joins."""
     application = consumer.as_asgi()
     async with connected(application, user=alice) as a:
         assert await a.receive_type("presence") == presence(alice)
         async with connected(application, user=bob) as b:
             assert await b.receive_type("presence") == presence(alice, bob)
-            assert await a.receive_type("presence") == presence(alice, bob)
-            assert await sockets() == {channel_of(a), channel_of(b)}
-            assert group_members("lobby") == {channel_of(a), channel_of(b)}
-            assert group_members(events_group("lobby")) == group_members("lobby")
-            await b.answer('"ping"')
+            yield a, b
+
+
+@pytest.mark.parametrize("consumer", WITH_HANDLERS)
+async def test_add_presence_with_presence_handlers_hears_the_worker(
+    worker: CeleryProcess, alice, bob, consumer
+) -> None:
+    async with alice_then_bob(consumer, alice, bob) as (a, b):
+        assert await a.receive_type("presence") == presence(alice, bob)
+        assert await sockets() == {channel_of(a), channel_of(b)}
+        assert group_members("lobby") == {channel_of(a), channel_of(b)}
+        assert group_members(events_group("lobby")) == group_members("lobby")
+        await b.answer('"ping"')
+        await b.disconnect()
+
         assert await a.receive_type("presence") == presence(alice)
         assert await sockets() == {channel_of(a)}
         assert group_members(events_group("lobby")) == {channel_of(a)}
@@ -463,30 +406,24 @@ async def test_a_stale_mixin_socket_is_told_once_per_room_and_joins_again(
         await c.answer('"still connected"')
 
 
-@pytest.mark.parametrize(
-    "consumer", [DecoratedLobbyConsumer, AsyncDecoratedLobbyConsumer]
-)
+@pytest.mark.parametrize("consumer", WITH_HANDLERS)
 async def test_a_stale_decorated_socket_with_handlers_is_told(
     worker: CeleryProcess, alice, bob, consumer
 ) -> None:
-    application = consumer.as_asgi()
-    async with connected(application, user=alice) as a:
-        assert await a.receive_type("presence") == presence(alice)
-        async with connected(application, user=bob) as b:
-            assert await b.receive_type("presence") == presence(alice, bob)
-            await drained()
-            await set_last_seen_back(channel_of(a))
+    async with alice_then_bob(consumer, alice, bob) as (a, b):
+        await drained()
+        await set_last_seen_back(channel_of(a))
 
-            celery_app.send_task(PRUNE_PRESENCES)
+        celery_app.send_task(PRUNE_PRESENCES)
 
-            expired = {"type": "presence.expired", "room": "lobby"}
-            assert await a.receive_type("presence.expired") == expired
-            assert await b.receive_type("presence") == presence(bob)
-            assert await sockets() == {channel_of(b)}
-            assert group_members("lobby") == {channel_of(b)}
-            # b's handler was called too, and stayed quiet: it is not stale.
-            assert all(m["type"] != "presence.expired" for m in b.received_since(0))
-            await a.answer('"still connected"')
+        expired = {"type": "presence.expired", "room": "lobby"}
+        assert await a.receive_type("presence.expired") == expired
+        assert await b.receive_type("presence") == presence(bob)
+        assert await sockets() == {channel_of(b)}
+        assert group_members("lobby") == {channel_of(b)}
+        # b's handler was called too, and stayed quiet: it is not stale.
+        assert all(m["type"] != "presence.expired" for m in b.received_since(0))
+        await a.answer('"still connected"')
 
 
 @pytest.mark.parametrize("legacy", [DecoratedConsumer, AsyncDecoratedConsumer])
@@ -597,7 +534,7 @@ async def test_random_joins_touches_and_leaves_leave_no_ghost_and_no_gap() -> No
     routes = {
         "mixin": URLRouter([path("ws/<room>/", RoomFromUrlConsumer.as_asgi())]),
         "decorated": URLRouter(
-            [path("ws/<room>/", DecoratedRoomFromUrlConsumer.as_asgi())]
+            [path("ws/<room>/", AsyncJsonUrlJoiningConsumer.as_asgi())]
         ),
     }
     live: dict[str, tuple[str, str]] = {}  # socket -> (room, kind)
