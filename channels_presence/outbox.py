@@ -79,8 +79,9 @@ class Outbox:
         self._touched_at = 0.0
         self._last_touch_flush = 0.0
         self._thread: threading.Thread | None = None
-        # The sender's broker connection, and the app it belongs to.
+        # The sender's broker connection and producer, and their app.
         self._connection: Any = None
+        self._producer: Any = None
         self._connection_app: Celery | None = None
         self._failing = False
         self._dropping = False
@@ -243,26 +244,29 @@ class Outbox:
                 args=args,
                 kwargs=kwargs,
                 retry=False,
-                connection=self._connection_for(app),
+                producer=self._producer_for(app),
             )
         except UNREACHABLE:
             self._disconnect()
             raise
         self.sent += 1
 
-    def _connection_for(self, app: Celery) -> Any:
+    def _producer_for(self, app: Celery) -> Any:
         # A connection of our own, that fails at once when the broker is down:
         # with the app's own, kombu retries connecting for seconds inside
         # every publish, even with retry=False, which held up the retries
-        # and the exit of an outage.
-        if self._connection is None or self._connection_app is not app:
+        # and the exit of an outage. One producer on it, made once: making
+        # one per task cost more than the publishing.
+        if self._producer is None or self._connection_app is not app:
             self._disconnect()
             options = {**app.conf.broker_transport_options, "max_retries": 0}
             self._connection = app.connection_for_write(transport_options=options)
             self._connection_app = app
-        return self._connection
+            self._producer = app.amqp.Producer(self._connection, auto_declare=False)
+        return self._producer
 
     def _disconnect(self) -> None:
+        self._producer = None
         connection, self._connection = self._connection, None
         if connection is not None:
             try:
