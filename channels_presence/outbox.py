@@ -5,8 +5,10 @@ down makes it fail or hang: a socket handler must do neither. So a handler only
 appends to this outbox, in memory, and a background thread of the process
 publishes:
 
-* joins and leaves (``add_presence``, ``leave_all``) at once, in the order they
-  were appended, so that each socket's tasks reach the broker in its order;
+* joins and leaves (``add_presence``, ``leave_all``) within ``linger`` seconds
+  (2 ms), in the order they were appended, so that each socket's tasks reach
+  the broker in its order; when several wait, they go as one ``apply_batch``
+  message, since each publish costs the sender CPU that the event loop waits for;
 * touches as one ``touch_presences`` task per FLUSH_INTERVAL, naming every
   socket touched since the last one, however many there are.
 
@@ -33,10 +35,14 @@ from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
 from .conf import conf
+from .tasks import BATCHABLE
 
 logger = logging.getLogger("channels_presence")
 
 TOUCH_TASK = "channels_presence.tasks.touch_presences"
+BATCH_TASK = "channels_presence.tasks.apply_batch"
+# Joins and leaves sent in one apply_batch message, at most.
+BATCH_SIZE = 500
 
 # What a broker that is down or unreachable raises; anything else is a bug, and
 # the task that raised it is dropped (and logged) rather than retried forever.
@@ -50,7 +56,10 @@ class Outbox:
 
     ``app`` is the Celery application to publish with; None means Celery's
     current application, looked up at each send (the project's own, once it is
-    imported, as Celery's Django guide arranges).
+    imported, as Celery's Django guide arranges). ``limit`` bounds what it
+    holds; ``retry_interval`` paces the retries of an outage; ``exit_timeout``
+    bounds the wait for the sender at exit; ``linger`` is how long the sender
+    lets joins and leaves gather before it publishes them.
     """
 
     def __init__(
@@ -60,8 +69,10 @@ class Outbox:
         limit: int = 100_000,
         retry_interval: float = 1.0,
         exit_timeout: float = 5.0,
+        linger: float = 0.002,
     ) -> None:
         self.app = app
+        self.linger = linger
         self.limit = limit
         self.retry_interval = retry_interval
         self.exit_timeout = exit_timeout
@@ -175,6 +186,9 @@ class Outbox:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            # Let a burst of joins and leaves gather into one message: each
+            # publish costs the sender CPU that the event loop waits for.
+            self._stop.wait(self.linger)
             self._wake.clear()
             now = time.monotonic()
             due = now - self._last_touch_flush >= conf.FLUSH_INTERVAL
@@ -203,16 +217,22 @@ class Outbox:
             with self._lock:
                 if not self._tasks:
                     break
-                task = self._tasks[0]
+                batch = self._next_batch()
             try:
-                self._publish(*task)
+                if len(batch) == 1:
+                    self._publish(*batch[0])
+                else:
+                    calls = [[name, list(args), kwargs] for name, args, kwargs in batch]
+                    self._publish(BATCH_TASK, (calls,), {}, carrying=len(batch))
             except UNREACHABLE:
                 raise
             except Exception:
-                logger.exception("presence outbox: task %s could not be sent", task)
+                logger.exception("presence outbox: tasks %s could not be sent", batch)
             with self._lock:
-                # Unless a full outbox dropped it meanwhile.
-                if self._tasks and self._tasks[0] is task:
+                for task in batch:
+                    # Unless a full outbox dropped it meanwhile.
+                    if not (self._tasks and self._tasks[0] is task):
+                        break
                     self._tasks.popleft()
         if not touches_due:
             return
@@ -234,8 +254,24 @@ class Outbox:
                 self._touches_in_flight = 0
         self._last_touch_flush = time.monotonic()
 
+    def _next_batch(self) -> list[Task]:
+        # Called with the lock held. The joins and leaves at the head, in
+        # order, as one apply_batch: publishing costs the sender far more
+        # CPU per message than per task, CPU the event loop waits for.
+        batch: list[Task] = []
+        for task in self._tasks:
+            if task[0] not in BATCHABLE or len(batch) == BATCH_SIZE:
+                break
+            batch.append(task)
+        return batch or [self._tasks[0]]
+
     def _publish(
-        self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        name: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        carrying: int = 1,
     ) -> None:
         app = self.app if self.app is not None else current_app
         try:
@@ -249,7 +285,7 @@ class Outbox:
         except UNREACHABLE:
             self._disconnect()
             raise
-        self.sent += 1
+        self.sent += carrying
 
     def _producer_for(self, app: Celery) -> Any:
         # A connection of our own, that fails at once when the broker is down:

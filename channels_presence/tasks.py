@@ -99,6 +99,31 @@ def leave_all(user_channel_name: str, at: float | None = None) -> None:
 
 
 @shared_task(
+    name="channels_presence.tasks.apply_batch",
+    ignore_result=True,
+    **_DURABLE,
+    **_RETRY_LAYER,
+)
+def apply_batch(calls: list[list[Any]]) -> None:
+    """Several joins and leaves, ``[task name, args, kwargs]`` each, in order.
+
+    What one process's outbox sends when more than one join or leave waits:
+    one message instead of many. Each call runs as its task would; bad input
+    in one is logged and the others still run. A retry runs them all again,
+    which changes nothing for those already applied.
+    """
+    for name, args, kwargs in calls:
+        task = BATCHABLE.get(name)
+        if task is None:
+            logger.error("apply_batch: %r cannot be batched; skipped", name)
+            continue
+        try:
+            task(*args, **kwargs)
+        except (ValueError, TypeError):
+            logger.exception("apply_batch: %s%r failed", name, tuple(args))
+
+
+@shared_task(
     name="channels_presence.tasks.touch_presences", ignore_result=True, **_RETRY
 )
 def touch_presences(user_channel_names: list[str], at: float | None = None) -> int:
@@ -152,3 +177,11 @@ def _user(user_id: int | None) -> Any:
             user_id,
         )
     return user
+
+
+#: The tasks that ``apply_batch`` runs, by name.
+BATCHABLE: dict[str, Any] = {
+    "channels_presence.tasks.add_presence": add_presence,
+    "channels_presence.tasks.remove_presence": remove_presence,
+    "channels_presence.tasks.leave_all": leave_all,
+}

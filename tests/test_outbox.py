@@ -41,7 +41,7 @@ from redis.retry import Retry
 from channels_presence import dispatch, outbox
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
-from channels_presence.outbox import TOUCH_TASK, Outbox
+from channels_presence.outbox import BATCH_TASK, TOUCH_TASK, Outbox
 from tests.consumers import AsyncJsonEchoConsumer, connected
 from tests.helpers import closed_port, group_members, sockets
 from tests.workers import CeleryProcess, celery_worker
@@ -117,8 +117,8 @@ class ThrowawayRedis:
             port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
         )
 
-    def messages(self, queue: str = "celery") -> list[Message]:
-        """The task messages waiting in ``queue``, oldest first."""
+    def raw_messages(self, queue: str = "celery") -> list[Message]:
+        """The messages waiting in ``queue``, oldest first, as published."""
         with self.client() as client:
             raw = client.lrange(queue, 0, -1)
         found = []
@@ -126,6 +126,17 @@ class ThrowawayRedis:
             message = json.loads(item)
             args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
             found.append(Message(message["headers"]["task"], args, kwargs))
+        return found
+
+    def messages(self, queue: str = "celery") -> list[Message]:
+        """The tasks waiting in ``queue``, oldest first, batches unpacked."""
+        found: list[Message] = []
+        for message in self.raw_messages(queue):
+            if message.task == BATCH_TASK:
+                (calls,) = message.args
+                found.extend(Message(name, a, k) for name, a, k in calls)
+            else:
+                found.append(message)
         return found
 
 
@@ -392,6 +403,30 @@ def test_joins_and_leaves_reach_the_broker_in_the_order_appended(
     assert box.sent == len(broker.messages())
 
 
+def test_joins_and_leaves_pending_together_go_as_one_message(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox()
+    broker.stop()  # they pile up, as behind a busy sender
+    for n in range(3):
+        box.send(ADD, "lobby", f"specific.batch!{n}", None, at=float(n))
+    box.send(LEAVE_ALL, "specific.batch!0", at=3.0)
+    broker.start()
+    assert box.flush(10)
+
+    (message,) = broker.raw_messages()
+    assert message.task == BATCH_TASK
+    assert message.args == [
+        [
+            [ADD, ["lobby", "specific.batch!0", None], {"at": 0.0}],
+            [ADD, ["lobby", "specific.batch!1", None], {"at": 1.0}],
+            [ADD, ["lobby", "specific.batch!2", None], {"at": 2.0}],
+            [LEAVE_ALL, ["specific.batch!0"], {"at": 3.0}],
+        ]
+    ]
+    assert box.sent == 4
+
+
 # 3. The broker goes down, and comes back.
 
 
@@ -561,7 +596,8 @@ async def test_sockets_keep_working_while_the_broker_is_down_and_presence_conver
             with celery_worker(CHANNELS_PRESENCE_TEST_BROKER_URL=broker.url) as worker:
                 assert box.flush(20)
                 # Until c's leave has run, {a, b} is only a passing state.
-                await _until_done(worker, LEAVE_ALL)
+                # The four kept tasks went as one batch when the broker came back.
+                await _until_done(worker, BATCH_TASK)
                 await _eventually(connected_now)
                 assert group_members("lobby") == connected_now
                 # And with everything up, a socket comes and goes.

@@ -41,13 +41,14 @@ NAMES = [
     "add_presence",
     "remove_presence",
     "leave_all",
+    "apply_batch",
     "touch_presences",
     "prune_presences",
     "prune_presence",
     "prune_rooms",
 ]
 # Losing one of these would lose a change that no later task repeats.
-DURABLE = ["add_presence", "remove_presence", "leave_all"]
+DURABLE = ["add_presence", "remove_presence", "leave_all", "apply_batch"]
 
 
 def _task(name: str) -> Any:
@@ -545,3 +546,44 @@ def test_joins_and_leaves_retry_while_the_channel_layer_is_down(name):
     from redis.exceptions import RedisError
 
     assert RedisError in _task(name).autoretry_for
+
+
+# apply_batch: what an outbox sends when several joins and leaves wait
+
+ADD_PRESENCE = "channels_presence.tasks.add_presence"
+
+
+def test_apply_batch_runs_its_calls_in_order(alice, signals):
+    at = time.time()
+    add, leave_all = ADD_PRESENCE, "channels_presence.tasks.leave_all"
+    tasks.apply_batch(
+        [
+            [add, [ROOM, SOCKET, alice.pk], {"at": at}],
+            [add, [ROOM, OTHER_SOCKET], {"at": at}],
+            [leave_all, [OTHER_SOCKET], {"at": at + 1}],
+        ]
+    )
+
+    assert list(Presence.objects.values_list("channel_name", "user_id")) == [
+        (SOCKET, alice.pk)
+    ]
+    assert group_members(ROOM) == {SOCKET}
+    added = [s["added"].channel_name for s in signals if s["added"] is not None]
+    removed = [s["removed"].channel_name for s in signals if s["removed"] is not None]
+    assert (added, removed) == ([SOCKET, OTHER_SOCKET], [OTHER_SOCKET])
+
+
+def test_apply_batch_logs_a_bad_or_unknown_call_and_runs_the_others(caplog):
+    at = time.time()
+    tasks.apply_batch(
+        [
+            [ADD_PRESENCE, ["a b", SOCKET], {"at": at}],
+            ["channels_presence.tasks.prune_rooms", [], {}],
+            [ADD_PRESENCE, [ROOM, SOCKET], {"at": at}],
+        ]
+    )
+
+    assert list(Presence.objects.values_list("channel_name", flat=True)) == [SOCKET]
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("failed" in message and "'a b'" in message for message in errors)
+    assert any("cannot be batched" in message for message in errors)
