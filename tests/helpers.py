@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -27,6 +28,8 @@ from django.utils import timezone
 
 from channels_presence.models import Presence, Room
 from tests.workers import purge_queue
+
+T = TypeVar("T")
 
 #: Seconds a test waits for a frame, a message or a change before it fails.
 TIMEOUT = 3
@@ -209,3 +212,19 @@ def celery_mode() -> Iterator[None]:
     with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
         yield
     purge_queue()
+
+
+def in_background(call: Callable[[], T]) -> Future[T]:
+    """Start ``call`` in another thread, so on another database connection."""
+
+    def run() -> T:
+        try:
+            return call()
+        finally:
+            connections.close_all()
+
+    executor = ThreadPoolExecutor(max_workers=1)
+    try:
+        return executor.submit(run)
+    finally:
+        executor.shutdown(wait=False)

@@ -13,7 +13,7 @@ import math
 import re
 import socket
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from datetime import datetime, timedelta
 from queue import Queue
 from typing import Any, TypeVar, cast
@@ -27,7 +27,7 @@ from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser, Group
 from django.core.exceptions import ImproperlyConfigured
-from django.db import IntegrityError, connection, connections, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models.signals import pre_delete, pre_save
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -37,7 +37,7 @@ from channels_presence import groups, operations
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.signals import presence_changed
-from tests.helpers import ago, group_members
+from tests.helpers import ago, group_members, in_background
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -59,25 +59,9 @@ class Rollback(Exception):
     """Raised by a test to roll back the caller's transaction."""
 
 
-def _in_background(call: Callable[[], T]) -> Future[T]:
-    """Start ``call`` in another thread, so on another database connection."""
-
-    def run() -> T:
-        try:
-            return call()
-        finally:
-            connections.close_all()
-
-    executor = ThreadPoolExecutor(max_workers=1)
-    try:
-        return executor.submit(run)
-    finally:
-        executor.shutdown(wait=False)
-
-
 def _elsewhere(query: Callable[[], T]) -> T:
     """Run ``query`` in another thread, so on another database connection."""
-    return _in_background(query).result()
+    return in_background(query).result()
 
 
 def _redis() -> redis.Redis:
@@ -1088,7 +1072,7 @@ def test_a_presence_that_two_removals_race_for_is_removed_once(holder, racer, si
             pids.put(connection.connection.info.backend_pid)
             return RACING_REMOVALS[racer]()
 
-        racing.append(_in_background(race))
+        racing.append(in_background(race))
         _wait_until_blocked_by_us(racing[0], pids.get(timeout=10))
 
     pre_delete.connect(race_while_holding_the_row, sender=Presence)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -28,7 +28,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection, connections, transaction
+from django.db import connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
@@ -36,7 +36,7 @@ from channels_presence import operations, tasks
 from channels_presence.groups import events_group
 from channels_presence.models import Departure, Presence, Room
 from channels_presence.signals import presence_changed
-from tests.helpers import group_members
+from tests.helpers import group_members, in_background
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -314,22 +314,6 @@ def test_every_order_of_a_sockets_tasks_each_possibly_twice_ends_as_the_socket_d
 # Two workers at once (PostgreSQL)
 
 
-def _in_background(call: Callable[[], Any]) -> Future[Any]:
-    """Start ``call`` in another thread, so on another database connection."""
-
-    def run() -> Any:
-        try:
-            return call()
-        finally:
-            connections.close_all()
-
-    executor = ThreadPoolExecutor(max_workers=1)
-    try:
-        return executor.submit(run)
-    finally:
-        executor.shutdown(wait=False)
-
-
 def _start_blocked_by_us(call: Callable[[], Any]) -> Future[Any]:
     """Start ``call`` on another connection; return once it waits for our locks."""
     pids: Queue[int] = Queue()
@@ -339,7 +323,7 @@ def _start_blocked_by_us(call: Callable[[], Any]) -> Future[Any]:
         pids.put(connection.connection.info.backend_pid)
         return call()
 
-    started = _in_background(run)
+    started = in_background(run)
     pid = pids.get(timeout=10)
     with connection.cursor() as cursor:
         for _ in range(1000):
