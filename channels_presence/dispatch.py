@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -181,15 +180,27 @@ def _touch_now(consumer: Any) -> None:
 async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
     """Async twin of :func:`join`."""
     if conf.USE_CELERY:
-        task = _join_task(consumer, room_name, user, subscribe=subscribe)
+        # Every argument is checked before the first I/O.
+        room_name = validation.room_name(room_name)
+        channel_name = validation.channel_name(consumer.channel_name)
+        user_id = validation.user_id(user)
+        at = _socket_time(consumer)
         try:
             await groups.join(
-                consumer.channel_layer, task.room, task.channel, subscribe=subscribe
+                consumer.channel_layer, room_name, channel_name, subscribe=subscribe
             )
         except UNAVAILABLE as error:
             outage.failed("join", error)
             return False
-        return _joined(consumer, task)
+        outage.recovered(CHANNEL_LAYER)
+        # Remembered for the leave, which discards the groups at once too.
+        consumer.__dict__.setdefault("_presence_joined", set()).add(room_name)
+        outbox.default.send(
+            ADD_PRESENCE, room_name, channel_name, user_id, at=at, subscribe=subscribe
+        )
+        # The join writes last_seen: the next touch can wait a whole interval.
+        _touched(consumer, time.monotonic())
+        return True
     joined: bool = await database_sync_to_async(join)(
         consumer, room_name, user, subscribe=subscribe
     )
@@ -221,7 +232,7 @@ async def atouch(consumer: Any) -> None:
     if not touch_due(consumer):
         return
     if conf.USE_CELERY:
-        outbox.default.touch(consumer.channel_name)
+        _touch_now(consumer)
     else:
         await database_sync_to_async(_touch_now)(consumer)
 
@@ -232,50 +243,10 @@ ADD_PRESENCE = "channels_presence.tasks.add_presence"
 LEAVE_ALL = "channels_presence.tasks.leave_all"
 
 
-@dataclass(frozen=True)
-class _JoinTask:
-    room: str
-    channel: str
-    user_id: int | None
-    at: float
-    subscribe: bool
-
-
-def _join_task(
-    consumer: Any, room_name: str, user: Any, *, subscribe: bool
-) -> _JoinTask:
-    """The add_presence task of a join, every argument checked before any I/O."""
-    return _JoinTask(
-        room=validation.room_name(room_name),
-        channel=validation.channel_name(consumer.channel_name),
-        user_id=validation.user_id(user),
-        at=_socket_time(consumer),
-        subscribe=subscribe,
-    )
-
-
-def _joined(consumer: Any, task: _JoinTask) -> bool:
-    """After the group add: remember the room, and hand the row to a worker."""
-    outage.recovered(CHANNEL_LAYER)
-    joined: dict[str, bool] = consumer.__dict__.setdefault("_presence_joined", {})
-    joined[task.room] = task.subscribe
-    outbox.default.send(
-        ADD_PRESENCE,
-        task.room,
-        task.channel,
-        task.user_id,
-        at=task.at,
-        subscribe=task.subscribe,
-    )
-    # The join writes last_seen: the next touch can wait a whole interval.
-    _touched(consumer, time.monotonic())
-    return True
-
-
 def _leaving(consumer: Any) -> tuple[float, list[tuple[str, str]]]:
     """When the socket leaves, and the (room, socket) pairs it joined."""
     at = _socket_time(consumer)
-    joined: dict[str, bool] = consumer.__dict__.pop("_presence_joined", {})
+    joined: set[str] = consumer.__dict__.pop("_presence_joined", set())
     return at, [(room, consumer.channel_name) for room in sorted(joined)]
 
 

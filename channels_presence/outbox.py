@@ -255,9 +255,8 @@ class Outbox:
         self._last_touch_flush = time.monotonic()
 
     def _next_batch(self) -> list[Task]:
-        # Called with the lock held. The joins and leaves at the head, in
-        # order, as one apply_batch: publishing costs the sender far more
-        # CPU per message than per task, CPU the event loop waits for.
+        # Called with the lock held: the joins and leaves at the head, in
+        # order, for one apply_batch; else the head task alone.
         batch: list[Task] = []
         for task in self._tasks:
             if task[0] not in BATCHABLE or len(batch) == BATCH_SIZE:
