@@ -376,6 +376,24 @@ class Client(WebsocketCommunicator):
             messages.append(self.output_queue.get_nowait())
         return messages
 
+    async def assert_got_nothing_it_cannot_handle(
+        self, layer: Any, channel_name: str
+    ) -> None:
+        """Check, after one echoed frame, that socket ``channel_name`` is handled.
+
+        A marker sent to its channel arrives behind anything the server sent
+        it before (a message it had no handler for would have closed it),
+        and its next frame is still echoed.
+        """
+        await layer.send(channel_name, {"type": "test.marker"})
+        await self.receive_type("marker")
+        await self.answer('"still here"')
+        assert [m["type"] for m in self.received_since(0)] == [
+            "echo",
+            "marker",
+            "echo",
+        ]
+
     async def answer(self, frame: str) -> None:
         """Send the text ``frame``; check the next answer is its echo.
 
