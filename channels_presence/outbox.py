@@ -30,7 +30,8 @@ import time
 from collections import deque
 from typing import Any
 
-from celery import Celery, current_app
+from celery import Celery
+from celery.app import app_or_default
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
@@ -272,7 +273,9 @@ class Outbox:
         *,
         carrying: int = 1,
     ) -> None:
-        app = self.app if self.app is not None else current_app
+        # The app itself, not Celery's current_app proxy: the producer below
+        # is kept for one app, and is made again when another is current.
+        app = app_or_default(self.app)
         try:
             app.send_task(
                 name,

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -42,9 +42,10 @@ from channels_presence import dispatch, outbox
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.outbox import BATCH_TASK, TOUCH_TASK, Outbox
+from tasks import app as celery_app
 from tests.consumers import AsyncJsonEchoConsumer, connected
 from tests.helpers import closed_port, group_members, sockets
-from tests.workers import CeleryProcess, celery_worker
+from tests.workers import CeleryProcess, celery_worker, purge_queue
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -168,11 +169,10 @@ def make_outbox(broker: ThrowawayRedis) -> Iterator[Callable[..., Outbox]]:
 
 
 def fail_fast_app(url: str) -> Celery:
-    """A Celery app whose every publish to a down broker fails at once.
+    """A Celery app of the broker at ``url``, not made current.
 
-    By default kombu tries to connect for about six seconds before a publish
-    fails, even with ``retry=False`` (see the test of exit timing below); the
-    outage tests want many failed attempts within a short outage.
+    Its publishes to a down broker fail at once even outside an outbox, which
+    publishes on a connection of its own that never retries.
     """
     app = Celery("t", broker=url, set_as_current=False)
     app.conf.broker_transport_options = {"max_retries": 0}
@@ -401,6 +401,43 @@ def test_joins_and_leaves_reach_the_broker_in_the_order_appended(
     ]
     assert tasks[0].args == ["lobby", "specific.order!0", None]
     assert box.sent == len(broker.messages())
+
+
+def _queued_in_run_queue() -> int:
+    prefix = settings.CELERY_BROKER_TRANSPORT_OPTIONS["global_keyprefix"]
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    try:
+        return cast(int, client.llen(f"{prefix}{settings.CELERY_TASK_DEFAULT_QUEUE}"))
+    finally:
+        client.close()
+
+
+def test_without_an_app_it_publishes_with_the_default_app_of_the_moment(
+    broker: ThrowawayRedis,
+) -> None:
+    # Celery's Django fixup makes the project's app the default of every
+    # thread, the outbox's sender among them.
+    box = Outbox(exit_timeout=1.0)
+    other = fail_fast_app(broker.url)
+    try:
+        other.set_default()
+        box.send(LEAVE_ALL, "specific.current!other", at=1.0)
+        assert box.flush(10)
+        assert [m.args for m in broker.messages()] == [["specific.current!other"]]
+
+        celery_app.set_default()
+        box.send(LEAVE_ALL, "specific.current!ours", at=2.0)
+        assert box.flush(10)
+        # Not to the other app's broker any more: to the project's.
+        with broker.client() as client:
+            assert client.keys("*presence-*") == []
+        assert len(broker.messages()) == 1
+        assert _queued_in_run_queue() == 1
+        assert box.sent == 2
+    finally:
+        celery_app.set_default()
+        box.close()
+        purge_queue()
 
 
 def test_joins_and_leaves_pending_together_go_as_one_message(
