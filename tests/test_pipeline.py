@@ -116,6 +116,11 @@ def queued() -> int:
 async def drained() -> None:
     """Wait until every task sent so far has reached a worker and been done."""
     await asyncio.to_thread(outbox.default.flush, 10)
+    # A worker pops a message off the queue a moment before it records it as
+    # unacknowledged: an empty broker is believed once it is seen empty again
+    # after a pause longer than that moment.
+    await eventually(lambda: queued() == 0)
+    await asyncio.sleep(0.2)
     await eventually(lambda: queued() == 0)
 
 
