@@ -29,7 +29,7 @@ removed by this: only by the ordinary prune.
 
 The leases live in the Redis of CHANNELS_PRESENCE_REDIS_URL, by default the
 first host of the default channel layer: a server that cannot reach it cannot
-reach its sockets' groups either. Keys are prefixed with the layer's prefix.
+reach its sockets' groups either. Keys are named after the layer's prefix.
 """
 
 from __future__ import annotations
@@ -97,9 +97,13 @@ def redis_url() -> str:
 
 
 def key_prefix() -> str:
-    """The prefix of the lease keys: the channel layer's, then ``presence-server``."""
+    """The prefix of the lease keys: ``channels-presence:`` and the layer's prefix.
+
+    Not under the layer's own prefix: flushing the layer (its ``flush()``
+    deletes every key under it) must not take the leases with it.
+    """
     prefix = _layer_config().get("prefix") or "asgi"
-    return f"{prefix}:presence-server"
+    return f"channels-presence:{prefix}"
 
 
 def lease_key(server: str) -> str:
