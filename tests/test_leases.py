@@ -413,3 +413,79 @@ async def _channel_of(communicator: WebsocketCommunicator) -> str:
     await wait_until(lambda: bool(group_members("lobby")))
     (channel,) = await asyncio.to_thread(group_members, "lobby")
     return channel
+
+
+# Its beat entry, its settings.
+
+PRUNE_SERVERS = "channels_presence.tasks.prune_servers"
+
+
+@pytest.mark.django_db
+def test_migrate_made_the_prune_servers_entry_every_5_seconds() -> None:
+    from django_celery_beat.models import PeriodicTask
+
+    made = PeriodicTask.objects.select_related("interval").get(task=PRUNE_SERVERS)
+    assert made.name == "channels_presence: prune crashed servers"
+    assert made.enabled
+    assert made.interval is not None
+    assert (made.interval.every, made.interval.period) == (5, "seconds")
+    # A prune still queued at the next interval is dropped, as for the others.
+    assert made.expire_seconds == 5
+
+
+@pytest.mark.django_db
+def test_the_prune_servers_interval_comes_from_its_setting() -> None:
+    from django_celery_beat.models import PeriodicTask
+
+    from channels_presence.schedule import ensure_schedule
+
+    PeriodicTask.objects.filter(task=PRUNE_SERVERS).delete()
+    with override_settings(CHANNELS_PRESENCE_SERVER_PRUNE_INTERVAL=12.5):
+        assert ensure_schedule() == ["channels_presence: prune crashed servers"]
+    made = PeriodicTask.objects.select_related("interval").get(task=PRUNE_SERVERS)
+    assert made.interval is not None
+    assert made.interval.every == 13
+
+
+def lease_errors(**overrides: Any) -> list[str]:
+    from django.core.checks import run_checks
+
+    with override_settings(**overrides):
+        return [
+            m.id
+            for m in run_checks()
+            if m.id in ("channels_presence.E005", "channels_presence.E006")
+            or (m.id == "channels_presence.E003" and "SERVER_PRUNE" in m.msg)
+        ]
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "10", True])
+def test_a_bad_lease_time_is_reported_at_startup(value: Any) -> None:
+    assert lease_errors(CHANNELS_PRESENCE_SERVER_LEASE=value) == [
+        "channels_presence.E005"
+    ]
+
+
+@pytest.mark.parametrize("value", [None, 0.5, 10, 60])
+def test_a_good_lease_time_is_not_reported(value: Any) -> None:
+    assert lease_errors(CHANNELS_PRESENCE_SERVER_LEASE=value) == []
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:6379", 6379, "http://redis"])
+def test_a_lease_redis_that_is_not_a_redis_url_is_reported(value: Any) -> None:
+    assert lease_errors(CHANNELS_PRESENCE_REDIS_URL=value) == ["channels_presence.E006"]
+
+
+def test_no_redis_to_keep_the_leases_in_is_reported_unless_leases_are_off() -> None:
+    layers = {"default": {"BACKEND": "x.Layer", "CONFIG": {"hosts": [42]}}}
+    assert "channels_presence.E006" in lease_errors(CHANNEL_LAYERS=layers)
+    assert "channels_presence.E006" not in lease_errors(
+        CHANNEL_LAYERS=layers, CHANNELS_PRESENCE_SERVER_LEASE=None
+    )
+
+
+@pytest.mark.parametrize("value", [-1, "5", float("nan")])
+def test_a_bad_prune_servers_interval_is_reported(value: Any) -> None:
+    assert lease_errors(CHANNELS_PRESENCE_SERVER_PRUNE_INTERVAL=value) == [
+        "channels_presence.E003"
+    ]
