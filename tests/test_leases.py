@@ -67,7 +67,7 @@ def _hold(server: str, seconds: float = 60) -> None:
 
 def test_leases_live_in_the_channel_layers_redis_under_its_prefix() -> None:
     assert leases.redis_url() == settings.REDIS_URL
-    prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
+    prefix = f"cp-test-{settings.RUN}"
     assert leases.lease_key("a") == f"channels-presence:{prefix}:lease:a"
 
 

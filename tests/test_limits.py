@@ -230,7 +230,7 @@ def queued_tasks() -> list[tuple[str, list[Any]]]:
     with redis.Redis.from_url(settings.CELERY_BROKER_URL) as client:
         raw = client.lrange(prefix + settings.CELERY_TASK_DEFAULT_QUEUE, 0, -1)
     found = []
-    for item in reversed(raw):  # type: ignore[arg-type]
+    for item in reversed(raw):
         message = json.loads(item)
         args, _, _ = json.loads(base64.b64decode(message["body"]))
         found.append((message["headers"]["task"], args))

@@ -40,7 +40,7 @@ def scene() -> None:
 
 def snapshot() -> dict[str, Any]:
     """Every row count, and every key of the run's channel layer, as Redis dumps it."""
-    prefix = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
+    prefix = f"cp-test-{settings.RUN}"
     with redis.Redis.from_url(settings.REDIS_URL) as client:
         keys = sorted(client.scan_iter(f"{prefix}*"))
         layer = {key: client.dump(key) for key in keys}
