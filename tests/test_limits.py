@@ -179,7 +179,7 @@ async def flood(client: Client) -> tuple[int, float]:
 
 
 async def test_a_heartbeat_flood_writes_once_per_touch_interval_inline(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     touches: list[list[str]] = []
     touch = operations.touch
@@ -195,13 +195,20 @@ async def test_a_heartbeat_flood_writes_once_per_touch_interval_inline(
             await client.receive_type("presence")
             sent, took = await flood(client)
 
+    with capsys.disabled():
+        print(
+            f"\n[limits] inline: {sent} heartbeats in {took:.1f} s, "
+            f"{len(touches)} touches"
+        )
     assert sent >= 1000
     # The join wrote last_seen: the first touch is due one interval later.
     assert 1 <= len(touches) <= took / INTERVAL + 1
     assert all(len(names) == 1 for names in touches)
 
 
-async def test_a_heartbeat_flood_sends_one_touch_per_interval_to_the_broker() -> None:
+async def test_a_heartbeat_flood_sends_one_touch_per_interval_to_the_broker(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with (
         celery_mode(),
         override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=INTERVAL),
@@ -219,6 +226,11 @@ async def test_a_heartbeat_flood_sends_one_touch_per_interval_to_the_broker() ->
                 if name == channel
             ]
 
+    with capsys.disabled():
+        print(
+            f"\n[limits] Celery: {sent} heartbeats in {took:.1f} s, "
+            f"{len(touched)} touches"
+        )
     assert sent >= 1000
     # Each touch_presences task is one UPDATE at the worker.
     assert 1 <= len(touched) <= took / INTERVAL + 1
