@@ -2,7 +2,8 @@
 
 Each change becomes one message to the room's events group (see ``groups``),
 holding plain values only: the room, who was added or removed, and the members
-as they are now (users by id and username, anonymous visitors as a count).
+as they are now (users as :func:`member_fields` says, by default by id and
+username, anonymous visitors as a count).
 
 Inside an operation the receiver does not send at once: it collects, so that the
 members of every changed room are read in one query and sent in one trip to the
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from asgiref.sync import async_to_sync
 from django.apps import apps
 from django.contrib.auth import get_user_model
+from django.db import models
 
 from . import groups
 from .conf import conf
@@ -112,24 +114,42 @@ def expired(room: Room, channel_names: list[str]) -> tuple[str, dict[str, Any]]:
     )
 
 
+def member_fields() -> dict[str, str]:
+    """What each member of a room is sent as: ``{payload key: user field}``.
+
+    CHANNELS_PRESENCE_MEMBER_FIELDS, else ``{"id": "pk", "username":
+    USERNAME_FIELD}``; but a USERNAME_FIELD that is an email field is left out
+    (``{"id": "pk"}``), for every member of a room sees every other member.
+    """
+    configured = conf.MEMBER_FIELDS
+    if configured is not None:
+        return dict(configured)
+    user_model = get_user_model()
+    fields = {"id": "pk"}
+    username = user_model.USERNAME_FIELD
+    if not isinstance(user_model._meta.get_field(username), models.EmailField):
+        fields["username"] = username
+    return fields
+
+
 def _members(room_ids: set[int]) -> dict[int, dict[str, Any]]:
     presence_model = apps.get_model("channels_presence", "Presence")
-    username = "user__" + get_user_model().USERNAME_FIELD
+    fields = member_fields()
     rows = presence_model.objects.filter(room_id__in=room_ids).values_list(
-        "room_id", "user_id", username
+        "room_id", "user_id", *("user__" + field for field in fields.values())
     )
-    users: dict[int, dict[int, str]] = {room_id: {} for room_id in room_ids}
+    users: dict[int, dict[int, tuple[Any, ...]]] = {room_id: {} for room_id in room_ids}
     anonymous = dict.fromkeys(room_ids, 0)
-    for room_id, user_id, name in rows:
+    for room_id, user_id, *values in rows:
         if user_id is None:
             anonymous[room_id] += 1
         else:
-            users[room_id][user_id] = str(name)
+            users[room_id][user_id] = tuple(map(_plain, values))
     return {
         room_id: {
             "members": [
-                {"id": user_id, "username": name}
-                for user_id, name in sorted(by_user.items(), key=lambda i: i[1])
+                dict(zip(fields, values, strict=True))
+                for _, values in sorted(by_user.items(), key=_member_order)
             ],
             "anonymous": anonymous[room_id],
         }
@@ -137,12 +157,35 @@ def _members(room_ids: set[int]) -> dict[int, dict[str, Any]]:
     }
 
 
+def _member_order(item: tuple[int, tuple[Any, ...]]) -> tuple[list[str], int]:
+    # By what the members are shown as (the id last), as a member list reads.
+    user_id, values = item
+    return [str(value) for value in values[1:] + values[:1]], user_id
+
+
+def _plain(value: Any) -> Any:
+    # Only what every channel layer can serialize, and JSON too.
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
 def _describe(presence: Presence | None) -> dict[str, Any] | None:
     if presence is None:
         return None
     user = presence.user if type(presence).user.is_cached(presence) else None
-    return {
+    described: dict[str, Any] = {
         "channel_name": presence.channel_name,
         "user_id": presence.user_id,
-        "username": user.get_username() if user is not None else None,
     }
+    for key, field in member_fields().items():
+        if key not in described and field != "pk":
+            described[key] = _plain(_lookup(user, field)) if user is not None else None
+    return described
+
+
+def _lookup(user: Any, field: str) -> Any:
+    value = user
+    for part in field.split("__"):
+        value = getattr(value, part, None)
+    return value

@@ -9,8 +9,11 @@ from typing import Any
 from celery import current_app
 from django.apps import AppConfig
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core import checks
+from django.core.exceptions import FieldError, ImproperlyConfigured
 
+from . import leases
 from .conf import FLAG_SETTINGS, NUMBER_SETTINGS, PREFIX, conf
 
 IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
@@ -111,6 +114,95 @@ def check_celery(
                 "channels_presence.tasks.prune_presences yourself and silence "
                 "this check.",
                 id="channels_presence.W002",
+            )
+        )
+    return errors
+
+
+@checks.register()
+def check_leases(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E005: a bad SERVER_LEASE; E006: no Redis, or a bad one, for the leases."""
+    lease = getattr(settings, PREFIX + "SERVER_LEASE", None)
+    if lease is not None and (
+        isinstance(lease, bool)
+        or not isinstance(lease, int | float)
+        or not (math.isfinite(lease) and lease > 0)
+    ):
+        return [
+            checks.Error(
+                f"{PREFIX}SERVER_LEASE is {lease!r}; it must be a number of "
+                "seconds above 0, or None to turn server leases off.",
+                hint="Remove it to use the default, 10 seconds.",
+                id="channels_presence.E005",
+            )
+        ]
+    url = conf.REDIS_URL
+    if url is not None and not (
+        isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))
+    ):
+        return [
+            checks.Error(
+                f"{PREFIX}REDIS_URL is {url!r}; it must be a Redis URL.",
+                hint="Write e.g. 'redis://127.0.0.1:6379/0', or remove it to keep "
+                "the leases in the channel layer's Redis.",
+                id="channels_presence.E006",
+            )
+        ]
+    if conf.SERVER_LEASE is None:
+        return []
+    try:
+        leases.redis_url()
+    except ImproperlyConfigured as error:
+        return [
+            checks.Error(
+                str(error),
+                hint=f"Set {PREFIX}REDIS_URL.",
+                id="channels_presence.E006",
+            )
+        ]
+    return []
+
+
+@checks.register()
+def check_limits(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E007: a bad MAX_ROOMS_PER_CONNECTION; E008: bad MEMBER_FIELDS."""
+    errors: list[checks.CheckMessage] = []
+    limit = getattr(settings, PREFIX + "MAX_ROOMS_PER_CONNECTION", None)
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+    ):
+        errors.append(
+            checks.Error(
+                f"{PREFIX}MAX_ROOMS_PER_CONNECTION is {limit!r}; it must be a "
+                "whole number of rooms, 1 or more, or None for no limit.",
+                hint="Remove it to use the default, 100 rooms.",
+                id="channels_presence.E007",
+            )
+        )
+    fields = conf.MEMBER_FIELDS
+    if fields is None:
+        return errors
+    problem = ""
+    if not isinstance(fields, dict) or not fields:
+        problem = "it must be a dict of {payload key: user field}, not empty"
+    elif not all(isinstance(k, str) and isinstance(v, str) for k, v in fields.items()):
+        problem = "its keys and values must be strings"
+    else:
+        try:
+            get_user_model()._default_manager.values(*fields.values())
+        except FieldError as error:
+            problem = f"the user model has no such field: {error}"
+    if problem:
+        errors.append(
+            checks.Error(
+                f"{PREFIX}MEMBER_FIELDS is {fields!r}; {problem}.",
+                hint="Write e.g. {'id': 'pk', 'name': 'first_name'}, or remove it "
+                "to send each member's id and username.",
+                id="channels_presence.E008",
             )
         )
     return errors

@@ -7,7 +7,7 @@ works and nothing is read at import. Values are returned as configured;
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from django.conf import settings
 
@@ -20,6 +20,7 @@ NUMBER_SETTINGS = (
     "FLUSH_INTERVAL",
     "PRUNE_INTERVAL",
     "ROOM_PRUNE_INTERVAL",
+    "SERVER_PRUNE_INTERVAL",
 )
 FLAG_SETTINGS = ("USE_CELERY", "BROADCAST")
 
@@ -59,6 +60,38 @@ class Settings:
     def ROOM_PRUNE_INTERVAL(self) -> float:
         """Initial interval of the prune_rooms beat entry, in seconds."""
         return cast(float, getattr(settings, PREFIX + "ROOM_PRUNE_INTERVAL", 600))
+
+    @property
+    def SERVER_LEASE(self) -> float | None:
+        """Seconds a server's lease lives unrefreshed; None turns leases off."""
+        return cast("float | None", getattr(settings, PREFIX + "SERVER_LEASE", 10))
+
+    @property
+    def SERVER_PRUNE_INTERVAL(self) -> float:
+        """Initial interval of the prune_servers beat entry, in seconds."""
+        return cast(float, getattr(settings, PREFIX + "SERVER_PRUNE_INTERVAL", 5))
+
+    @property
+    def REDIS_URL(self) -> str | None:
+        """Where server leases live; None: the channel layer's first host."""
+        return cast("str | None", getattr(settings, PREFIX + "REDIS_URL", None))
+
+    @property
+    def MAX_ROOMS_PER_CONNECTION(self) -> int | None:
+        """How many rooms one socket may be in at once; None for no limit."""
+        return cast(
+            "int | None", getattr(settings, PREFIX + "MAX_ROOMS_PER_CONNECTION", 100)
+        )
+
+    @property
+    def MEMBER_FIELDS(self) -> dict[str, str] | None:
+        """What a member of a room is sent as: {payload key: user field}.
+
+        None: ``{"id": "pk", "username": USERNAME_FIELD}``, without the username
+        when the user model's USERNAME_FIELD is an email field.
+        """
+        value: Any = getattr(settings, PREFIX + "MEMBER_FIELDS", None)
+        return cast("dict[str, str] | None", value)
 
     @property
     def BROADCAST(self) -> bool:

@@ -8,7 +8,10 @@ JSON::
             return [self.scope["url_route"]["kwargs"]["room"]]
 
 Once ``connect()`` has accepted the socket, it joins each room that
-``can_join`` allows; every received message touches it (heartbeats stop there);
+``can_join`` allows (a socket asking for more than
+CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION rooms joins none: it is sent
+``{"type": "presence.error", "error": "too_many_rooms", ...}`` and closed with
+code 4429); every received message touches it (heartbeats stop there);
 on disconnect it leaves every room before ``disconnect()`` runs. The room's
 presence events reach the client as JSON::
 
@@ -127,16 +130,31 @@ class PresenceConsumerMixin:
             validation.room_name(room)
             for room in ([rooms] if isinstance(rooms, str) else rooms)
         ]
-        user = self.scope.get("user")
+        allowed = []
         for room in names:
-            if not await _call(self.can_join, room):
-                self._presence_pending.discard(room)
-                continue
-            if await dispatch.ajoin(self, room, user, subscribe=True):
-                self._presence_pending.discard(room)
+            if await _call(self.can_join, room):
+                allowed.append(room)
             else:
-                self._presence_pending.add(room)
-                self._presence_retry_at = time.monotonic() + conf.TOUCH_INTERVAL
+                self._presence_pending.discard(room)
+        try:
+            # Too many rooms joins none of them.
+            dispatch.check_room_limit(self, allowed)
+            for room in allowed:
+                await self._join_one(room)
+        except dispatch.TooManyRooms as error:
+            self._presence_pending.clear()
+            if self._presence_open:
+                self._presence_open = False
+                for message in error.messages():
+                    await self._presence_send(message)
+
+    async def _join_one(self, room: str) -> None:
+        user = self.scope.get("user")
+        if await dispatch.ajoin(self, room, user, subscribe=True):
+            self._presence_pending.discard(room)
+        else:
+            self._presence_pending.add(room)
+            self._presence_retry_at = time.monotonic() + conf.TOUCH_INTERVAL
 
     async def _join_pending(self) -> None:
         if self._presence_pending and time.monotonic() >= self._presence_retry_at:

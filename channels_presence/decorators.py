@@ -31,7 +31,9 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
     ``room`` is a name, or a callable that takes the consumer and returns one,
     e.g. ``lambda consumer: consumer.scope["url_route"]["kwargs"]["room"]``.
     The socket joins as ``scope["user"]``. A connect that does not accept (it
-    closes, or raises ``DenyConnection``) joins nothing. A consumer with
+    closes, or raises ``DenyConnection``) joins nothing. A socket already in
+    CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION rooms (stacked decorators) is
+    sent an error frame and closed with code 4429 instead. A consumer with
     ``presence_changed`` and ``presence_expired`` handlers also receives the
     room's presence events; one without them never receives a message it
     cannot handle.
@@ -52,12 +54,16 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
                 with _watching_accept(self, is_async=True) as accepted:
                     result = await func(self, *args, **kwargs)
                 if accepted:
-                    await dispatch.ajoin(
-                        self,
-                        _room_name(room, self),
-                        self.scope.get("user"),
-                        subscribe=_subscribes(self),
-                    )
+                    try:
+                        await dispatch.ajoin(
+                            self,
+                            _room_name(room, self),
+                            self.scope.get("user"),
+                            subscribe=_subscribes(self),
+                        )
+                    except dispatch.TooManyRooms as error:
+                        for message in error.messages():
+                            await self.base_send(message)
                 return result
 
             return cast(Handler, connect_async)
@@ -67,12 +73,16 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
             with _watching_accept(self, is_async=False) as accepted:
                 result = func(self, *args, **kwargs)
             if accepted:
-                dispatch.join(
-                    self,
-                    _room_name(room, self),
-                    self.scope.get("user"),
-                    subscribe=_subscribes(self),
-                )
+                try:
+                    dispatch.join(
+                        self,
+                        _room_name(room, self),
+                        self.scope.get("user"),
+                        subscribe=_subscribes(self),
+                    )
+                except dispatch.TooManyRooms as error:
+                    for message in error.messages():
+                        self.base_send(message)
             return result
 
         return cast(Handler, connect_sync)

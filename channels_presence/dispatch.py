@@ -26,7 +26,7 @@ from channels.db import database_sync_to_async
 from django.db import Error as DatabaseError
 from redis.exceptions import RedisError
 
-from . import groups, operations, outbox, validation
+from . import groups, leases, operations, outbox, validation
 from .conf import conf
 
 logger = logging.getLogger("channels_presence")
@@ -45,6 +45,59 @@ UNAVAILABLE = (DatabaseError, RedisError, OSError, TimeoutError)
 
 DATABASE = "database"
 CHANNEL_LAYER = "channel layer"
+
+#: The close code of a socket that asked for more rooms than it may be in
+#: (CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION), after its error frame.
+TOO_MANY_ROOMS = 4429
+
+
+class TooManyRooms(Exception):
+    """A socket asked to join more rooms than it may be in at once.
+
+    The limit is CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION. Nothing of the join
+    was done. The mixin and the decorators answer it by sending
+    :meth:`messages` to the socket: an error frame, then a close with code
+    :data:`TOO_MANY_ROOMS`.
+    """
+
+    def __init__(self, room: str, limit: int) -> None:
+        self.room = room
+        self.limit = limit
+        super().__init__(
+            f"a socket may be in {limit} rooms at most "
+            "(CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION): it was refused when "
+            f"it asked for one more, {room!r}"
+        )
+
+    def messages(self) -> list[dict[str, Any]]:
+        """The ASGI messages that tell the client, then close its socket."""
+        frame = {
+            "type": "presence.error",
+            "error": "too_many_rooms",
+            "limit": self.limit,
+            "message": f"This connection may be in {self.limit} rooms at most.",
+        }
+        return [
+            {"type": "websocket.send", "text": json.dumps(frame)},
+            {"type": "websocket.close", "code": TOO_MANY_ROOMS},
+        ]
+
+
+def check_room_limit(consumer: Any, rooms: list[str]) -> None:
+    """Raise :class:`TooManyRooms` if joining ``rooms`` would pass the limit."""
+    limit = conf.MAX_ROOMS_PER_CONNECTION
+    if limit is None:
+        return
+    joined: set[str] = consumer.__dict__.get("_presence_joined", set())
+    new = [room for room in dict.fromkeys(rooms) if room not in joined]
+    if len(joined) + len(new) > limit:
+        raise TooManyRooms(new[max(limit - len(joined), 0)], limit)
+
+
+def _joined(consumer: Any, room_name: str) -> None:
+    # Remembered for the room limit, and for the Celery-mode leave, which
+    # discards the groups at once too.
+    consumer.__dict__.setdefault("_presence_joined", set()).add(room_name)
 
 
 class _Outages:
@@ -117,7 +170,12 @@ def _touched(consumer: Any, now: float) -> None:
 
 
 def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
-    """Put the consumer's socket in a room; False if the room could not be joined."""
+    """Put the consumer's socket in a room; False if the room could not be joined.
+
+    Raises :class:`TooManyRooms`, having done nothing, if the socket is in as
+    many rooms as it may be.
+    """
+    check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
         # The group add is a channel-layer call: the async path, wrapped.
         joined: bool = async_to_sync(ajoin)(
@@ -131,11 +189,13 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
             user,
             subscribe=subscribe,
             channel_layer=consumer.channel_layer,
+            server=leases.default.server(),
         )
     except UNAVAILABLE as error:
         outage.failed("join", error)
         return False
     outage.recovered(DATABASE, CHANNEL_LAYER)
+    _joined(consumer, room_name)
     # The join wrote last_seen: the next touch can wait a whole interval.
     _touched(consumer, time.monotonic())
     return True
@@ -146,6 +206,7 @@ def leave_all(consumer: Any) -> None:
     if conf.USE_CELERY:
         async_to_sync(aleave_all)(consumer)
         return
+    consumer.__dict__.pop("_presence_joined", None)
     try:
         removed = operations.leave_all(
             consumer.channel_name, channel_layer=consumer.channel_layer
@@ -179,6 +240,7 @@ def _touch_now(consumer: Any) -> None:
 
 async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
     """Async twin of :func:`join`."""
+    check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
         # Every argument is checked before the first I/O.
         room_name = validation.room_name(room_name)
@@ -193,10 +255,15 @@ async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) ->
             outage.failed("join", error)
             return False
         outage.recovered(CHANNEL_LAYER)
-        # Remembered for the leave, which discards the groups at once too.
-        consumer.__dict__.setdefault("_presence_joined", set()).add(room_name)
+        _joined(consumer, room_name)
         outbox.default.send(
-            ADD_PRESENCE, room_name, channel_name, user_id, at=at, subscribe=subscribe
+            ADD_PRESENCE,
+            room_name,
+            channel_name,
+            user_id,
+            at=at,
+            subscribe=subscribe,
+            server=leases.default.server(),
         )
         # The join writes last_seen: the next touch can wait a whole interval.
         _touched(consumer, time.monotonic())

@@ -148,6 +148,16 @@ class Presence(models.Model):
         "a leave that happened before this does not remove it.",
     )
 
+    server = models.CharField(
+        "server",
+        max_length=100,
+        blank=True,
+        default="",
+        help_text="The id of the server process the socket is on, whose lease "
+        "keeps it here; empty when it joined through the managers, and then "
+        "only the ordinary prune removes it.",
+    )
+
     objects = PresenceManager()
 
     class Meta:
@@ -164,6 +174,8 @@ class Presence(models.Model):
             models.Index(fields=["channel_name"], name="channels_presence_socket_idx"),
             # prune_presences() looks for the oldest last_seen.
             models.Index(fields=["last_seen"], name="channels_presence_seen_idx"),
+            # prune_servers() lists the servers that hold presences.
+            models.Index(fields=["server"], name="channels_presence_server_idx"),
         ]
 
     def __str__(self) -> str:

@@ -66,6 +66,7 @@ def join(
     at: None = None,
     subscribe: bool = False,
     channel_layer: BaseChannelLayer | None = None,
+    server: str = "",
 ) -> Room: ...
 
 
@@ -78,6 +79,7 @@ def join(
     at: datetime | None,
     subscribe: bool = False,
     channel_layer: BaseChannelLayer | None = None,
+    server: str = "",
 ) -> Room | None: ...
 
 
@@ -89,6 +91,7 @@ def join(
     at: datetime | None = None,
     subscribe: bool = False,
     channel_layer: BaseChannelLayer | None = None,
+    server: str = "",
 ) -> Room | None:
     """Put a socket in a room, as ``user`` (anonymous when None), and return the room.
 
@@ -100,10 +103,14 @@ def join(
     ordered against the socket's leaves: if the socket left this room, or every
     room, at or after ``at``, the join is late and changes nothing (returns
     None). Without ``at`` the join happens now, unconditionally.
+
+    ``server`` is the id of the server process the socket is on (see
+    ``leases``): its presence goes when that server's lease does.
     """
     room_name = validation.room_name(room_name)
     channel_name = validation.channel_name(channel_name)
     user_id = validation.user_id(user)
+    server = validation.server(server)
     layer = groups.get_layer(channel_layer)
     moment = clock.moment(at)
     in_caller_transaction = transaction.get_connection().in_atomic_block
@@ -127,7 +134,7 @@ def join(
                         )
                         grouped = True
                     room, changes = _write_join(
-                        room_name, channel_name, user, user_id, moment
+                        room_name, channel_name, user, user_id, moment, server
                     )
                 break
             except IntegrityError:
@@ -145,14 +152,24 @@ def join(
 
 
 def _write_join(
-    room_name: str, channel_name: str, user: Any, user_id: int | None, at: datetime
+    room_name: str,
+    channel_name: str,
+    user: Any,
+    user_id: int | None,
+    at: datetime,
+    server: str,
 ) -> tuple[Room, list[Change]]:
     room_model, presence_model = _models()
     room, _ = room_model.objects.get_or_create(channel_name=room_name)
     presence, created = presence_model.objects.get_or_create(
         room=room,
         channel_name=channel_name,
-        defaults={"user_id": user_id, "last_seen": at, "joined_at": at},
+        defaults={
+            "user_id": user_id,
+            "last_seen": at,
+            "joined_at": at,
+            "server": server,
+        },
     )
     # A join older than the one that made the row (a late or repeated task)
     # must not undo what the newer one wrote.
@@ -162,9 +179,12 @@ def _write_join(
         presence.user_id = user_id
         presence.last_seen = max(presence.last_seen, at)
         presence.joined_at = at
-        presence.save(update_fields=["user", "last_seen", "joined_at"])
+        presence.server = server
+        presence.save(update_fields=["user", "last_seen", "joined_at", "server"])
     elif newer:
-        presence_model.objects.filter(pk=presence.pk).update(joined_at=at)
+        presence_model.objects.filter(pk=presence.pk).update(
+            joined_at=at, server=server
+        )
         _touch(presence_model.objects.filter(pk=presence.pk), at)
     if user_id is not None and presence.user_id == user_id:
         presence.user = user

@@ -1,10 +1,11 @@
-"""The beat schedule: django-celery-beat entries for the two prunes.
+"""The beat schedule: django-celery-beat entries for the prunes.
 
 After ``migrate``, django-celery-beat has one periodic task running
-``prune_presences`` every CHANNELS_PRESENCE_PRUNE_INTERVAL seconds and one running
-``prune_rooms`` every CHANNELS_PRESENCE_ROOM_PRUNE_INTERVAL seconds. They are
-created only when missing: once they exist the admin owns them, and an interval
-changed or a task disabled there survives every later ``migrate``.
+``prune_presences`` every CHANNELS_PRESENCE_PRUNE_INTERVAL seconds, one running
+``prune_rooms`` every CHANNELS_PRESENCE_ROOM_PRUNE_INTERVAL seconds, and one
+running ``prune_servers`` every CHANNELS_PRESENCE_SERVER_PRUNE_INTERVAL seconds.
+They are created only when missing: once they exist the admin owns them, and an
+interval changed or a task disabled there survives every later ``migrate``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ ENTRIES: list[tuple[str, str, tuple[str, ...], Callable[[], float]]] = [
         "channels_presence.tasks.prune_rooms",
         (),
         lambda: conf.ROOM_PRUNE_INTERVAL,
+    ),
+    (
+        "channels_presence: prune crashed servers",
+        "channels_presence.tasks.prune_servers",
+        (),
+        lambda: conf.SERVER_PRUNE_INTERVAL,
     ),
 ]
 

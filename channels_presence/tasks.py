@@ -1,7 +1,7 @@
 """The Celery tasks: the presence operations, run by a worker.
 
 In Celery mode the socket side enqueues ``add_presence``, ``leave_all`` and
-batches of ``touch_presences``; celery beat runs the two prunes. Each task only
+batches of ``touch_presences``; celery beat runs the prunes. Each task only
 calls the operation of the same meaning, and each is idempotent: a task run
 twice, or after a later task of the same socket, changes nothing more, because
 ``at`` (the UNIX time at which it happened on the socket) orders it.
@@ -24,7 +24,7 @@ from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 from redis.exceptions import RedisError
 
-from . import clock, operations
+from . import clock, leases, operations
 
 logger = logging.getLogger("channels_presence")
 
@@ -59,11 +59,13 @@ def add_presence(
     user_id: int | None = None,
     at: float | None = None,
     subscribe: bool = False,
+    server: str = "",
 ) -> None:
     """Put socket ``user_channel_name`` in room ``room_channel_name`` as ``user_id``.
 
     Nothing happens if the socket left the room, or every room, after ``at``.
     ``subscribe`` also puts it in the room's events group, as the mixin asks.
+    ``server`` is the id of the socket's server, whose lease keeps it there.
     """
     operations.join(
         room_channel_name,
@@ -71,6 +73,7 @@ def add_presence(
         _user(user_id),
         at=clock.from_timestamp(at),
         subscribe=subscribe,
+        server=server,
     )
 
 
@@ -157,6 +160,16 @@ def prune_presence(age: float | None = None) -> int:
     """1.0.0's registered name for :func:`prune_presences`."""
     count: int = prune_presences(age)
     return count
+
+
+@shared_task(name="channels_presence.tasks.prune_servers", ignore_result=True)
+def prune_servers() -> int:
+    """Remove the presences of the servers whose lease expired; return how many.
+
+    See ``channels_presence.leases``: a crashed server's sockets leave their
+    rooms, with the usual group discards and events, within seconds.
+    """
+    return len(leases.prune_servers())
 
 
 @shared_task(name="channels_presence.tasks.prune_rooms", ignore_result=True)

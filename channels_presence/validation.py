@@ -84,6 +84,25 @@ def channel_names(names: object) -> list[str]:
     return [channel_name(name) for name in names]
 
 
+#: Longest server id, the length of ``Presence.server``.
+SERVER_MAX_LENGTH = 100
+
+
+def server(name: object) -> str:
+    """Return ``name`` if it can be stored as a server id ("" for none), else raise."""
+    if not isinstance(name, str):
+        raise TypeError(
+            f"server must be a server id (a str, '' for none), not {_shown(name)}"
+        )
+    if len(name) > SERVER_MAX_LENGTH or not name.isprintable():
+        raise ValueError(
+            f"server {_shown(name)} is not a usable server id: use at most "
+            f"{SERVER_MAX_LENGTH} printable characters (leases.default.server() "
+            "makes one)"
+        )
+    return name
+
+
 def user_id(user: Any) -> int | None:
     """The primary key to store for ``user``; None for an anonymous presence.
 

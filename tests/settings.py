@@ -104,8 +104,9 @@ CHANNEL_LAYERS = {
     }
 }
 
-# The operations run inline in this suite: Celery mode has its own tests.
-CHANNELS_PRESENCE_USE_CELERY = False
+# The operations run inline in this suite: Celery mode has its own tests, and a
+# daphne that a test starts (tests/asgi.py) is put in it from the environment.
+CHANNELS_PRESENCE_USE_CELERY = os.environ.get("CHANNELS_PRESENCE_TEST_CELERY") == "1"
 
 CELERY_BROKER_URL = os.environ.get("CHANNELS_PRESENCE_TEST_BROKER_URL", REDIS_URL)
 CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"cp-test-{RUN}:"}

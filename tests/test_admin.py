@@ -343,7 +343,14 @@ def test_presence_change_form_shows_the_help_texts(
     )
     assert help_texts(response) == {
         name: help_text(Presence, name)
-        for name in ("room", "channel_name", "user", "last_seen", "joined_at")
+        for name in (
+            "room",
+            "channel_name",
+            "user",
+            "last_seen",
+            "joined_at",
+            "server",
+        )
     }
     assert ALICE in response.content.decode()
 

@@ -29,7 +29,7 @@ def test_room_channel_name_is_a_unique_255_char_field() -> None:
     assert not field.null
 
 
-def test_presence_has_the_fields_of_1_0_0_and_when_it_joined() -> None:
+def test_presence_has_the_fields_of_1_0_0_when_it_joined_and_its_server() -> None:
     assert concrete_field_names(Presence) == {
         "id",
         "room",
@@ -37,7 +37,18 @@ def test_presence_has_the_fields_of_1_0_0_and_when_it_joined() -> None:
         "user",
         "last_seen",
         "joined_at",
+        "server",
     }
+
+
+def test_presence_server_is_an_indexed_optional_string() -> None:
+    field = Presence._meta.get_field("server")
+    assert isinstance(field, models.CharField)
+    assert field.blank
+    assert field.default == ""
+    assert not field.null
+    indexed = {tuple(index.fields) for index in Presence._meta.indexes}
+    assert ("server",) in indexed
 
 
 def test_presence_room_is_a_cascading_foreign_key_to_room() -> None:
