@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -257,7 +258,10 @@ class Daphne:
     def __init__(self) -> None:
         self.port = closed_port()
         self.log = open(  # noqa: SIM115
-            os.path.join(ROOT, f".daphne-{os.getpid()}-{self.port}.log"), "w+"
+            os.path.join(
+                tempfile.gettempdir(), f"cp-daphne-{os.getpid()}-{self.port}.log"
+            ),
+            "w+",
         )
         self.process = subprocess.Popen(
             [
