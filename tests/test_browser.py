@@ -18,10 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -38,7 +35,13 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from channels_presence.models import Presence, Room
 from tests.helpers import closed_port, set_last_seen_back, wait_until
-from tests.workers import celery_beat, celery_worker, environment, purge_queue
+from tests.workers import (
+    OutputProcess,
+    celery_beat,
+    celery_worker,
+    environment,
+    purge_queue,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -72,13 +75,12 @@ def _chromium_or_skip() -> None:
 
 
 class Daphne:
-    """``daphne example.asgi:application`` on a port, with the lines it printed."""
+    """``daphne example.asgi:application`` on a port: started, stopped, started."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.lines: list[str] = []
-        self.process: subprocess.Popen[str] | None = None
+        self.runs: list[OutputProcess] = []
 
     def start(self) -> None:
         """Start daphne and wait until it answers HTTP."""
@@ -87,59 +89,38 @@ class Daphne:
 
     def spawn(self) -> None:
         """Start daphne; it answers once :meth:`wait_ready` returns."""
-        self.process = subprocess.Popen(
-            [
-                str(Path(sys.executable).parent / "daphne"),
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "example.asgi:application",
-            ],
-            cwd=ROOT,
-            env=environment(DJANGO_SETTINGS_MODULE=SETTINGS_MODULE),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+        daphne = str(Path(sys.executable).parent / "daphne")
+        command = [daphne, "-b", "127.0.0.1", "-p", str(self.port)]
+        self.runs.append(
+            OutputProcess(
+                [*command, "example.asgi:application"],
+                environment(DJANGO_SETTINGS_MODULE=SETTINGS_MODULE),
+            )
         )
-        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
 
     def wait_ready(self) -> None:
         """Block until daphne answers HTTP; fail if it exits or takes 30 s."""
-        assert self.process is not None
+        process = self.runs[-1].process
         deadline = time.monotonic() + 30
         while True:
             try:
                 with urllib.request.urlopen(self.url + "/", timeout=2):
                     return
             except OSError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
+                if time.monotonic() > deadline or process.poll() is not None:
                     self.stop()
                     raise RuntimeError(
                         "daphne did not start:\n" + self.output()
                     ) from None
                 time.sleep(0.1)
 
-    def _read(self, process: subprocess.Popen[str]) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
     def stop(self) -> None:
         """SIGTERM, as a deployment stops it."""
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(15)
-        self.process = None
+        self.runs[-1].stop()
 
     def output(self) -> str:
-        """Everything daphne printed so far."""
-        return "\n".join(self.lines)
+        """Everything daphne printed so far, run after run."""
+        return "\n".join(run.output() for run in self.runs)
 
 
 @pytest.fixture

@@ -12,13 +12,13 @@ The demo does not use the test database: it runs in the SQLite run of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,6 +29,7 @@ import pytest
 
 from tests.helpers import closed_port
 from tests.test_outbox import ThrowawayRedis
+from tests.workers import OutputProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Seconds a run may take to answer: migrate a new SQLite file, start three
@@ -50,30 +51,13 @@ def redis_url() -> Iterator[str]:
     server.stop()
 
 
-class Demo:
+class Demo(OutputProcess):
     """``python3 dev.py demo`` running, with what it printed."""
 
     def __init__(self, env: dict[str, str]) -> None:
-        self.lines: list[str] = []
-        self.process = subprocess.Popen(
-            [sys.executable, "dev.py", "demo"],
-            cwd=ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+        super().__init__(
+            [sys.executable, "dev.py", "demo"], env, stdin=subprocess.DEVNULL
         )
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def output(self) -> str:
-        return "\n".join(self.lines)
 
     def wait_for(self, text: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -82,15 +66,13 @@ class Demo:
             assert time.monotonic() < deadline, f"no {text!r}:\n{self.output()}"
             time.sleep(0.1)
 
-    def stop(self, signum: int) -> int:
+    def stopped_by(self, signum: int) -> int:
+        """Send ``signum`` to dev.py alone, as a terminal's Ctrl-C would; its code."""
         self.process.send_signal(signum)
         try:
-            code = self.process.wait(STOP_TIMEOUT)
+            return self.process.wait(STOP_TIMEOUT)
         finally:
-            if self.process.poll() is None:
-                self.process.kill()
-        self._reader.join(STOP_TIMEOUT)
-        return code
+            self.stop()  # if need be; and the last of its output is read
 
 
 def descendants(pid: int) -> dict[int, str]:
@@ -171,11 +153,17 @@ def test_the_demo_runs_the_site_twice_in_a_row_and_a_signal_stops_it_all(
             ):
                 assert program in commands, f"run {run}: no {program} in {commands}"
         except BaseException:
-            demo.process.kill()
+            # honcho runs in a session of its own: each process goes by its pid.
+            for pid in descendants(demo.process.pid):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            demo.kill()
             print(f"--- run {run} ---\n{demo.output()}")
             raise
-        assert demo.stop(signum) == 0, demo.output()
+        assert demo.stopped_by(signum) == 0, demo.output()
         left = {pid: command for pid, command in processes.items() if alive(pid)}
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
         assert not left, f"run {run}: still running after {signum!r}: {left}"
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0, "the port still answers"

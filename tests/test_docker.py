@@ -49,7 +49,7 @@ def procfile() -> dict[str, list[str]]:
         if line.strip():
             name, command = line.split(":", 1)
             expanded = re.sub(
-                r"\$\{(\w+):-[^}]*\}", lambda m: values[m.group(1)], command
+                r"\$\{(\w+):-[^}]*\}", lambda m: values[str(m.group(1))], command
             )
             commands[name] = shlex.split(expanded)
     return commands
