@@ -15,3 +15,8 @@ CELERY_BROKER_URL = suite.CELERY_BROKER_URL
 CELERY_BROKER_TRANSPORT_OPTIONS = suite.CELERY_BROKER_TRANSPORT_OPTIONS
 CELERY_TASK_DEFAULT_QUEUE = suite.CELERY_TASK_DEFAULT_QUEUE
 DEBUG = False
+
+# Heartbeats 50 s apart: within the browser test, a socket that joins again
+# after its prune does so because presence.js heard presence.expired, not at
+# its next heartbeat.
+CHANNELS_PRESENCE_TOUCH_INTERVAL = 50

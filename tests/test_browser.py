@@ -204,6 +204,10 @@ async def test_two_users_see_each_other_come_and_go_and_beat_prunes_the_stale(
     # B is in the room first; its own join, applied by the worker, lists it.
     page_b = await _log_in(browser, site, "bob")
     await expect(page_b.locator("#status")).to_have_attribute("data-status", "open")
+    # Its heartbeat comes at the server's touch interval (tests/example_settings).
+    await expect(page_b.locator("main")).to_have_attribute(
+        "data-heartbeat-interval", "50"
+    )
     await expect(_member(page_b, "bob")).to_have_count(1, timeout=SLOW)
 
     # A joins: B shows A within 5 s, and A sees both.
