@@ -254,3 +254,18 @@ async def test_a_message_that_is_not_chat_is_ignored(alice: Any, content: Any) -
         assert (await _next(sender))["message"] == "after"
     finally:
         await sender.disconnect()
+
+
+def test_the_demo_superuser_sees_rooms_presences_and_the_prune_schedule(
+    client: Client, alice: Any
+) -> None:
+    call_command("demo_users", stdout=StringIO())
+    Room.objects.add("kitchen", "test.x!a", alice)
+    assert client.login(username="admin", password="admin-demo")
+    rooms = client.get("/admin/channels_presence/room/")
+    assert rooms.status_code == 200
+    assert "kitchen" in rooms.content.decode()
+    presences = client.get("/admin/channels_presence/presence/")
+    assert "test.x!a" in presences.content.decode()
+    schedule = client.get("/admin/django_celery_beat/periodictask/")
+    assert "channels_presence: prune stale presences" in schedule.content.decode()
