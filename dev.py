@@ -50,21 +50,27 @@ def say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def ensure_venv() -> None:
-    """Create .venv and install .[test] into it, again only when pyproject changes."""
+def ensure_venv(extra: str = "test") -> None:
+    """Create .venv and install .[extra] into it, again only when pyproject changes.
+
+    The test extra holds the demo's, so a virtualenv made for the tests serves
+    the demo as it is; one made for the demo gets the test tools added.
+    """
     if not PYTHON.exists():
         say(f"creating a virtualenv in {VENV}")
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     stamp = VENV / ".installed"
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if stamp.exists() and stamp.read_text() == wanted:
+    # The stamp: pyproject's hash, then the extra installed (test when absent).
+    installed = stamp.read_text().split() if stamp.exists() else []
+    if installed[:1] == [wanted] and (installed[1:] or ["test"])[0] in {extra, "test"}:
         return
-    say("installing channels_presence and its test tools into .venv")
+    say(f"installing channels_presence and its {extra} tools into .venv")
     subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]"],
+        [str(PYTHON), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[{extra}]"],
         check=True,
     )
-    stamp.write_text(wanted)
+    stamp.write_text(f"{wanted} {extra}")
 
 
 def redis_answers(url: str) -> bool:
@@ -252,7 +258,7 @@ def demo(args: list[str]) -> int:
             f"Port {port} is in use (another demo?): stop that, or choose a free "
             f"port, e.g. PORT={port + 1} python3 dev.py demo"
         )
-    ensure_venv()
+    ensure_venv("demo")
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),

@@ -156,8 +156,8 @@ def test_what_the_dockerfile_copies_and_installs_exists() -> None:
     installs = [
         value for kind, value in instructions if kind == "RUN" and "pip" in value
     ]
-    assert installs == ['pip install ".[demo]"']
-    assert "demo" in extras
+    assert installs == ['pip install ".[example]"']
+    assert "example" in extras
     cmd = dict(instructions)["CMD"]
     assert cmd == (
         '["daphne", "-b", "0.0.0.0", "-p", "8000", "example.asgi:application"]'
