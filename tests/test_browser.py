@@ -23,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from django_celery_beat.models import IntervalSchedule, PeriodicTask
 from channels_presence.models import Presence, Room
 from tests.helpers import closed_port, set_last_seen_back, wait_until
 from tests.workers import (
+    CeleryProcess,
     OutputProcess,
     celery_beat,
     celery_worker,
@@ -123,8 +125,25 @@ class Daphne:
         return "\n".join(run.output() for run in self.runs)
 
 
+@dataclass
+class Stack:
+    """daphne, a worker and beat, running."""
+
+    daphne: Daphne
+    worker: CeleryProcess
+    beat: CeleryProcess
+
+    def output(self) -> str:
+        """What each of them printed."""
+        return (
+            f"--- daphne ---\n{self.daphne.output()}\n"
+            f"--- worker ---\n{self.worker.output()}\n"
+            f"--- beat ---\n{self.beat.output()}"
+        )
+
+
 @pytest.fixture
-def stack() -> Iterator[Daphne]:
+def stack() -> Iterator[Stack]:
     """daphne, a worker and beat (pruning every second), on the test database."""
     _chromium_or_skip()
     prune = PeriodicTask.objects.get(task="channels_presence.tasks.prune_presences")
@@ -134,18 +153,18 @@ def stack() -> Iterator[Daphne]:
     prune.save()
     purge_queue()
     daphne = Daphne(closed_port())
-    with ExitStack() as stack:
+    with ExitStack() as running:
         # daphne starts while the worker and beat do.
         daphne.spawn()
-        stack.callback(daphne.stop)
-        stack.enter_context(celery_worker(DJANGO_SETTINGS_MODULE=SETTINGS_MODULE))
-        stack.enter_context(celery_beat(DJANGO_SETTINGS_MODULE=SETTINGS_MODULE))
+        running.callback(daphne.stop)
+        worker = running.enter_context(
+            celery_worker(DJANGO_SETTINGS_MODULE=SETTINGS_MODULE)
+        )
+        beat = running.enter_context(
+            celery_beat(DJANGO_SETTINGS_MODULE=SETTINGS_MODULE)
+        )
         daphne.wait_ready()
-        try:
-            yield daphne
-        except BaseException:
-            print(f"--- daphne output ---\n{daphne.output()}")
-            raise
+        yield Stack(daphne, worker, beat)
     purge_queue()
 
 
@@ -192,14 +211,23 @@ async def _joined_at(channel_name: str) -> datetime | None:
 
 @pytest.mark.django_db(transaction=True)
 async def test_two_users_see_each_other_come_and_go_and_beat_prunes_the_stale(
-    stack: Daphne, browser: Any, tmp_path: Path
+    stack: Stack, browser: Any, tmp_path: Path
 ) -> None:
+    try:
+        await _two_users_in_a_room(stack.daphne, browser, tmp_path)
+    except BaseException:
+        # What the three processes did, shown with the failure.
+        print(stack.output())
+        raise
+
+
+async def _two_users_in_a_room(daphne: Daphne, browser: Any, tmp_path: Path) -> None:
     from playwright.async_api import expect
 
     users = get_user_model().objects
     for name in ("alice", "bob", "carol"):
         await sync_to_async(users.create_user)(name, password=PASSWORD)
-    site = stack.url
+    site = daphne.url
 
     # B is in the room first; its own join, applied by the worker, lists it.
     page_b = await _log_in(browser, site, "bob")
@@ -212,7 +240,9 @@ async def test_two_users_see_each_other_come_and_go_and_beat_prunes_the_stale(
 
     # A joins: B shows A within 5 s, and A sees both.
     page_a = await _log_in(browser, site, "alice")
+    started = time.monotonic()
     await expect(_member(page_b, "alice")).to_have_count(1, timeout=SHOWN_WITHIN)
+    print(f"B showed A {time.monotonic() - started:.2f} s after A's page loaded")
     await expect(page_a.locator("#members")).to_contain_text("bob")
 
     # An anonymous visitor is counted, not named; the chat reaches the room.
@@ -250,7 +280,9 @@ async def test_two_users_see_each_other_come_and_go_and_beat_prunes_the_stale(
 
     # A closes its page: B shows A gone within 5 s.
     await page_a.close()
+    started = time.monotonic()
     await expect(_member(page_b, "alice")).to_have_count(0, timeout=SHOWN_WITHIN)
+    print(f"B showed A gone {time.monotonic() - started:.2f} s after A closed")
 
     # A presence whose socket went silent (carol's, never touched again) is
     # pruned by beat, and B's list updates.
@@ -271,11 +303,11 @@ async def test_two_users_see_each_other_come_and_go_and_beat_prunes_the_stale(
     await expect(_member(page_b, "bob")).to_have_count(1)
 
     # daphne restarts: B reconnects, with backoff, and joins the room again.
-    await asyncio.to_thread(stack.stop)
+    await asyncio.to_thread(daphne.stop)
     await expect(page_b.locator("#status")).to_have_attribute(
         "data-status", "reconnecting", timeout=SHOWN_WITHIN
     )
-    await asyncio.to_thread(stack.start)
+    await asyncio.to_thread(daphne.start)
     await expect(page_b.locator("#status")).to_have_attribute(
         "data-status", "open", timeout=SLOW
     )
@@ -425,6 +457,21 @@ async def test_presence_js_reconnects_with_backoff_until_closed(page: Any) -> No
     await asyncio.sleep(0.5)
     assert len(page.server.sockets) == 4, "reconnected after close()"
     assert await page.evaluate("room.status") == "closed"
+
+
+async def test_presence_js_backs_off_while_connections_do_not_hold(
+    page: Any,
+) -> None:
+    # Each wait at its ceiling: 0.1, 0.2, 0.4 and 0.8 s before connections 2-5.
+    await page.evaluate("Math.random = () => 0.999999")
+    await _connect(page, minDelay=0.1, maxDelay=10)
+    await _open(page)
+    started = time.monotonic()
+    for connections in range(2, 6):
+        await page.server.sockets[-1].close()
+        await _open(page, connections)
+    # Had each short-lived connection started the backoff over, 0.4 s.
+    assert time.monotonic() - started >= 1.5
 
 
 async def _is_closed(page: Any) -> bool:

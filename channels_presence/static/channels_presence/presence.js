@@ -36,6 +36,9 @@
   "use strict";
 
   var HEARTBEAT = JSON.stringify("heartbeat");
+  // Seconds a connection must stay open before reconnections back off from
+  // the start again.
+  var STABLE_AFTER = 10;
   var DEFAULTS = {
     heartbeatInterval: 15, // seconds; the server's CHANNELS_PRESENCE_TOUCH_INTERVAL
     minDelay: 1, // seconds before the first reconnection, at most
@@ -113,11 +116,18 @@
     }
 
     function open() {
-      setStatus(attempt === 0 ? "connecting" : "reconnecting");
+      if (status === null) {
+        setStatus("connecting");
+      }
       socket = new WebSocket(target);
+      var held = null;
       socket.onopen = function () {
-        attempt = 0;
         setStatus("open");
+        // The backoff starts over only once a connection has held: a server
+        // that accepts and at once closes is not asked again every second.
+        held = setTimeout(function () {
+          attempt = 0;
+        }, STABLE_AFTER * 1000);
         heartbeat = setInterval(function () {
           sendRaw(HEARTBEAT);
         }, settings.heartbeatInterval * 1000);
@@ -143,6 +153,7 @@
         }
       };
       socket.onclose = function () {
+        clearTimeout(held);
         stopTimers();
         socket = null;
         if (closed) {
