@@ -2,13 +2,21 @@
 """Developer commands for channels_presence, with nothing but Python 3.11 needed.
 
     python3 dev.py test [pytest arguments]
+    python3 dev.py demo
 
-makes a virtualenv in .venv, installs the package with its test extra, finds a
+``test`` makes a virtualenv in .venv, installs the package with its test extra, finds a
 Redis (REDIS_URL, else 127.0.0.1:6379, else an embedded one it starts) and a
 PostgreSQL (DATABASE_URL, else postgres://root@127.0.0.1:5432/test), then runs
 ruff, the format check, mypy, ``makemigrations --check`` and the test suite on
 SQLite and on PostgreSQL. PostgreSQL is skipped, with the reason, when it cannot
-be reached, except under CI=true, where that is a failure.
+be reached, except under CI=true, where that is a failure. Under CI=true it also
+installs Debian's Chromium for the real-browser test when /usr/bin/chromium is
+missing.
+
+``demo`` runs the example site on http://127.0.0.1:8000/ (PORT to change it):
+the same virtualenv and Redis, SQLite in example/db.sqlite3 (SQLITE_PATH) unless
+DATABASE_URL is set, ``migrate``, the demo users, then daphne, a celery worker
+and celery beat under honcho (the Procfile), until Ctrl-C stops them all.
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 import venv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -34,27 +43,34 @@ PYTHON = BIN / "python"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/test"
 IN_CI = os.environ.get("CI", "").lower() == "true"
+CHROMIUM = Path("/usr/bin/chromium")
 
 
 def say(message: str) -> None:
     print(f"==> {message}", flush=True)
 
 
-def ensure_venv() -> None:
-    """Create .venv and install .[test] into it, again only when pyproject changes."""
+def ensure_venv(extra: str = "test") -> None:
+    """Create .venv and install .[extra] into it, again only when pyproject changes.
+
+    The test extra holds the demo's, so a virtualenv made for the tests serves
+    the demo as it is; one made for the demo gets the test tools added.
+    """
     if not PYTHON.exists():
         say(f"creating a virtualenv in {VENV}")
         venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
     stamp = VENV / ".installed"
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if stamp.exists() and stamp.read_text() == wanted:
+    # The stamp: pyproject's hash, then the extra installed (test when absent).
+    installed = stamp.read_text().split() if stamp.exists() else []
+    if installed[:1] == [wanted] and (installed[1:] or ["test"])[0] in {extra, "test"}:
         return
-    say("installing channels_presence and its test tools into .venv")
+    say(f"installing channels_presence and its {extra} tools into .venv")
     subprocess.run(
-        [str(PYTHON), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[test]"],
+        [str(PYTHON), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[{extra}]"],
         check=True,
     )
-    stamp.write_text(wanted)
+    stamp.write_text(f"{wanted} {extra}")
 
 
 def redis_answers(url: str) -> bool:
@@ -112,6 +128,8 @@ def redis_server() -> Iterator[str]:
             workdir,
         ],
         stdout=subprocess.DEVNULL,
+        # Not stopped by the terminal's Ctrl-C: it goes last, after what uses it.
+        start_new_session=True,
     )
     url = f"redis://127.0.0.1:{port}/0"
     try:
@@ -161,8 +179,25 @@ def run_step(name: str, command: list[str], env: dict[str, str]) -> bool:
     return ok
 
 
+def ensure_chromium() -> None:
+    """Under CI=true, install Debian's chromium for the browser test if missing."""
+    if not IN_CI or CHROMIUM.exists() or not shutil.which("apt-get"):
+        return
+    say("installing Debian's chromium for the browser test (apt-get, non-interactive)")
+    quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (
+        ["apt-get", "update", "-qq"],
+        ["apt-get", "install", "-y", "-qq", "chromium"],
+    ):
+        done = subprocess.run(command, env=quiet, stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            say(f"FAILED: {' '.join(command)}; the browser test will fail")
+            return
+
+
 def test(pytest_args: list[str]) -> int:
     ensure_venv()
+    ensure_chromium()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
     database, skipped = postgres_url()
@@ -208,11 +243,114 @@ def test(pytest_args: list[str]) -> int:
     return 0 if all(results.values()) else 1
 
 
+def port_in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def demo(args: list[str]) -> int:
+    """Run the example site with a worker and beat until Ctrl-C; see the docstring."""
+    if args:
+        sys.exit("dev.py demo takes no arguments: set PORT, DATABASE_URL or REDIS_URL")
+    port = int(os.environ.get("PORT", "8000"))
+    if port_in_use(port):
+        sys.exit(
+            f"Port {port} is in use (another demo?): stop that, or choose a free "
+            f"port, e.g. PORT={port + 1} python3 dev.py demo"
+        )
+    ensure_venv("demo")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "example.settings",
+        "PORT": str(port),
+        # The Procfile's daphne and celery are the virtualenv's.
+        "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+    }
+    if os.environ.get("DATABASE_URL"):
+        say(f"Database: {os.environ['DATABASE_URL']} (from DATABASE_URL)")
+    else:
+        sqlite = os.environ.get("SQLITE_PATH", str(ROOT / "example" / "db.sqlite3"))
+        env["SQLITE_PATH"] = sqlite
+        say(f"Database: SQLite, {sqlite} (set DATABASE_URL for another)")
+    with redis_server() as redis_url:
+        env["REDIS_URL"] = redis_url
+        manage = [str(PYTHON), str(ROOT / "manage.py")]
+        say("migrate")
+        subprocess.run(
+            [*manage, "migrate", "--no-input", "-v", "0"], env=env, check=True
+        )
+        logins = subprocess.run(
+            [*manage, "demo_users"],
+            env=env,
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        ).stdout
+        say("starting daphne, a celery worker and celery beat under honcho (Procfile)")
+        url = f"http://127.0.0.1:{port}/"
+
+        def ready() -> None:
+            say(f"the demo is up: open {url}")
+            print(logins + "    Ctrl-C stops it all.", flush=True)
+
+        return supervise(
+            [tool("honcho"), "start", "-f", str(ROOT / "Procfile")],
+            env,
+            ready=(port, ready),
+        )
+
+
+def supervise(
+    command: list[str],
+    env: dict[str, str],
+    ready: tuple[int, Callable[[], None]] | None = None,
+) -> int:
+    """Run ``command`` until it ends; SIGINT and SIGTERM go to it, once each.
+
+    It runs in a session of its own so that a terminal's Ctrl-C reaches it only
+    through us, once, and the embedded Redis outlives the processes using it.
+    ``ready``: a port, and what to call once something answers on it.
+    """
+    process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+    stopped_by: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {
+        signum: signal.signal(signum, forward)
+        for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        if ready is not None:
+            port, announce = ready
+            while process.poll() is None and not port_in_use(port):
+                time.sleep(0.1)
+            if process.poll() is None:
+                announce()
+        code = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if stopped_by:
+        say(f"stopped by {signal.Signals(stopped_by[0]).name}")
+        return 0
+    say(f"{Path(command[0]).name} exited with {code}")
+    return code
+
+
+COMMANDS = {"test": test, "demo": demo}
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"test"}:
+    if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         return 2
-    return test(argv[1:])
+    return COMMANDS[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
 from channels_presence.consumers import PresenceConsumerMixin
 
+#: Longer chat messages are cut to this many characters.
+MAX_MESSAGE_LENGTH = 500
+
 
 class RoomConsumer(PresenceConsumerMixin, AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     """Joins the room of its URL; relays chat messages to the room."""
@@ -15,13 +18,21 @@ class RoomConsumer(PresenceConsumerMixin, AsyncJsonWebsocketConsumer):  # type: 
         return [self.scope["url_route"]["kwargs"]["room"]]
 
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
-        """Send a chat message to everyone in the room."""
-        if isinstance(content, dict) and isinstance(content.get("message"), str):
-            room = self.scope["url_route"]["kwargs"]["room"]
-            await self.channel_layer.group_send(
-                room, {"type": "chat.message", "message": content["message"][:500]}
-            )
+        """Send a chat message, ``{"message": "..."}``, to everyone in the room."""
+        if not isinstance(content, dict) or not isinstance(content.get("message"), str):
+            return
+        message = content["message"].strip()[:MAX_MESSAGE_LENGTH]
+        if not message:
+            return
+        user = self.scope.get("user")
+        author = user.get_username() if user and user.is_authenticated else None
+        room = self.scope["url_route"]["kwargs"]["room"]
+        await self.channel_layer.group_send(
+            room, {"type": "chat.message", "message": message, "author": author}
+        )
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         """A chat message of the room, to this socket's browser."""
-        await self.send_json({"type": "chat", "message": event["message"]})
+        await self.send_json(
+            {"type": "chat", "message": event["message"], "author": event["author"]}
+        )

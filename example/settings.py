@@ -1,13 +1,17 @@
 """Settings of the example site, from the environment.
 
 ``REDIS_URL`` (default ``redis://127.0.0.1:6379/0``) is the channel layer and the
-Celery broker; ``DATABASE_URL`` is a ``postgres://`` URL, else a SQLite file
-next to this one. ``SECRET_KEY`` and ``DEBUG`` come from the environment too.
+Celery broker; ``DATABASE_URL`` is any URL dj-database-url reads
+(``postgres://user:password@host:5432/name``), else the database is the SQLite
+file ``SQLITE_PATH`` (default ``example/db.sqlite3``). ``SECRET_KEY``, ``DEBUG``
+and ``ALLOWED_HOSTS`` come from the environment too.
 """
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from typing import Any
+
+import dj_database_url
 
 BASE_DIR = Path(__file__).resolve().parent
 
@@ -58,24 +62,14 @@ TEMPLATES = [
 ]
 
 
-def _database(url: str | None) -> dict[str, object]:
-    if not url:
-        return {
-            "ENGINE": "django.db.backends.sqlite3",
-            "NAME": os.environ.get("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
-            # Writers queue up instead of failing: daphne and the worker share it.
-            "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
-        }
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise ValueError(f"DATABASE_URL must be a postgres:// URL, not {url!r}")
+def _database(url: str | None) -> dict[str, Any]:
+    if url:
+        return dict(dj_database_url.parse(url))
     return {
-        "ENGINE": "django.db.backends.postgresql",
-        "NAME": parts.path.lstrip("/"),
-        "USER": unquote(parts.username or ""),
-        "PASSWORD": unquote(parts.password or ""),
-        "HOST": parts.hostname or "",
-        "PORT": str(parts.port or ""),
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": os.environ.get("SQLITE_PATH", str(BASE_DIR / "db.sqlite3")),
+        # Writers queue up instead of failing: daphne and the worker share it.
+        "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20},
     }
 
 
@@ -84,8 +78,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 USE_TZ = True
 TIME_ZONE = "UTC"
+# Served by example.asgi (Django's ASGIStaticFilesHandler), from the apps'
+# static/ folders: no collectstatic, no front-end build.
 STATIC_URL = "static/"
-LOGIN_URL = "/admin/login/"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "lobby"
+LOGOUT_REDIRECT_URL = "lobby"
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 

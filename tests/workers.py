@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 from django.conf import settings
@@ -32,21 +33,20 @@ START_TIMEOUT = 30
 STOP_TIMEOUT = 15
 
 
-class CeleryProcess:
-    """A running ``celery`` subprocess and the lines it has printed."""
+class OutputProcess:
+    """A subprocess, in a session of its own, and the lines it has printed."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
-        self.name = name
+    def __init__(self, command: list[str], env: dict[str, str], **popen: Any) -> None:
         self.lines: list[str] = []
-        self._ready = threading.Event()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "tasks", *args],
+            command,
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            **popen,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -55,17 +55,14 @@ class CeleryProcess:
         assert self.process.stdout is not None
         for line in self.process.stdout:
             self.lines.append(line.rstrip("\n"))
-            if " ready." in line or "beat: Starting" in line:
-                self._ready.set()
-        self._ready.set()
+            self.saw(self.lines[-1])
+        self.ended()
 
-    def wait_ready(self) -> None:
-        """Block until the process says it is ready; fail if it exits instead."""
-        if not self._ready.wait(START_TIMEOUT) or self.process.poll() is not None:
-            self.stop()
-            raise RuntimeError(
-                f"celery {self.name} did not start:\n" + "\n".join(self.lines[-40:])
-            )
+    def saw(self, line: str) -> None:
+        """Called with each line the process prints, as it comes."""
+
+    def ended(self) -> None:
+        """Called once the process has closed its output."""
 
     def output(self) -> str:
         """Everything the process printed so far."""
@@ -86,6 +83,32 @@ class CeleryProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
         self._reader.join(STOP_TIMEOUT)
+
+
+class CeleryProcess(OutputProcess):
+    """A running ``celery`` subprocess and the lines it has printed."""
+
+    def __init__(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self._ready = threading.Event()
+        super().__init__([sys.executable, "-m", "celery", "-A", "tasks", *args], env)
+
+    def saw(self, line: str) -> None:
+        """A worker or beat says when it is ready."""
+        if " ready." in line or "beat: Starting" in line:
+            self._ready.set()
+
+    def ended(self) -> None:
+        """A process that ended is as ready as it will ever be."""
+        self._ready.set()
+
+    def wait_ready(self) -> None:
+        """Block until the process says it is ready; fail if it exits instead."""
+        if not self._ready.wait(START_TIMEOUT) or self.process.poll() is not None:
+            self.stop()
+            raise RuntimeError(
+                f"celery {self.name} did not start:\n" + "\n".join(self.lines[-40:])
+            )
 
 
 def environment(**extra: str) -> dict[str, str]:
