@@ -14,6 +14,7 @@ the time after which the broker gives a dead worker's tasks to another.
 import os
 import tempfile
 import uuid
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 SECRET_KEY = "channels-presence-tests"
@@ -110,7 +111,7 @@ CHANNEL_LAYERS = {
 CHANNELS_PRESENCE_USE_CELERY = False
 
 CELERY_BROKER_URL = os.environ.get("CHANNELS_PRESENCE_TEST_BROKER_URL", REDIS_URL)
-CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object] = {
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
     "global_keyprefix": f"cp-test-{RUN}:"
 }
 if os.environ.get("CHANNELS_PRESENCE_TEST_VISIBILITY_TIMEOUT"):

@@ -105,13 +105,13 @@ def writers_blocked() -> Iterator[None]:
             blocker.execute("SELECT pg_advisory_lock(%s)", [operations.EVERY_SOCKET])
             yield
         return
-    blocker = sqlite3.connect(connection.settings_dict["NAME"], timeout=20)
+    writer = sqlite3.connect(connection.settings_dict["NAME"], timeout=20)
     try:
-        blocker.execute("BEGIN IMMEDIATE")
+        writer.execute("BEGIN IMMEDIATE")
         yield
-        blocker.rollback()
+        writer.rollback()
     finally:
-        blocker.close()
+        writer.close()
 
 
 @asynccontextmanager
