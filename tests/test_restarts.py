@@ -1,0 +1,374 @@
+# mypy: disallow-subclassing-any=False
+"""Redis, and PostgreSQL, restarted while sockets come and go.
+
+Each test starts a server of its own (``tests/servers.py``), puts load on it
+with consumers in this process, in Celery mode, and a real worker, kills the
+server with SIGKILL for a few seconds while the load goes on, starts it again
+on the same port, and checks that no socket handler raised or hung, that the
+outage was logged, and that the rows match the sockets again within a stated
+time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+from channels.generic.websocket import AsyncWebsocketConsumer, WebsocketConsumer
+from django.conf import settings
+from django.test import override_settings
+
+from channels_presence import dispatch, outbox
+from channels_presence.consumers import PresenceConsumerMixin
+from channels_presence.decorators import add_presence, remove_presence, touch_presence
+from channels_presence.dispatch import HEARTBEAT_FRAME as HEARTBEAT
+from channels_presence.groups import events_group
+from channels_presence.outbox import Outbox
+from tests.consumers import (
+    AsyncJsonEchoConsumer,
+    Client,
+    JsonEchoConsumer,
+    channel_of,
+    note_channel,
+)
+from tests.helpers import TIMEOUT
+from tests.servers import ThrowawayRedis, throwaway_redis
+from tests.test_pipeline import rows
+from tests.workers import celery_worker
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+#: Seconds the server stays down.
+OUTAGE = 3
+#: Seconds, after the server is back, within which the rows match the sockets.
+CONVERGENCE = 20
+#: Seconds any one handler call (a connect, a frame, a disconnect) may take.
+HANDLER_BOUND = 1.0
+
+
+# Consumers of every kind: the mixin (async and sync) and the decorators (sync
+# and async). Each notes its channel name, and echoes every frame.
+
+
+class MixinConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
+    presence_rooms = ["lobby"]
+
+    async def connect(self):
+        note_channel(self)
+        await super().connect()
+
+
+class SyncMixinConsumer(PresenceConsumerMixin, JsonEchoConsumer):
+    presence_rooms = ["lobby"]
+
+    def connect(self):
+        note_channel(self)
+        super().connect()
+
+
+class DecoratedConsumer(WebsocketConsumer):
+    @add_presence("lobby")
+    def connect(self):
+        note_channel(self)
+        self.accept()
+
+    @touch_presence
+    def receive(self, text_data=None, bytes_data=None):
+        self.send(text_data=json.dumps({"type": "echo", "text": text_data}))
+
+    @remove_presence
+    def disconnect(self, code):
+        pass
+
+
+class AsyncDecoratedConsumer(AsyncWebsocketConsumer):
+    @add_presence("lobby")
+    async def connect(self):
+        note_channel(self)
+        await self.accept()
+
+    @touch_presence
+    async def receive(self, text_data=None, bytes_data=None):
+        await self.send(text_data=json.dumps({"type": "echo", "text": text_data}))
+
+    @remove_presence
+    async def disconnect(self, code):
+        pass
+
+
+KINDS = [MixinConsumer, SyncMixinConsumer, DecoratedConsumer, AsyncDecoratedConsumer]
+
+
+# The load.
+
+
+def killed_by_the_channel_layer(error: BaseException) -> bool:
+    """Whether ``error`` came out of Channels' receive from the channel layer.
+
+    Channels runs a consumer's channel-layer receive beside its websocket
+    receive; when Redis goes away it raises, and the consumer dies (the server
+    closes the socket, code 1011, and the browser connects again). That is
+    Channels' own behaviour, not a presence handler failing.
+    """
+    frames = traceback.extract_tb(error.__traceback__)
+    return (
+        isinstance(error, redis.RedisError | OSError)
+        and any(frame.name == "await_many_dispatch" for frame in frames)
+        # Not raised by a presence handler, which Channels awaits there too.
+        and not any(
+            "/channels_presence/" in frame.filename and frame.name != "__call__"
+            for frame in frames
+        )
+    )
+
+
+@dataclass
+class Load:
+    """Sockets connecting, sending and leaving in a loop, each call timed.
+
+    A socket whose consumer died connects again, as a browser would.
+    """
+
+    clients: list[Client] = field(default_factory=list)
+    slowest: float = 0.0
+    calls: int = 0
+    connects: int = 0
+    disconnects: int = 0
+    #: Sockets whose consumer the channel layer's outage killed.
+    dropped: dict[str, type] = field(default_factory=dict)
+    #: Handler calls that raised, or took longer than HANDLER_BOUND.
+    failures: list[str] = field(default_factory=list)
+
+    async def timed(self, client: Client, what: str, call: Callable[[], Any]) -> Any:
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(TIMEOUT):
+                return await call()
+        finally:
+            took = time.monotonic() - started
+            self.calls += 1
+            # A consumer that died meanwhile is waited for until the timeout:
+            # the communicator only looks at the application when it does.
+            if not client.future.done():
+                self.slowest = max(self.slowest, took)
+                if took > HANDLER_BOUND:
+                    self.failures.append(f"{what} took {took:.2f} s")
+
+    async def connect(self, kind: Any) -> None:
+        client = Client(kind.as_asgi())
+        client.scope["kind"] = kind
+        try:
+            accepted, _ = await self.timed(
+                client, f"connect {kind.__name__}", client.connect
+            )
+        except Exception as error:
+            self._died(client, error)
+            return
+        assert accepted
+        self.clients.append(client)
+        self.connects += 1
+
+    async def step(self, n: int) -> None:
+        """Every client sends a heartbeat and a frame; one socket leaves, one comes."""
+        for client in list(self.clients):
+            try:
+                await self.timed(
+                    client, "heartbeat", partial(client.send_to, HEARTBEAT)
+                )
+                await self.timed(
+                    client, "frame", partial(client.answer, f'"frame {n}"')
+                )
+            except Exception as error:
+                self.clients.remove(client)
+                self._died(client, error)
+                await self.connect(client.scope["kind"])
+        if n % 2 == 0 and self.clients:
+            leaving = self.clients.pop(0)
+            try:
+                await self.timed(leaving, "disconnect", leaving.disconnect)
+            except Exception as error:
+                self._died(leaving, error)
+            else:
+                self.disconnects += 1
+        while len(self.clients) < len(KINDS):
+            await self.connect(KINDS[n % len(KINDS)])
+            n += 1
+
+    def _died(self, client: Client, error: BaseException) -> None:
+        client.closed = True
+        future = client.future
+        if future.done() and not future.cancelled() and future.exception():
+            # What the application died of, rather than how the test noticed.
+            error = future.exception() or error
+        if killed_by_the_channel_layer(error):
+            for call in client.calls:
+                if call[0] == "channel":
+                    self.dropped[call[1]] = client.scope["kind"]
+        else:
+            frames = traceback.format_exception(error)
+            self.failures.append(
+                f"{client.scope['kind'].__name__}: {error!r}\n{''.join(frames)}"
+            )
+
+    def sockets(self, *kinds: type) -> set[str]:
+        """The sockets connected now (of ``kinds``, else all)."""
+        return {
+            channel_of(client)
+            for client in self.clients
+            if not kinds or client.scope["kind"] in kinds
+        }
+
+    async def close(self) -> None:
+        for client in self.clients:
+            if not client.closed:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+
+
+async def loaded(load: Load, seconds: float, pause: float = 0.05) -> None:
+    """Run the load for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < deadline:
+        n += 1
+        await load.step(n)
+        await asyncio.sleep(pause)
+
+
+def layer_members(server: ThrowawayRedis, group: str) -> set[str]:
+    """The channel names in ``group`` on the throwaway server's channel layer."""
+    from channels.layers import get_channel_layer
+
+    layer: Any = get_channel_layer()
+    client = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        return set(client.zrange(layer._group_key(group), 0, -1))  # type: ignore[arg-type]
+    finally:
+        client.close()
+
+
+@contextmanager
+def on_redis(server: ThrowawayRedis) -> Iterator[None]:
+    """This process's channel layer and outbox on ``server``, in Celery mode."""
+    app = Celery("restarts", set_as_current=False)
+    app.config_from_object("django.conf:settings", namespace="CELERY")
+    app.conf.update(broker_url=server.url)
+    box = Outbox(app, retry_interval=0.1, exit_timeout=1.0)
+    default: dict[str, Any] = settings.CHANNEL_LAYERS["default"]
+    layers = {
+        "default": {
+            **default,
+            "CONFIG": {
+                **default["CONFIG"],
+                "hosts": [server.url],
+            },
+        }
+    }
+    saved = outbox.default
+    outbox.default = box
+    try:
+        with override_settings(
+            CHANNEL_LAYERS=layers,
+            CHANNELS_PRESENCE_USE_CELERY=True,
+            CHANNELS_PRESENCE_TOUCH_INTERVAL=0.5,
+            CHANNELS_PRESENCE_FLUSH_INTERVAL=0.2,
+        ):
+            yield
+    finally:
+        box.close()
+        outbox.default = saved
+        dispatch.outage.failing.clear()
+
+
+async def test_redis_restarted_under_load_handlers_keep_working_and_presence_converges(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="channels_presence")
+    with (
+        throwaway_redis() as server,
+        on_redis(server),
+        celery_worker(
+            "restarts",
+            REDIS_URL=server.url,
+            CHANNELS_PRESENCE_TEST_BROKER_URL=server.url,
+        ),
+    ):
+        load = Load()
+        try:
+            await loaded(load, 2)
+            await _converged(load, server)
+            server.stop()
+            await loaded(load, OUTAGE)
+            server.start()
+            back = time.monotonic()
+            # Without a prune: each live socket has its row and its groups.
+            # Rows may remain of sockets gone: decorated ones that died
+            # (Channels ran no disconnect handler), and those whose
+            # leave was in the broker when it died.
+            ghosts = await _converged(load, server, ghosts=True)
+            converged = time.monotonic() - back
+            # The prune removes those: beat's, stood in for here by one
+            # with an age shorter than MAX_AGE but longer than any live
+            # socket's silence (it touches every TOUCH_INTERVAL).
+            await asyncio.sleep(max(0.0, PRUNE_AGE - (time.monotonic() - back)))
+            outbox.default.send(PRUNE, age=PRUNE_AGE)
+            await _converged(load, server)
+            pruned = time.monotonic() - back
+            assert load.failures == []
+        finally:
+            await load.close()
+    print(
+        f"Redis restart: converged {converged:.1f} s after the restart but for "
+        f"{len(ghosts)} ghosts, {pruned:.1f} s with the "
+        f"prune; {load.calls} handler calls, slowest {load.slowest:.3f} s; "
+        f"{len(load.dropped)} sockets dropped by Channels, {load.connects} connects"
+    )
+    assert load.dropped, "the outage dropped no socket: was the server down?"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("the channel layer is unavailable" in m for m in errors), errors
+    assert any("presence outbox: the broker is unavailable" in m for m in errors)
+
+
+PRUNE = "channels_presence.tasks.prune_presences"
+#: The age of the prune that stands in for beat's.
+PRUNE_AGE = 3.0
+MIXINS = (MixinConsumer, SyncMixinConsumer)
+
+
+async def _converged(
+    load: Load, server: ThrowawayRedis, *, ghosts: bool = False
+) -> set[str]:
+    """Go on until the rows and the groups match the sockets; return the ghosts.
+
+    With ``ghosts``, rows of sockets that are gone (ghosts) may remain.
+    """
+    deadline = time.monotonic() + CONVERGENCE
+    while True:
+        live = load.sockets()
+        found = {name for room, name in await rows()}
+        grouped = layer_members(server, "lobby")
+        if (
+            (live <= found if ghosts else live == found)
+            and grouped == live
+            and layer_members(server, events_group("lobby")) == load.sockets(*MIXINS)
+        ):
+            return found - live
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"not converged: rows {found}, sockets {live}, group {grouped}"
+            )
+        # Heartbeats and frames go on; sockets only come back, none leaves.
+        await load.step(1)
+        await asyncio.sleep(0.1)
