@@ -43,9 +43,9 @@ from tests.consumers import (
     channel_of,
     note_channel,
 )
-from tests.helpers import TIMEOUT
+from tests.helpers import TIMEOUT, wait_until
 from tests.servers import ThrowawayRedis, throwaway_redis
-from tests.test_pipeline import rows
+from tests.test_pipeline import rows, rows_are
 from tests.workers import celery_worker
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -372,3 +372,24 @@ async def _converged(
         # Heartbeats and frames go on; sockets only come back, none leaves.
         await load.step(1)
         await asyncio.sleep(0.1)
+
+
+async def test_a_mixin_consumer_that_its_channel_layer_kills_leaves_its_rooms(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Inline, so that the leave is applied as the consumer dies.
+    with (
+        throwaway_redis() as server,
+        on_redis(server),
+        override_settings(CHANNELS_PRESENCE_USE_CELERY=False),
+    ):
+        client = Client(MixinConsumer.as_asgi())
+        assert (await client.connect(TIMEOUT))[0]
+        name = channel_of(client)
+        await wait_until(lambda: rows_are({("lobby", name)}))
+        server.stop()
+        with pytest.raises(redis.ConnectionError):
+            await client.wait(TIMEOUT)
+        server.start()
+    assert await rows() == set()
+    assert "presence leave failed: the channel layer is unavailable" in caplog.text
