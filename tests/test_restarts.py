@@ -15,6 +15,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -23,11 +25,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 from celery import Celery
 from channels.generic.websocket import AsyncWebsocketConsumer, WebsocketConsumer
 from django.conf import settings
+from django.db import connection
 from django.test import override_settings
 
 from channels_presence import dispatch, outbox
@@ -43,10 +47,16 @@ from tests.consumers import (
     channel_of,
     note_channel,
 )
-from tests.helpers import TIMEOUT, wait_until
-from tests.servers import ThrowawayRedis, throwaway_redis
+from tests.helpers import TIMEOUT, celery_mode, group_members, wait_until
+from tests.servers import (
+    ThrowawayPostgres,
+    ThrowawayRedis,
+    postgres_bin,
+    throwaway_postgres,
+    throwaway_redis,
+)
 from tests.test_pipeline import rows, rows_are
-from tests.workers import celery_worker
+from tests.workers import celery_worker, environment
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -393,3 +403,100 @@ async def test_a_mixin_consumer_that_its_channel_layer_kills_leaves_its_rooms(
         server.start()
     assert await rows() == set()
     assert "presence leave failed: the channel layer is unavailable" in caplog.text
+
+
+# PostgreSQL.
+
+
+@pytest.fixture
+def postgres() -> Iterator[ThrowawayPostgres]:
+    """A throwaway PostgreSQL cluster with a migrated database, ``presence``."""
+    if connection.vendor != "postgresql":
+        pytest.skip(
+            "runs in the PostgreSQL pass only: it starts a PostgreSQL of its own "
+            "whatever the suite's database, and once is enough"
+        )
+    if postgres_bin() is None:
+        pytest.skip("PostgreSQL's initdb is not installed: no server to restart")
+    with throwaway_postgres() as server:
+        with psycopg.connect(server.dsn(), autocommit=True) as admin:
+            admin.execute("CREATE DATABASE presence")
+        migrate = subprocess.run(
+            [sys.executable, "-m", "django", "migrate", "-v", "0"],
+            env=environment(**on_postgres(server)),
+            capture_output=True,
+            text=True,
+        )
+        assert migrate.returncode == 0, migrate.stderr
+        yield server
+
+
+def on_postgres(server: ThrowawayPostgres) -> dict[str, str]:
+    """The environment of a worker on the throwaway server's database."""
+    return {
+        "DATABASE_URL": server.url("presence"),
+        "CHANNELS_PRESENCE_TEST_DATABASE": "presence",
+    }
+
+
+def pg_rows(server: ThrowawayPostgres) -> set[tuple[str, str]] | None:
+    """Every presence on the throwaway server, as (room, socket); None if it is down."""
+    try:
+        with psycopg.connect(server.dsn("presence"), connect_timeout=2) as reader:
+            found = reader.execute(
+                "SELECT r.channel_name, p.channel_name "
+                "FROM channels_presence_presence p "
+                "JOIN channels_presence_room r ON r.id = p.room_id"
+            ).fetchall()
+    except psycopg.OperationalError:
+        return None
+    return {(room, name) for room, name in found}
+
+
+async def test_postgresql_restarted_under_load_the_workers_catch_up(
+    postgres: ThrowawayPostgres,
+) -> None:
+    with (
+        celery_mode(),
+        override_settings(
+            CHANNELS_PRESENCE_TOUCH_INTERVAL=0.5, CHANNELS_PRESENCE_FLUSH_INTERVAL=0.2
+        ),
+        celery_worker("pg-restarts", **on_postgres(postgres)) as worker,
+    ):
+        load = Load()
+        try:
+            await loaded(load, 2)
+            await _rows_follow(load, postgres)
+            postgres.stop()
+            await loaded(load, OUTAGE)
+            postgres.start()
+            back = time.monotonic()
+            await loaded(load, 1)
+            await _rows_follow(load, postgres)
+            converged = time.monotonic() - back
+            assert load.failures == []
+        finally:
+            await load.close()
+        await _rows_follow(load, postgres)
+        # The worker's tasks failed while the server was down, and retried.
+        assert "OperationalError" in worker.output()
+        assert "Retry in" in worker.output()
+    print(
+        f"PostgreSQL restart: converged {converged:.1f} s after the restart; "
+        f"{load.calls} handler calls, slowest {load.slowest:.3f} s, "
+        f"{load.connects} connects, {load.disconnects} disconnects"
+    )
+
+
+async def _rows_follow(load: Load, server: ThrowawayPostgres) -> None:
+    """Go on until the rows, and the groups, are the sockets'."""
+    deadline = time.monotonic() + CONVERGENCE
+    while True:
+        expected = {("lobby", name) for name in load.sockets()}
+        found = await asyncio.to_thread(pg_rows, server)
+        if found == expected and group_members("lobby") == load.sockets():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"rows {found} are not the sockets' {expected}")
+        await load.step(1)
+        await asyncio.sleep(0.1)
