@@ -461,7 +461,11 @@ async def test_postgresql_restarted_under_load_the_workers_catch_up(
         override_settings(
             CHANNELS_PRESENCE_TOUCH_INTERVAL=0.5, CHANNELS_PRESENCE_FLUSH_INTERVAL=0.2
         ),
-        celery_worker("pg-restarts", **on_postgres(postgres)) as worker,
+        celery_worker(
+            "pg-restarts",
+            DATABASE_URL=postgres.url("presence"),
+            CHANNELS_PRESENCE_TEST_DATABASE="presence",
+        ) as worker,
     ):
         load = Load()
         try:
