@@ -20,7 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +36,19 @@ from tests.helpers import closed_port
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 #: Seconds a server may take to answer once started.
 START_TIMEOUT = 20
+
+
+def _answers(process: subprocess.Popen[bytes], probe: Callable[[], None]) -> bool:
+    """Whether the server ``process`` answers ``probe`` within START_TIMEOUT."""
+    deadline = time.monotonic() + START_TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            probe()
+        except (redis.ConnectionError, psycopg.OperationalError):
+            time.sleep(0.02)
+        else:
+            return True
+    return False
 
 
 # Redis.
@@ -76,19 +89,13 @@ class ThrowawayRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(
-                        f"redis-server did not start on {self.port}"
-                    ) from None
-                time.sleep(0.02)
+        if not _answers(self.process, self._ping):
+            self.stop()
+            raise RuntimeError(f"redis-server did not start on {self.port}")
+
+    def _ping(self) -> None:
+        with self.client() as client:
+            client.ping()
 
     def stop(self) -> None:
         """Stop the server with SIGKILL; whatever it held is gone."""
@@ -223,18 +230,11 @@ class ThrowawayPostgres:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            try:
-                psycopg.connect(self.dsn(), connect_timeout=2).close()
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(
-                        f"postgres did not start on {self.port}"
-                    ) from None
-                time.sleep(0.05)
+        if not _answers(
+            self.process, lambda: psycopg.connect(self.dsn(), connect_timeout=2).close()
+        ):
+            self.stop()
+            raise RuntimeError(f"postgres did not start on {self.port}")
 
     def stop(self) -> None:
         """Stop the server with SIGKILL, as a crash would; it recovers at start."""

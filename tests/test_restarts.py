@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -257,6 +257,23 @@ async def loaded(load: Load, seconds: float, pause: float = 0.05) -> None:
         await asyncio.sleep(pause)
 
 
+async def restarted_under_load(
+    load: Load,
+    server: ThrowawayRedis | ThrowawayPostgres,
+    converged: Callable[[], Awaitable[Any]],
+) -> float:
+    """Load, until ``converged()``; kill ``server`` for OUTAGE s under load; start it.
+
+    Returns when the server answers again, the ``time.monotonic()`` of then.
+    """
+    await loaded(load, 2)
+    await converged()
+    server.stop()
+    await loaded(load, OUTAGE)
+    server.start()
+    return time.monotonic()
+
+
 def layer_members(server: ThrowawayRedis, group: str) -> set[str]:
     """The channel names in ``group`` on the throwaway server's channel layer."""
     from channels.layers import get_channel_layer
@@ -317,12 +334,9 @@ async def test_redis_restarted_under_load_handlers_keep_working_and_presence_con
     ):
         load = Load()
         try:
-            await loaded(load, 2)
-            await _converged(load, server)
-            server.stop()
-            await loaded(load, OUTAGE)
-            server.start()
-            back = time.monotonic()
+            back = await restarted_under_load(
+                load, server, lambda: _converged(load, server)
+            )
             # Without a prune: each live socket has its row and its groups.
             # Rows may remain of sockets gone: decorated ones that died
             # (Channels ran no disconnect handler), and those whose
@@ -469,12 +483,9 @@ async def test_postgresql_restarted_under_load_the_workers_catch_up(
     ):
         load = Load()
         try:
-            await loaded(load, 2)
-            await _rows_follow(load, postgres)
-            postgres.stop()
-            await loaded(load, OUTAGE)
-            postgres.start()
-            back = time.monotonic()
+            back = await restarted_under_load(
+                load, postgres, lambda: _rows_follow(load, postgres)
+            )
             await loaded(load, 1)
             await _rows_follow(load, postgres)
             converged = time.monotonic() - back
