@@ -404,7 +404,73 @@ def test_is_heartbeat_never_raises(tried, text):
     assert dispatch.is_heartbeat(text) is expected
 
 
-# 4. Frames, through the mixin and the decorators, sync and async.
+# 4. Room names given by a consumer: the mixin's rooms, add_presence's room.
+
+
+def mixin_in(room: str) -> Any:
+    return type(
+        "Mixin",
+        (PresenceConsumerMixin, AsyncPlainEcho),
+        {"presence_rooms": ["lobby", room]},
+    )
+
+
+def decorated_in(room: str) -> Any:
+    class Decorated(AsyncPlainEcho):
+        @add_presence(lambda consumer: room)
+        async def connect(self):
+            await self.accept()
+
+        @remove_presence
+        async def disconnect(self, code):
+            pass
+
+    return Decorated
+
+
+@pytest.mark.parametrize(
+    "make", [mixin_in, decorated_in], ids=["mixin", "add_presence"]
+)
+@fuzz(25)
+@given(room=names)
+def test_a_room_name_a_consumer_gives_joins_or_fails_the_connect_cleanly(
+    tried, make, room
+):
+    tried.append(room)
+    before = state()
+    joined = async_to_sync(_connect_and_leave)(make(room))
+    if valid(room, "room"):
+        assert joined
+    else:
+        # The consumer's own mistake: a ValueError in connect, nothing joined,
+        # not even the mixin's valid first room (names are checked first).
+        assert isinstance(joined, ValueError), joined
+        assert "not a valid Channels group name" in str(joined) or EVENTS_PREFIX in str(
+            joined
+        )
+    Room.objects.prune_rooms()
+    assert state() == before
+
+
+async def _connect_and_leave(consumer: Any) -> bool | BaseException:
+    """Connect, wait for the joins, disconnect; the connect's exception if any."""
+    client = Client(consumer.as_asgi())
+    await client.connect(TIMEOUT)
+
+    async def settled() -> bool:
+        return bool(client.future.done()) or await Presence.objects.aexists()
+
+    await wait_until(settled)
+    if client.future.done():
+        error: BaseException | None = client.future.exception()
+        assert error is not None
+        return error
+    await client.disconnect()
+    await wait_until(_no_presence)
+    return True
+
+
+# 5. Frames, through the mixin and the decorators, sync and async.
 
 DEEP = "[" * 10_000 + "]" * 10_000
 LARGE = 4 * 1024 * 1024
