@@ -391,7 +391,8 @@ async def _converged(
             return found - live
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"not converged: rows {found}, sockets {live}, group {grouped}"
+                f"not converged: rows {found}, sockets {live}, group {grouped}; "
+                f"failures: {load.failures}"
             )
         # Heartbeats and frames go on; sockets only come back, none leaves.
         await load.step(1)
@@ -503,15 +504,23 @@ async def test_postgresql_restarted_under_load_the_workers_catch_up(
     )
 
 
+#: A task that failed while the server was down waits for its retry: with
+#: jitter, up to retry_backoff_max (60 s) after the restart, and then runs.
+PG_CONVERGENCE = 60 + CONVERGENCE
+
+
 async def _rows_follow(load: Load, server: ThrowawayPostgres) -> None:
     """Go on until the rows, and the groups, are the sockets'."""
-    deadline = time.monotonic() + CONVERGENCE
+    deadline = time.monotonic() + PG_CONVERGENCE
     while True:
         expected = {("lobby", name) for name in load.sockets()}
         found = await asyncio.to_thread(pg_rows, server)
         if found == expected and group_members("lobby") == load.sockets():
             return
         if time.monotonic() > deadline:
-            raise AssertionError(f"rows {found} are not the sockets' {expected}")
+            raise AssertionError(
+                f"rows {found} are not the sockets' {expected}, or the group "
+                f"{group_members('lobby')} is not; failures: {load.failures}"
+            )
         await load.step(1)
         await asyncio.sleep(0.1)
