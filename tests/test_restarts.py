@@ -378,23 +378,41 @@ async def _converged(
 
     With ``ghosts``, rows of sockets that are gone (ghosts) may remain.
     """
-    deadline = time.monotonic() + CONVERGENCE
-    while True:
+    live: set[str] = set()
+    found: set[str] = set()
+
+    async def matches() -> bool:
+        nonlocal live, found
         live = load.sockets()
         found = {name for room, name in await rows()}
-        grouped = layer_members(server, "lobby")
-        if (
+        return (
             (live <= found if ghosts else live == found)
-            and grouped == live
+            and layer_members(server, "lobby") == live
             and layer_members(server, events_group("lobby")) == load.sockets(*MIXINS)
-        ):
-            return found - live
+        )
+
+    await _under_load_until(load, matches, CONVERGENCE)
+    return found - live
+
+
+async def _under_load_until(
+    load: Load,
+    matches: Callable[[], Awaitable[bool]],
+    seconds: float,
+    found: Callable[[], Awaitable[object]] = rows,
+) -> None:
+    """Go on with the load until ``matches()``; fail after ``seconds``.
+
+    Heartbeats and frames go on; sockets only come back, none leaves.
+    ``found()`` gives the rows to show if it fails.
+    """
+    deadline = time.monotonic() + seconds
+    while not await matches():
         if time.monotonic() > deadline:
             raise AssertionError(
-                f"not converged: rows {found}, sockets {live}, group {grouped}; "
-                f"failures: {load.failures}"
+                f"presence did not converge in {seconds} s: rows {await found()}, "
+                f"sockets {load.sockets()}; failures: {load.failures}"
             )
-        # Heartbeats and frames go on; sockets only come back, none leaves.
         await load.step(1)
         await asyncio.sleep(0.1)
 
@@ -511,16 +529,12 @@ PG_CONVERGENCE = 60 + CONVERGENCE
 
 async def _rows_follow(load: Load, server: ThrowawayPostgres) -> None:
     """Go on until the rows, and the groups, are the sockets'."""
-    deadline = time.monotonic() + PG_CONVERGENCE
-    while True:
-        expected = {("lobby", name) for name in load.sockets()}
+
+    async def matches() -> bool:
         found = await asyncio.to_thread(pg_rows, server)
-        if found == expected and group_members("lobby") == load.sockets():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"rows {found} are not the sockets' {expected}, or the group "
-                f"{group_members('lobby')} is not; failures: {load.failures}"
-            )
-        await load.step(1)
-        await asyncio.sleep(0.1)
+        expected = {("lobby", name) for name in load.sockets()}
+        return found == expected and group_members("lobby") == load.sockets()
+
+    await _under_load_until(
+        load, matches, PG_CONVERGENCE, lambda: asyncio.to_thread(pg_rows, server)
+    )
