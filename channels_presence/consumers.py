@@ -82,6 +82,8 @@ class PresenceConsumerMixin:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Run the consumer, watching what it sends to learn if it is open."""
         self._presence_open = False
+        self._presence_accepted = False
+        self._presence_left = False
         self._presence_send = send
         # Rooms to join at the next message: dropped by a prune, or not joined
         # because the database or the channel layer was down.
@@ -91,12 +93,20 @@ class PresenceConsumerMixin:
         async def send_and_watch(message: dict[str, Any]) -> None:
             # Accepting and then closing is how connect() refuses with a code.
             if message.get("type") == "websocket.accept":
-                self._presence_open = True
+                self._presence_open = self._presence_accepted = True
             elif message.get("type") == "websocket.close":
                 self._presence_open = False
             await send(message)
 
-        await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]
+        try:
+            await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]
+        except Exception:
+            # The consumer died (its channel layer went away, say): Channels
+            # sends it no disconnect, so its rooms are left here, or its rows
+            # would stay until a prune.
+            if self._presence_accepted and not self._presence_left:
+                await dispatch.aleave_all(self)
+            raise
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Do the presence work of each ASGI message around the consumer's own.
@@ -118,6 +128,7 @@ class PresenceConsumerMixin:
                 return
         elif kind == "websocket.disconnect":
             self._presence_open = False
+            self._presence_left = True
             await dispatch.aleave_all(self)
         await super().dispatch(message)  # type: ignore[misc]
         if kind == "websocket.connect" and self._presence_open:

@@ -115,15 +115,29 @@ def apply_batch(calls: list[list[Any]]) -> None:
     in one is logged and the others still run. A retry runs them all again,
     which changes nothing for those already applied.
     """
-    for name, args, kwargs in calls:
-        task = BATCHABLE.get(name)
+    if not isinstance(calls, list | tuple):
+        raise TypeError(
+            "apply_batch takes a list of [task name, args, kwargs] calls, not "
+            f"{type(calls).__name__}"
+        )
+    for call in calls:
+        # A malformed call must not cost the calls after it their turn.
+        try:
+            name, args, kwargs = call
+        except (TypeError, ValueError):
+            logger.error(
+                "apply_batch: %r is not a [task name, args, kwargs] call; skipped",
+                call,
+            )
+            continue
+        task = BATCHABLE.get(name) if isinstance(name, str) else None
         if task is None:
             logger.error("apply_batch: %r cannot be batched; skipped", name)
             continue
         try:
             task(*args, **kwargs)
         except (ValueError, TypeError):
-            logger.exception("apply_batch: %s%r failed", name, tuple(args))
+            logger.exception("apply_batch: %s with %r %r failed", name, args, kwargs)
 
 
 @shared_task(

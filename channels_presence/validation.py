@@ -77,7 +77,7 @@ def channel_name(name: object) -> str:
 
 def channel_names(names: object) -> list[str]:
     """Return ``names`` as a list if each one is a valid channel name, else raise."""
-    if isinstance(names, str) or not hasattr(names, "__iter__"):
+    if isinstance(names, str | bytes | bytearray) or not hasattr(names, "__iter__"):
         raise TypeError(
             f"channel names must be a list of str, not {type(names).__name__}"
         )

@@ -6,12 +6,15 @@ is a throwaway SQLite file when it is unset; Redis comes from REDIS_URL.
 The celery workers a test starts (``tests/workers.py``) read these settings
 too: the run's id, in the environment they inherit, gives them the same
 channel-layer prefix and Celery queue, and CHANNELS_PRESENCE_TEST_DATABASE
-names the test database they must use.
+names the test database they must use. CHANNELS_PRESENCE_TEST_BROKER_URL points
+a worker at another broker, CHANNELS_PRESENCE_TEST_VISIBILITY_TIMEOUT shortens
+the time after which the broker gives a dead worker's tasks to another.
 """
 
 import os
 import tempfile
 import uuid
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 SECRET_KEY = "channels-presence-tests"
@@ -109,7 +112,21 @@ CHANNEL_LAYERS = {
 CHANNELS_PRESENCE_USE_CELERY = os.environ.get("CHANNELS_PRESENCE_TEST_CELERY") == "1"
 
 CELERY_BROKER_URL = os.environ.get("CHANNELS_PRESENCE_TEST_BROKER_URL", REDIS_URL)
-CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"cp-test-{RUN}:"}
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
+    "global_keyprefix": f"cp-test-{RUN}:"
+}
+if os.environ.get("CHANNELS_PRESENCE_TEST_VISIBILITY_TIMEOUT"):
+    # A worker that must soon get the tasks a killed worker held: kombu's
+    # Redis transport gives them back once they have been unacknowledged for
+    # visibility_timeout, at a worker's start or at its sweeps (every
+    # unacked_restore_interval s, scanning every unacked_restore_throttle-th).
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(
+        visibility_timeout=float(
+            os.environ["CHANNELS_PRESENCE_TEST_VISIBILITY_TIMEOUT"]
+        ),
+        unacked_restore_interval=1,
+        unacked_restore_throttle=1,
+    )
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = f"presence-{RUN}"
 CELERY_TASK_IGNORE_RESULT = True

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import closed_port
-from tests.test_outbox import ThrowawayRedis
+from tests.servers import ThrowawayRedis
 from tests.workers import OutputProcess
 
 ROOT = Path(__file__).resolve().parent.parent

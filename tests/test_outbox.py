@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import base64
 import json
 import logging
 import math
@@ -35,8 +34,6 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import override_settings
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from channels_presence import dispatch, outbox
 from channels_presence.consumers import PresenceConsumerMixin
@@ -45,10 +42,10 @@ from channels_presence.outbox import BATCH_TASK, TOUCH_TASK, Outbox
 from tasks import app as celery_app
 from tests.consumers import AsyncJsonEchoConsumer, connected
 from tests.helpers import closed_port, group_members, sockets
+from tests.servers import ThrowawayRedis, throwaway_redis
 from tests.workers import CeleryProcess, celery_worker, purge_queue
 
 ROOT = Path(__file__).resolve().parent.parent
-REDIS_SERVER = "/usr/bin/redis-server"
 ADD = dispatch.ADD_PRESENCE
 LEAVE_ALL = dispatch.LEAVE_ALL
 
@@ -56,99 +53,10 @@ LEAVE_ALL = dispatch.LEAVE_ALL
 # A broker that can go down and come back.
 
 
-@dataclass
-class Message:
-    """A task message as it sits in the broker's queue."""
-
-    task: str
-    args: list[Any]
-    kwargs: dict[str, Any]
-
-
-class ThrowawayRedis:
-    """A ``redis-server`` subprocess on a port of its own, that persists nothing."""
-
-    def __init__(self) -> None:
-        self.port = closed_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        """Start the server (again, on the same port) and wait until it answers."""
-        assert self.process is None, "already running"
-        self.process = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.process.poll() is not None:
-                    self.stop()
-                    raise RuntimeError(
-                        f"redis-server did not start on {self.port}"
-                    ) from None
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        """Stop the server; whatever it held is gone."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-            self.process = None
-
-    def client(self) -> redis.Redis:
-        # No retries: a server that is not up yet is asked again at once.
-        return redis.Redis(
-            port=self.port, socket_timeout=5, retry=Retry(NoBackoff(), 0)
-        )
-
-    def raw_messages(self, queue: str = "celery") -> list[Message]:
-        """The messages waiting in ``queue``, oldest first, as published."""
-        with self.client() as client:
-            raw = client.lrange(queue, 0, -1)
-        found = []
-        for item in reversed(raw):
-            message = json.loads(item)
-            args, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-            found.append(Message(message["headers"]["task"], args, kwargs))
-        return found
-
-    def messages(self, queue: str = "celery") -> list[Message]:
-        """The tasks waiting in ``queue``, oldest first, batches unpacked."""
-        found: list[Message] = []
-        for message in self.raw_messages(queue):
-            if message.task == BATCH_TASK:
-                (calls,) = message.args
-                found.extend(Message(name, a, k) for name, a, k in calls)
-            else:
-                found.append(message)
-        return found
-
-
 @pytest.fixture
 def broker() -> Iterator[ThrowawayRedis]:
-    server = ThrowawayRedis()
-    server.start()
-    try:
+    with throwaway_redis() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
