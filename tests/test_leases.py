@@ -36,7 +36,7 @@ from channels_presence.models import Presence, Room
 from channels_presence.tasks import add_presence
 from example.consumers import RoomConsumer
 from tests.helpers import closed_port, group_members, wait_until
-from tests.test_outbox import ThrowawayRedis
+from tests.servers import ThrowawayRedis
 from tests.workers import ROOT, celery_beat, celery_worker, environment, purge_queue
 
 
