@@ -17,6 +17,26 @@ class RoomConsumer(PresenceConsumerMixin, AsyncJsonWebsocketConsumer):  # type: 
         """The room named by the URL, ``/ws/rooms/<room>/``."""
         return [self.scope["url_route"]["kwargs"]["room"]]
 
+    async def receive(
+        self,
+        text_data: str | None = None,
+        bytes_data: bytes | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Decode a JSON text frame; a binary frame or one that is not JSON is ignored.
+
+        Channels' JSON consumer raises on either, and the socket would be closed
+        with 1011: a browser that sends one by mistake keeps its connection.
+        """
+        if text_data is None:
+            return
+        try:
+            content = await self.decode_json(text_data)
+        except (ValueError, RecursionError):
+            # RecursionError: JSON nested deeper than Python's stack allows.
+            return
+        await self.receive_json(content, **kwargs)
+
     async def receive_json(self, content: Any, **kwargs: Any) -> None:
         """Send a chat message, ``{"message": "..."}``, to everyone in the room."""
         if not isinstance(content, dict) or not isinstance(content.get("message"), str):

@@ -256,6 +256,29 @@ async def test_a_message_that_is_not_chat_is_ignored(alice: Any, content: Any) -
         await sender.disconnect()
 
 
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    "frame",
+    [
+        {"bytes_data": b"\x00\x01binary"},
+        {"text_data": "{not json"},
+        {"text_data": "[" * 10_000 + "]" * 10_000},
+    ],
+    ids=["binary", "malformed", "nested-10000"],
+)
+async def test_a_frame_that_is_not_json_is_ignored_and_the_socket_stays(
+    alice: Any, frame: dict[str, Any]
+) -> None:
+    sender = await _connected(alice)
+    try:
+        await _next(sender, "presence")
+        await sender.send_to(**frame)
+        await sender.send_json_to({"message": "after"})
+        assert (await _next(sender))["message"] == "after"
+    finally:
+        await sender.disconnect()
+
+
 def test_the_demo_superuser_sees_rooms_presences_and_the_prune_schedule(
     client: Client, alice: Any
 ) -> None:
