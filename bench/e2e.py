@@ -1,0 +1,436 @@
+"""End to end: websocket clients on a real daphne, one celery worker, Redis.
+
+    .venv/bin/python -m bench.e2e --json OUT [--smoke] [--baseline-python PY]
+
+Ours: ``daphne bench.asgi:application`` (the mixin, Celery mode) and one
+``celery -A tasks worker -P solo``, on a PostgreSQL database of the run's own
+(on the server of ``DATABASE_URL``) and the Redis of ``REDIS_URL``. 1.0.0
+(with ``--baseline-python``): its documented consumer
+(``bench/baseline/baseline_asgi.py``) on daphne 3 from the baseline
+virtualenv, which does its database work on the socket's own thread (it has no
+worker). Both on a free loopback port.
+
+The clients (``websockets``, asyncio, all in this one process) open sockets
+into rooms of ``--room-size``, at most ``--rate`` new sockets a second, then
+close them at the same rate. Each socket is told its channel name; each
+presence event names who joined or left. A join's latency, for each other
+client of the room that was open when it joined: from the moment the joining
+client began to open its socket to the moment that client received the event;
+a leave's, from the moment the leaving client began to close. Bounded: every
+phase ends after its last socket plus ``--settle`` seconds, and an event not
+seen by then counts as missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from websockets.asyncio.client import ClientConnection, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--clients", type=int, default=1_000)
+    parser.add_argument("--room-size", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--settle", type=float, default=15.0)
+    parser.add_argument("--baseline-python")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.room_size, args.rate, args.settle = 20, 5, 20.0, 10.0
+    url = os.environ.get("DATABASE_URL") or "postgres://root@127.0.0.1:5432/test"
+    if url == "sqlite":
+        raise SystemExit("bench/e2e.py runs on PostgreSQL: set DATABASE_URL")
+    result: dict[str, Any] = {"ours": {}, "baseline": {}, "notes": []}
+    shape = (
+        f"{args.clients} clients in rooms of {args.room_size}, "
+        f"{args.rate:g} opened (then closed) per second, one client process"
+    )
+    with ours_server(url) as port:
+        result["ours"] = asyncio.run(measure(port, args))
+    result["notes"].append(f"end to end, ours: {shape}; {summary(result['ours'])}")
+    if args.baseline_python:
+        with baseline_server(url, args.baseline_python) as port:
+            result["baseline"] = asyncio.run(measure(port, args))
+        result["notes"].append(
+            f"end to end, 1.0.0: {shape}; {summary(result['baseline'])}"
+        )
+    Path(args.json).write_text(json.dumps(result))
+    for note in result["notes"]:
+        print(note)
+
+
+def summary(rows: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(
+        f"{what}s: {rows[f'{what}.seen']['value']:.0f} events seen, "
+        f"{rows[f'{what}.missed']['value']:.0f} missed"
+        for what in ("join", "leave")
+    )
+
+
+# The clients.
+
+
+class Client:
+    """One websocket, the events it received, and when."""
+
+    def __init__(self, index: int, room: str) -> None:
+        self.index = index
+        self.room = room
+        self.channel = ""
+        self.socket: ClientConnection | None = None
+        self.events: list[tuple[float, str, str]] = []  # (when, kind, channel)
+        self.reader: asyncio.Task[None] | None = None
+
+    async def open(self, port: int) -> None:
+        self.socket = await connect(
+            f"ws://127.0.0.1:{port}/ws/{self.room}/",
+            open_timeout=30,
+            max_queue=None,
+        )
+        hello = json.loads(await self.socket.recv())
+        self.channel = hello["channel"]
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.socket is not None
+        try:
+            async for frame in self.socket:
+                now = time.monotonic()
+                event = json.loads(frame)
+                if event.get("type") != "presence":
+                    continue
+                if event.get("added"):
+                    self.events.append((now, "join", event["added"]))
+                if event.get("removed"):
+                    self.events.append((now, "leave", event["removed"]))
+        except Exception:
+            return
+
+
+async def measure(port: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    rooms = max(args.clients // args.room_size, 1)
+    clients = [Client(i, f"e2e-{i % rooms}") for i in range(args.clients)]
+    interval = 1 / args.rate
+    started: dict[str, float] = {}  # channel -> when its join (or leave) began
+    joined_at: dict[int, float] = {}
+    audience: dict[int, list[Client]] = {}  # who should see client i's event
+    open_clients: dict[str, list[Client]] = {}
+
+    async def open_one(client: Client) -> None:
+        began = time.monotonic()
+        await client.open(port)
+        joined_at[client.index] = began
+        audience[client.index] = list(open_clients.get(client.room, []))
+        open_clients.setdefault(client.room, []).append(client)
+
+    start = time.monotonic()
+    tasks = []
+    for i, client in enumerate(clients):
+        await asyncio.sleep(max(start + i * interval - time.monotonic(), 0))
+        tasks.append(asyncio.create_task(open_one(client)))
+    await asyncio.gather(*tasks)
+    for client in clients:
+        started[client.channel] = joined_at[client.index]
+    joins = await settle(clients, audience, started, "join", args.settle)
+
+    leave_audience: dict[int, list[Client]] = {}
+    left: dict[str, float] = {}
+    start = time.monotonic()
+    closing = []
+    for i, client in enumerate(clients):
+        await asyncio.sleep(max(start + i * interval - time.monotonic(), 0))
+        open_clients[client.room].remove(client)
+        leave_audience[client.index] = list(open_clients[client.room])
+        left[client.channel] = time.monotonic()
+        assert client.socket is not None
+        closing.append(asyncio.create_task(client.socket.close()))
+    leaves = await settle(clients, leave_audience, left, "leave", args.settle)
+    await asyncio.gather(*closing, return_exceptions=True)
+    for client in clients:
+        if client.reader is not None:
+            client.reader.cancel()
+    return {**joins, **leaves}
+
+
+async def settle(
+    clients: list[Client],
+    audience: dict[int, list[Client]],
+    started: dict[str, float],
+    kind: str,
+    seconds: float,
+) -> dict[str, dict[str, Any]]:
+    """Wait up to ``seconds`` for every expected event; their latencies, in ms."""
+    expected = sum(len(audience[c.index]) for c in clients)
+    deadline = time.monotonic() + seconds
+
+    def latencies() -> list[float]:
+        found = []
+        for client in clients:
+            for receiver in audience[client.index]:
+                for when, what, channel in receiver.events:
+                    if what == kind and channel == client.channel:
+                        found.append((when - started[client.channel]) * 1e3)
+                        break
+        return found
+
+    found = latencies()
+    while len(found) < expected and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        found = latencies()
+    ordered = sorted(found) or [float("nan")]
+
+    def at(q: float) -> float:
+        return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
+
+    figures = {"p50": at(0.5), "p99": at(0.99), "max": ordered[-1]}
+    rows = {
+        f"{kind}.{stat}": {
+            "key": f"{kind}.{stat}",
+            "value": value,
+            "p99": None,
+            "unit": "ms",
+            "n": len(found),
+            "detail": "",
+        }
+        for stat, value in figures.items()
+    }
+    for stat, value in (("seen", len(found)), ("missed", expected - len(found))):
+        rows[f"{kind}.{stat}"] = {
+            "key": f"{kind}.{stat}",
+            "value": value,
+            "p99": None,
+            "unit": "events",
+            "n": None,
+            "detail": "",
+        }
+    return rows
+
+
+# The servers.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    """A subprocess whose output is kept; ready once a line contains ``ready``."""
+
+    def __init__(
+        self, command: list[str], env: dict[str, str], cwd: Path, ready: str
+    ) -> None:
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._marker = ready
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self._marker in line:
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self) -> None:
+        if not self._ready.wait(START_TIMEOUT) or self.process.poll() is not None:
+            raise RuntimeError("did not start:\n" + "\n".join(self.lines[-30:]))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+
+
+def _server_sql(url: str, statement: str) -> None:
+    parts = urlsplit(url)
+    with psycopg.connect(
+        dbname=parts.path.lstrip("/") or "postgres",
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or "") or None,
+        host=parts.hostname or "",
+        port=parts.port or 5432,
+        autocommit=True,
+    ) as server:
+        server.execute(statement)  # type: ignore[arg-type]
+
+
+@contextmanager
+def database(url: str, name: str) -> Iterator[None]:
+    _server_sql(url, f'CREATE DATABASE "{name}"')
+    try:
+        yield
+    finally:
+        _server_sql(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def running(*processes: Process) -> Iterator[None]:
+    try:
+        for process in processes:
+            process.wait_ready()
+        yield
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def delete_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    try:
+        keys = list(client.scan_iter(f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
+@contextmanager
+def ours_server(url: str) -> Iterator[int]:
+    run = uuid.uuid4().hex[:12]
+    name = f"channels_presence_bench_{run}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "bench.settings",
+        "CHANNELS_PRESENCE_BENCH_RUN": run,
+        "CHANNELS_PRESENCE_BENCH_DATABASE": name,
+    }
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    with database(url, name):
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "django", "migrate", "-v", "0", "--skip-checks"],
+                env=env,
+                cwd=ROOT,
+                check=True,
+            )
+            daphne = Process(
+                [
+                    str(bin_dir / "daphne"),
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "bench.asgi:application",
+                ],
+                env,
+                ROOT,
+                "Listening on TCP address",
+            )
+            worker = Process(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tasks",
+                    "worker",
+                    "-l",
+                    "info",
+                    "-P",
+                    "solo",
+                    "-n",
+                    f"e2e-{run}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                env,
+                ROOT,
+                " ready.",
+            )
+            with running(daphne, worker):
+                yield port
+        finally:
+            delete_keys(f"cp-bench-{run}")
+
+
+@contextmanager
+def baseline_server(url: str, python: str) -> Iterator[int]:
+    run = uuid.uuid4().hex[:12]
+    name = f"cp_baseline_{run}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "baseline_settings",
+        "BASELINE_DATABASE": name,
+        "BASELINE_PREFIX": f"cp-baseline-{run}",
+    }
+    env.pop("PYTHONPATH", None)  # the repository's channels_presence is ours
+    cwd = ROOT / "bench" / "baseline"
+    port = free_port()
+    with database(url, name):
+        try:
+            subprocess.run(
+                [python, "-m", "django", "migrate", "-v", "0", "--skip-checks"],
+                env=env,
+                cwd=cwd,
+                check=True,
+            )
+            daphne = Process(
+                [
+                    str(Path(python).parent / "daphne"),
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "baseline_asgi:application",
+                ],
+                env,
+                cwd,
+                "Listening on TCP address",
+            )
+            with running(daphne):
+                yield port
+        finally:
+            delete_keys(f"cp-baseline-{run}")
+
+
+if __name__ == "__main__":
+    main()
