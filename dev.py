@@ -2,6 +2,7 @@
 """Developer commands for channels_presence, with nothing but Python 3.11 needed.
 
     python3 dev.py test [pytest arguments]
+    python3 dev.py bench [--smoke]
 
 makes a virtualenv in .venv, installs the package with its test extra, finds a
 Redis (REDIS_URL, else 127.0.0.1:6379, else an embedded one it starts) and a
@@ -9,6 +10,12 @@ PostgreSQL (DATABASE_URL, else postgres://root@127.0.0.1:5432/test), then runs
 ruff, the format check, mypy, ``makemigrations --check`` and the test suite on
 SQLite and on PostgreSQL. PostgreSQL is skipped, with the reason, when it cannot
 be reached, except under CI=true, where that is a failure.
+
+``bench`` makes the same .venv, finds Redis and PostgreSQL the same way, and
+runs every benchmark beside django-channels-presence 1.0.0 (bench/run.py; the
+1.0.0 virtualenv, bench/.baseline-venv, is made on first use): it prints the
+table and writes bench/results/latest.json and latest.md (smoke.json and
+smoke.md with --smoke, tiny sizes for CI). It needs PostgreSQL.
 """
 
 from __future__ import annotations
@@ -208,10 +215,27 @@ def test(pytest_args: list[str]) -> int:
     return 0 if all(results.values()) else 1
 
 
+def bench(bench_args: list[str]) -> int:
+    ensure_venv()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DATABASE_URL", None)
+    database, skipped = postgres_url()
+    if database is None:
+        say(f"FAILED: {skipped}; the benchmarks need PostgreSQL: set DATABASE_URL")
+        return 1
+    with redis_server() as redis_url:
+        env["REDIS_URL"] = redis_url
+        env["DATABASE_URL"] = database
+        command = [str(PYTHON), "-m", "bench.run", *bench_args]
+        return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in {"test"}:
+    if not argv or argv[0] not in {"test", "bench"}:
         print(__doc__)
         return 2
+    if argv[0] == "bench":
+        return bench(argv[1:])
     return test(argv[1:])
 
 

@@ -160,7 +160,7 @@ def main() -> None:
             args.sockets,
             args.seconds,
             args.presences,
-            1_000,
+            500,
             args.prune_presences,
             1_000,
         )

@@ -75,7 +75,6 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
     left = Presence.objects.count()
     if left != count - count // 2:
         raise RuntimeError(f"the prune left {left} of {count} presences")
-    async_to_sync(layer.close_pools)()
     what = f"{count:,} presences, half stale, {rooms:,} rooms"
     return [
         Row(f"prune: {what}, {connection.vendor}"),

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Awaitable, Iterable
+from typing import Any
 
-from asgiref.sync import SyncToAsync, async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
@@ -28,41 +25,6 @@ from .validation import EVENTS_PREFIX
 CONCURRENCY = 64
 # How many group calls go to Redis in one pipeline.
 PIPELINE_SIZE = 1_000
-
-
-P = ParamSpec("P")
-T = TypeVar("T")
-
-# The event loop that run_sync keeps for each thread that has no other.
-_loops = threading.local()
-
-
-def run_sync(call: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs) -> T:
-    """Await ``call(*args, **kwargs)`` from sync code, and return its result.
-
-    Under ``sync_to_async`` (a consumer's thread) this is ``async_to_sync``:
-    the call runs on the consumer's event loop, with that loop's connections.
-    Elsewhere (a Celery worker, a management command) ``async_to_sync`` would
-    make a new event loop for each call, and channels_redis a new connection
-    pool for each loop: a connect and a close per call, a quarter of a
-    worker's join (profiled in bench/). There, the thread keeps one loop, and
-    the layer its connections, from call to call.
-    """
-    if getattr(SyncToAsync.threadlocal, "main_event_loop", None) is not None and (
-        getattr(SyncToAsync.threadlocal, "main_event_loop_pid", None) == os.getpid()
-    ):
-        return async_to_sync(call)(*args, **kwargs)
-    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
-    # A forked child (a prefork worker) makes its own: its parent's loop and
-    # connections are not its to use.
-    if loop is None or loop.is_closed() or _loops.pid != os.getpid():
-        loop = _loops.loop = asyncio.new_event_loop()
-        _loops.pid = os.getpid()
-    return loop.run_until_complete(_awaited(call(*args, **kwargs)))
-
-
-async def _awaited(awaitable: Awaitable[T]) -> T:
-    return await awaitable
 
 
 def get_layer(channel_layer: BaseChannelLayer | None = None) -> BaseChannelLayer:
