@@ -289,7 +289,7 @@ def _server_sql(url: str, statement: str) -> None:
         port=parts.port or 5432,
         autocommit=True,
     ) as server:
-        server.execute(statement)  # type: ignore[arg-type]
+        server.execute(statement)
 
 
 @contextmanager

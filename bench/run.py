@@ -38,7 +38,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import redis
+from bench.e2e import delete_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_VENV = ROOT / "bench" / ".baseline-venv"
@@ -340,18 +340,6 @@ def ensure_baseline_venv() -> None:
         check=True,
     )
     stamp.write_text(wanted)
-
-
-def delete_keys(prefix: str) -> None:
-    client = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
-    try:
-        keys = list(client.scan_iter(f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
-    finally:
-        client.close()
 
 
 def compare(
