@@ -41,6 +41,7 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
@@ -81,7 +82,7 @@ def main() -> None:
 
 
 def summary(rows: dict[str, dict[str, Any]]) -> str:
-    return ", ".join(
+    return f"{rows['join.refused']['value']:.0f} sockets refused; " + ", ".join(
         f"{what}s: {rows[f'{what}.seen']['value']:.0f} events seen, "
         f"{rows[f'{what}.missed']['value']:.0f} missed"
         for what in ("join", "leave")
@@ -139,17 +140,26 @@ async def measure(port: int, args: argparse.Namespace) -> dict[str, dict[str, An
 
     async def open_one(client: Client) -> None:
         began = time.monotonic()
-        await client.open(port)
+        try:
+            await client.open(port)
+        except (OSError, TimeoutError, InvalidHandshake):
+            # The server refused or dropped the handshake (daphne closes one
+            # its application did not accept within its connect timeout):
+            # counted, and the client takes no further part.
+            failed.append(client)
+            return
         joined_at[client.index] = began
         audience[client.index] = list(open_clients.get(client.room, []))
         open_clients.setdefault(client.room, []).append(client)
 
+    failed: list[Client] = []
     start = time.monotonic()
     tasks = []
     for i, client in enumerate(clients):
         await asyncio.sleep(max(start + i * interval - time.monotonic(), 0))
         tasks.append(asyncio.create_task(open_one(client)))
     await asyncio.gather(*tasks)
+    clients = [client for client in clients if client not in failed]
     for client in clients:
         started[client.channel] = joined_at[client.index]
     joins = await settle(clients, audience, started, "join", args.settle)
@@ -170,7 +180,15 @@ async def measure(port: int, args: argparse.Namespace) -> dict[str, dict[str, An
     for client in clients:
         if client.reader is not None:
             client.reader.cancel()
-    return {**joins, **leaves}
+    refused = {
+        "key": "join.refused",
+        "value": len(failed),
+        "p99": None,
+        "unit": "sockets",
+        "n": None,
+        "detail": "sockets whose websocket handshake failed",
+    }
+    return {**joins, **leaves, "join.refused": refused}
 
 
 async def settle(

@@ -235,9 +235,10 @@ def main() -> None:
             ours.update({f"{db}:{key}": row for key, row in found.items()})
             if not args.skip_baseline:
                 sections = "socket" if db == "sqlite" else "socket,prune"
-                found, baseline_versions = baseline_run(
+                found, versions = baseline_run(
                     out / f"baseline-{db}.json", url, sections, smoke
                 )
+                baseline_versions = versions or baseline_versions
                 baseline.update({f"{db}:{key}": row for key, row in found.items()})
         e2e = e2e_run(out / "e2e.json", database_url, smoke, args.skip_baseline)
         ours.update({f"e2e:{key}": row for key, row in e2e["ours"].items()})
@@ -251,7 +252,7 @@ def main() -> None:
         "seconds": round(time.monotonic() - started),
         "machine": machine(),
         "versions": {"ours": our_versions(), "1.0.0": baseline_versions},
-        "notes": e2e.get("notes", []),
+        "notes": [*FAILURES, *e2e.get("notes", [])],
         "table": table,
         "ours": ours,
         "1.0.0": baseline,
@@ -262,13 +263,26 @@ def main() -> None:
     markdown = render(result)
     (args.out / f"{name}.md").write_text(markdown)
     print(markdown)
+    if FAILURES:
+        sys.exit(1)
 
 
-def run_logged(command: list[str], env: dict[str, str], cwd: Path) -> None:
-    """Run a section; its output goes to ours, and a failure stops the run."""
-    print(f"==> {' '.join(Path(c).name if '/' in c else c for c in command)}")
-    print(f"    ({env.get('DATABASE_URL', '')})", flush=True)
-    subprocess.run(command, env=env, cwd=cwd, check=True)
+FAILURES: list[str] = []
+
+
+def run_logged(command: list[str], env: dict[str, str], cwd: Path) -> bool:
+    """Run a section, its output to ours; a failure is noted and the run goes on.
+
+    The table then lacks that section's figures, the note says why, and the
+    command exits non-zero at the end.
+    """
+    what = " ".join(Path(c).name if "/" in c else c for c in command)
+    print(f"==> {what}\n    ({env.get('DATABASE_URL', '')})", flush=True)
+    code = subprocess.run(command, env=env, cwd=cwd).returncode
+    if code != 0:
+        FAILURES.append(f"FAILED (exit {code}): {what}, on {env.get('DATABASE_URL')}")
+        print(f"==> {FAILURES[-1]}", flush=True)
+    return code == 0
 
 
 def ours_run(
@@ -277,7 +291,8 @@ def ours_run(
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
     env.pop("CHANNELS_PRESENCE_BENCH_RUN", None)
     command = [sys.executable, "bench/pipeline.py", "--sections", sections]
-    run_logged([*command, "--json", str(out), *smoke], env, ROOT)
+    if not run_logged([*command, "--json", str(out), *smoke], env, ROOT):
+        return {}
     return {row["key"]: row for row in json.loads(out.read_text())["rows"]}
 
 
@@ -295,7 +310,7 @@ def baseline_run(
     # Not the repository's root on the path: there, channels_presence is ours.
     env.pop("PYTHONPATH", None)
     try:
-        run_logged(
+        ran = run_logged(
             [
                 str(BASELINE_PYTHON),
                 "run.py",
@@ -310,6 +325,8 @@ def baseline_run(
         )
     finally:
         delete_keys(f"cp-baseline-{run}")
+    if not ran:
+        return {}, {}
     found = json.loads(out.read_text())
     return {row["key"]: row for row in found["rows"]}, found["versions"]
 
@@ -322,7 +339,8 @@ def e2e_run(
     if not skip_baseline:
         ensure_baseline_venv()
         command += ["--baseline-python", str(BASELINE_PYTHON)]
-    run_logged(command, env, ROOT)
+    if not run_logged(command, env, ROOT):
+        return {"ours": {}, "baseline": {}, "notes": []}
     found: dict[str, Any] = json.loads(out.read_text())
     return found
 
