@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import threading
 import time
-from collections.abc import Awaitable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, ParamSpec, TypeVar
 
+from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
@@ -25,6 +28,57 @@ from .validation import EVENTS_PREFIX
 CONCURRENCY = 64
 # How many group calls go to Redis in one pipeline.
 PIPELINE_SIZE = 1_000
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Whether run_sync keeps an event loop per thread: only in a process that runs
+# tasks for a Celery worker (see tasks.py), where nothing else uses the layer.
+_keeping_loops = False
+_loops = threading.local()
+
+
+def keep_loops() -> None:
+    """Let :func:`run_sync` reuse one event loop per thread in this process.
+
+    For a Celery worker's task processes. There ``async_to_sync`` would make
+    a new event loop for every channel-layer call, and channels_redis a new
+    connection pool for every loop: a connect and a close per call, a good
+    part of a join applied by a worker (bench/ profiled it). Elsewhere it
+    stays off: a layer whose pools live in a loop of ours could no longer be
+    flushed from another loop (``async_to_sync(layer.flush)()``), as tests do.
+    """
+    global _keeping_loops
+    _keeping_loops = True
+
+
+def run_sync(
+    call: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """``async_to_sync(call)(*args, **kwargs)``, on a kept loop if allowed.
+
+    Under ``sync_to_async`` (a consumer's thread) it is always
+    ``async_to_sync``, which runs the call on the consumer's own loop.
+    """
+    if not _keeping_loops or _under_an_event_loop():
+        return async_to_sync(call)(*args, **kwargs)
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    # A forked child makes its own: its parent's connections are not its own.
+    if loop is None or loop.is_closed() or _loops.pid != os.getpid():
+        loop = _loops.loop = asyncio.new_event_loop()
+        _loops.pid = os.getpid()
+    return loop.run_until_complete(call(*args, **kwargs))
+
+
+def _under_an_event_loop() -> bool:
+    from asgiref.sync import SyncToAsync
+
+    threadlocal = SyncToAsync.threadlocal
+    return (
+        getattr(threadlocal, "main_event_loop", None) is not None
+        and getattr(threadlocal, "main_event_loop_pid", None) == os.getpid()
+    )
 
 
 def get_layer(channel_layer: BaseChannelLayer | None = None) -> BaseChannelLayer:

@@ -29,7 +29,6 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, overload
 
-from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.db import DatabaseError, IntegrityError, models, router, transaction
@@ -122,8 +121,12 @@ def join(
                         # In the group before the row exists (invariant 2),
                         # and under the socket's lock, so that a leave
                         # ordered after this join discards after this add.
-                        async_to_sync(groups.join)(
-                            layer, room_name, channel_name, subscribe=subscribe
+                        groups.run_sync(
+                            groups.join,
+                            layer,
+                            room_name,
+                            channel_name,
+                            subscribe=subscribe,
                         )
                         grouped = True
                     room, changes = _write_join(
@@ -137,7 +140,7 @@ def join(
         # Undo the group add, unless the socket was already in the room: its
         # row is still there, and must keep its group membership.
         if grouped and not _is_present(room_name, channel_name):
-            async_to_sync(groups.leave)(layer, [(room_name, channel_name)])
+            groups.run_sync(groups.leave, layer, [(room_name, channel_name)])
         raise
     if changes:
         _on_commit(partial(_after_commit, layer, changes))
@@ -497,9 +500,9 @@ def _after_commit(
             else:
                 _lock_every_socket()
             departed = _still_gone(departed, sockets)
-            async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
+            groups.run_sync(groups.apply, layer, departed, messages, notices=notices)
     elif notices or messages:
-        async_to_sync(groups.apply)(layer, departed, messages, notices=notices)
+        groups.run_sync(groups.apply, layer, departed, messages, notices=notices)
 
 
 def _still_gone(
