@@ -45,6 +45,8 @@ from websockets.exceptions import InvalidHandshake
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
+#: Handshakes in flight at once while the population connects.
+CONNECTING = 20
 
 
 def main() -> None:
@@ -55,17 +57,21 @@ def main() -> None:
     parser.add_argument("--room-size", type=int, default=10)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--settle", type=float, default=15.0)
+    parser.add_argument("--probes", type=int, default=200)
     parser.add_argument("--baseline-python")
     args = parser.parse_args()
     if args.smoke:
-        args.clients, args.room_size, args.rate, args.settle = 20, 5, 20.0, 10.0
+        args.clients, args.room_size, args.rate = 20, 5, 20.0
+        args.settle, args.probes = 10.0, 5
     url = os.environ.get("DATABASE_URL") or "postgres://root@127.0.0.1:5432/test"
     if url == "sqlite":
         raise SystemExit("bench/e2e.py runs on PostgreSQL: set DATABASE_URL")
     result: dict[str, Any] = {"ours": {}, "baseline": {}, "notes": []}
     shape = (
-        f"{args.clients} clients in rooms of {args.room_size}, "
-        f"{args.rate:g} opened (then closed) per second, one client process"
+        f"{args.clients} clients in rooms of {args.room_size} (opened at most "
+        f"{args.rate:g}/s, {CONNECTING} handshakes at a time), then {args.probes} "
+        "probe clients, one at a time, each joining a room and leaving it; "
+        "one client process"
     )
     with ours_server(url) as port:
         result["ours"] = asyncio.run(measure(port, args))
@@ -82,7 +88,10 @@ def main() -> None:
 
 
 def summary(rows: dict[str, dict[str, Any]]) -> str:
-    return f"{rows['join.refused']['value']:.0f} sockets refused; " + ", ".join(
+    return (
+        f"{rows['refused']['value']:.0f} sockets refused; "
+        f"{rows['ramp.seconds']['detail']}; "
+    ) + ", ".join(
         f"{what}s: {rows[f'{what}.seen']['value']:.0f} events seen, "
         f"{rows[f'{what}.missed']['value']:.0f} missed"
         for what in ("join", "leave")
@@ -130,119 +139,144 @@ class Client:
 
 
 async def measure(port: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Open the population, then time ``--probes`` joins and leaves among it."""
     rooms = max(args.clients // args.room_size, 1)
-    clients = [Client(i, f"e2e-{i % rooms}") for i in range(args.clients)]
-    interval = 1 / args.rate
-    started: dict[str, float] = {}  # channel -> when its join (or leave) began
-    joined_at: dict[int, float] = {}
-    audience: dict[int, list[Client]] = {}  # who should see client i's event
-    open_clients: dict[str, list[Client]] = {}
+    population = [Client(i, f"e2e-{i % rooms}") for i in range(args.clients)]
+    members: dict[str, list[Client]] = {}
+    refused = 0
+    # The population: at most --rate handshakes started a second and
+    # CONNECTING of them in flight, so that a server slower to accept (1.0.0
+    # does its database work in the handshake) is not made to drop them.
+    gate = asyncio.Semaphore(CONNECTING)
+    began = time.monotonic()
 
     async def open_one(client: Client) -> None:
-        began = time.monotonic()
+        nonlocal refused
+        async with gate:
+            try:
+                await client.open(port)
+            except (OSError, TimeoutError, InvalidHandshake):
+                refused += 1
+                return
+        members.setdefault(client.room, []).append(client)
+
+    opening = []
+    for i, client in enumerate(population):
+        await asyncio.sleep(max(began + i / args.rate - time.monotonic(), 0))
+        opening.append(asyncio.create_task(open_one(client)))
+    await asyncio.gather(*opening)
+    opened = time.monotonic() - began
+    # Settled once the first member of each room has seen every later join.
+    settled = await wait_for(
+        lambda: all(
+            {c.channel for c in group[1:]}
+            <= {ch for _, kind, ch in group[0].events if kind == "join"}
+            for group in members.values()
+        ),
+        args.settle * 4,
+    )
+    ramp = time.monotonic() - began
+    # The probes: one client at a time joins a room of the population, and
+    # leaves it once its join has been seen (or --settle has passed).
+    joins: list[float] = []
+    leaves: list[float] = []
+    names = sorted(members)
+    for n in range(args.probes):
+        room = names[n % len(names)]
+        audience = list(members[room])
+        probe = Client(args.clients + n, room)
+        start = time.monotonic()
         try:
-            await client.open(port)
+            await probe.open(port)
         except (OSError, TimeoutError, InvalidHandshake):
-            # The server refused or dropped the handshake (daphne closes one
-            # its application did not accept within its connect timeout):
-            # counted, and the client takes no further part.
-            failed.append(client)
-            return
-        joined_at[client.index] = began
-        audience[client.index] = list(open_clients.get(client.room, []))
-        open_clients.setdefault(client.room, []).append(client)
-
-    failed: list[Client] = []
-    start = time.monotonic()
-    tasks = []
-    for i, client in enumerate(clients):
-        await asyncio.sleep(max(start + i * interval - time.monotonic(), 0))
-        tasks.append(asyncio.create_task(open_one(client)))
-    await asyncio.gather(*tasks)
-    clients = [client for client in clients if client not in failed]
-    for client in clients:
-        started[client.channel] = joined_at[client.index]
-    joins = await settle(clients, audience, started, "join", args.settle)
-
-    leave_audience: dict[int, list[Client]] = {}
-    left: dict[str, float] = {}
-    start = time.monotonic()
-    closing = []
-    for i, client in enumerate(clients):
-        await asyncio.sleep(max(start + i * interval - time.monotonic(), 0))
-        open_clients[client.room].remove(client)
-        leave_audience[client.index] = list(open_clients[client.room])
-        left[client.channel] = time.monotonic()
-        assert client.socket is not None
-        closing.append(asyncio.create_task(client.socket.close()))
-    leaves = await settle(clients, leave_audience, left, "leave", args.settle)
+            refused += 1
+            continue
+        joins += await seen_by(audience, "join", probe.channel, start, args.settle)
+        start = time.monotonic()
+        assert probe.socket is not None
+        await probe.socket.close()
+        leaves += await seen_by(audience, "leave", probe.channel, start, args.settle)
+        if probe.reader is not None:
+            probe.reader.cancel()
+    expected = args.probes * args.room_size
+    missed = {"join": expected - len(joins), "leave": expected - len(leaves)}
+    closing = [c.socket.close() for c in population if c.socket is not None]
     await asyncio.gather(*closing, return_exceptions=True)
-    for client in clients:
+    for client in population:
         if client.reader is not None:
             client.reader.cancel()
-    refused = {
-        "key": "join.refused",
-        "value": len(failed),
-        "p99": None,
-        "unit": "sockets",
-        "n": None,
-        "detail": "sockets whose websocket handshake failed",
+    rows = {
+        **figures("join", joins, missed["join"]),
+        **figures("leave", leaves, missed["leave"]),
     }
-    return {**joins, **leaves, "join.refused": refused}
+    rows["refused"] = _row("refused", refused, "sockets")
+    rows["ramp.seconds"] = _row(
+        "ramp.seconds",
+        ramp,
+        "s",
+        f"{args.clients} sockets opened in {opened:.1f} s; every join seen by its "
+        f"room {'after' if settled else 'NOT within'} {ramp:.1f} s",
+    )
+    return rows
 
 
-async def settle(
-    clients: list[Client],
-    audience: dict[int, list[Client]],
-    started: dict[str, float],
-    kind: str,
-    seconds: float,
-) -> dict[str, dict[str, Any]]:
-    """Wait up to ``seconds`` for every expected event; their latencies, in ms."""
-    expected = sum(len(audience[c.index]) for c in clients)
+async def wait_for(done: Any, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
 
-    def latencies() -> list[float]:
+
+async def seen_by(
+    audience: list[Client], kind: str, channel: str, start: float, seconds: float
+) -> list[float]:
+    """The latency (ms) of each member of ``audience`` that saw the event."""
+
+    def seen() -> list[float]:
         found = []
-        for client in clients:
-            for receiver in audience[client.index]:
-                for when, what, channel in receiver.events:
-                    if what == kind and channel == client.channel:
-                        found.append((when - started[client.channel]) * 1e3)
-                        break
+        for member in audience:
+            for when, what, name in member.events:
+                if what == kind and name == channel:
+                    found.append((when - start) * 1e3)
+                    break
         return found
 
-    found = latencies()
-    while len(found) < expected and time.monotonic() < deadline:
-        await asyncio.sleep(0.5)
-        found = latencies()
-    ordered = sorted(found) or [float("nan")]
+    deadline = time.monotonic() + seconds
+    while True:
+        found = seen()
+        if len(found) == len(audience) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.002)
+
+
+def figures(
+    kind: str, latencies: list[float], missed: int
+) -> dict[str, dict[str, Any]]:
+    ordered = sorted(latencies) or [float("nan")]
 
     def at(q: float) -> float:
         return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
 
-    figures = {"p50": at(0.5), "p99": at(0.99), "max": ordered[-1]}
     rows = {
-        f"{kind}.{stat}": {
-            "key": f"{kind}.{stat}",
-            "value": value,
-            "p99": None,
-            "unit": "ms",
-            "n": len(found),
-            "detail": "",
-        }
-        for stat, value in figures.items()
+        f"{kind}.{stat}": _row(f"{kind}.{stat}", value, "ms")
+        for stat, value in (("p50", at(0.5)), ("p99", at(0.99)), ("max", ordered[-1]))
     }
-    for stat, value in (("seen", len(found)), ("missed", expected - len(found))):
-        rows[f"{kind}.{stat}"] = {
-            "key": f"{kind}.{stat}",
-            "value": value,
-            "p99": None,
-            "unit": "events",
-            "n": None,
-            "detail": "",
-        }
+    rows[f"{kind}.seen"] = _row(f"{kind}.seen", len(latencies), "events")
+    rows[f"{kind}.missed"] = _row(f"{kind}.missed", missed, "events")
     return rows
+
+
+def _row(key: str, value: float, unit: str, detail: str = "") -> dict[str, Any]:
+    return {
+        "key": key,
+        "value": value,
+        "p99": None,
+        "unit": unit,
+        "n": None,
+        "detail": detail,
+    }
 
 
 # The servers.

@@ -48,7 +48,8 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
             Presence(
                 room=room_objects[i % rooms],
                 channel_name=name,
-                last_seen=stale if i % 2 else now,
+                # Fresh ones an hour ahead: none goes stale during a slow run.
+                last_seen=stale if i % 2 else now + timedelta(hours=1),
                 joined_at=stale,
             )
             for i, name in enumerate(names)

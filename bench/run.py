@@ -199,6 +199,18 @@ def lines() -> list[Line]:
             "O(1), not O(rooms)",
         ),
     ]
+    found += [
+        Line(
+            "end to end: the clients opened, every join seen by its room",
+            "e2e:ramp.seconds",
+            "e2e-baseline:ramp.seconds",
+        ),
+        Line(
+            "end to end: handshakes refused",
+            "e2e:refused",
+            "e2e-baseline:refused",
+        ),
+    ]
     for what in ("join", "leave"):
         for stat, limit in (("p50", None), ("p99", 100.0), ("max", None)):
             found.append(

@@ -235,7 +235,8 @@ def prune_rows(count, rooms):
                 Presence(
                     room=room_objects[i % rooms],
                     channel_name=f"specific.prune-{i}!socket",
-                    last_seen=stale if i % 2 else now,
+                    # Fresh ones an hour ahead: none goes stale during a slow run.
+                    last_seen=stale if i % 2 else now + timezone.timedelta(hours=1),
                 )
                 for i in range(count)
             ],
