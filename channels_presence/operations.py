@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast, overload
 
 from channels.layers import BaseChannelLayer
 from django.apps import apps
+from django.conf import settings
 from django.db import (
     DatabaseError,
     IntegrityError,
@@ -481,26 +482,57 @@ def _delete_returning(locked: QuerySet[Presence], names: list[str]) -> list[Any]
     meta = locked.model._meta
     connection = connections[locked.db]
     quote = connection.ops.quote_name
-    fields = [meta.get_field(name) for name in names]
+    fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in names]
+    # On PostgreSQL, timestamps as microseconds since the epoch: psycopg reads
+    # a bigint in C, while Django reads a timestamptz in Python whenever the
+    # server's TimeZone is not exactly "UTC" (Debian's is "Etc/UTC"), and
+    # that was most of the time spent reading a prune's rows, measured.
+    in_epoch = {
+        number
+        for number, field in enumerate(fields)
+        if connection.vendor == "postgresql"
+        and settings.USE_TZ
+        and field.get_internal_type() == "DateTimeField"
+    }
+    columns = [
+        f"(EXTRACT(EPOCH FROM {quote(field.column)}) * 1000000)::bigint"
+        if number in in_epoch
+        else quote(field.column)
+        for number, field in enumerate(fields)
+    ]
     compiler = locked.values("pk").query.get_compiler(locked.db)
     select, params = compiler.as_sql()
     with connection.cursor() as cursor:
         cursor.execute(
             f"DELETE FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)}"
-            f" IN ({select}) RETURNING "
-            + ", ".join(
-                quote(cast("models.Field[Any, Any]", f).column) for f in fields
-            ),
+            f" IN ({select}) RETURNING {', '.join(columns)}",
             params,
         )
         rows: list[Any] = cursor.fetchall()
-    # What a queryset does to each value read (e.g. SQLite's datetimes).
-    converters = compiler.get_converters(
-        [cast("models.Field[Any, Any]", f).get_col(meta.db_table) for f in fields]
-    )
+    if in_epoch:
+        rows = [
+            [
+                _EPOCH + timedelta(microseconds=value)
+                if number in in_epoch and value is not None
+                else value
+                for number, value in enumerate(row)
+            ]
+            for row in rows
+        ]
+    # What a queryset does to each other value read (e.g. SQLite's datetimes).
+    converters = {
+        number: converter
+        for number, converter in compiler.get_converters(
+            [field.get_col(meta.db_table) for field in fields]
+        ).items()
+        if number not in in_epoch
+    }
     if converters:
         rows = list(compiler.apply_converters(rows, converters))
     return rows
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _attach(presences: list[Presence], name: str, using: str) -> None:
