@@ -54,13 +54,19 @@ async def _received(
     return dict(zip(sockets, found, strict=True))
 
 
-async def test_each_member_of_many_groups_gets_each_message_once_in_order(
-    layer: BaseChannelLayer,
-) -> None:
+async def _two_in_each_group(layer: BaseChannelLayer) -> list[str]:
+    """Sockets, the n-th in group ``room-{n % GROUPS}``."""
     # Sockets of one process share a channel key; each still gets its own.
     sockets = [await layer.new_channel() for _ in range(GROUPS * 2)]
     for number, socket in enumerate(sockets):
         await layer.group_add(f"room-{number % GROUPS}", socket)
+    return sockets
+
+
+async def test_each_member_of_many_groups_gets_each_message_once_in_order(
+    layer: BaseChannelLayer,
+) -> None:
+    sockets = await _two_in_each_group(layer)
 
     await groups.send(
         layer,
@@ -77,9 +83,7 @@ async def test_each_member_of_many_groups_gets_each_message_once_in_order(
 async def test_leave_of_many_pairs_takes_only_those_sockets_out(
     layer: BaseChannelLayer,
 ) -> None:
-    sockets = [await layer.new_channel() for _ in range(GROUPS * 2)]
-    for number, socket in enumerate(sockets):
-        await layer.group_add(f"room-{number % GROUPS}", socket)
+    sockets = await _two_in_each_group(layer)
     gone = sockets[::2]
 
     await groups.leave(layer, [(f"room-{sockets.index(s) % GROUPS}", s) for s in gone])
