@@ -3,6 +3,7 @@
 
     python3 dev.py test [pytest arguments]
     python3 dev.py demo
+    python3 dev.py bench [--smoke]
 
 ``test`` makes a virtualenv in .venv, installs the package with its test extra, finds a
 Redis (REDIS_URL, else 127.0.0.1:6379, else an embedded one it starts) and a
@@ -17,6 +18,12 @@ missing.
 the same virtualenv and Redis, SQLite in example/db.sqlite3 (SQLITE_PATH) unless
 DATABASE_URL is set, ``migrate``, the demo users, then daphne, a celery worker
 and celery beat under honcho (the Procfile), until Ctrl-C stops them all.
+
+``bench`` makes the same .venv, finds Redis and PostgreSQL the same way, and
+runs every benchmark beside django-channels-presence 1.0.0 (bench/run.py; the
+1.0.0 virtualenv, bench/.baseline-venv, is made on first use): it prints the
+table and writes bench/results/latest.json and latest.md (smoke.json and
+smoke.md with --smoke, tiny sizes for CI). It needs PostgreSQL.
 """
 
 from __future__ import annotations
@@ -343,7 +350,22 @@ def supervise(
     return code
 
 
-COMMANDS = {"test": test, "demo": demo}
+def bench(bench_args: list[str]) -> int:
+    ensure_venv()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("DATABASE_URL", None)
+    database, skipped = postgres_url()
+    if database is None:
+        say(f"FAILED: {skipped}; the benchmarks need PostgreSQL: set DATABASE_URL")
+        return 1
+    with redis_server() as redis_url:
+        env["REDIS_URL"] = redis_url
+        env["DATABASE_URL"] = database
+        command = [str(PYTHON), "-m", "bench.run", *bench_args]
+        return subprocess.run(command, cwd=ROOT, env=env).returncode
+
+
+COMMANDS = {"test": test, "demo": demo, "bench": bench}
 
 
 def main(argv: list[str]) -> int:

@@ -64,6 +64,7 @@ from typing import Any, cast
 import django
 import psycopg
 import redis
+from asgiref.sync import sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer, WebsocketConsumer
 from channels.layers import BaseChannelLayer, get_channel_layer
 from django.conf import settings
@@ -97,16 +98,49 @@ class Sizes:
     sockets: int
     seconds: float
     presences: list[int]
+    worker_joins: int  # joins per apply_batch task sent to the worker
+    prune: int  # presences for the prune, half of them stale
+    prune_rooms: int
 
 
 @dataclass
 class Row:
-    """One line of the table."""
+    """One line of the table; a row with a ``key`` is also in the JSON output.
+
+    ``value`` is the figure bench/run.py compares with 1.0.0's row of the same
+    key (a median for a latency), in ``unit``; ``p99`` and ``n`` go with it.
+    """
 
     figure: str
     budget: str = ""
     measured: str = ""
     holds: bool | None = None
+    key: str = ""
+    value: float | None = None
+    unit: str = ""
+    p99: float | None = None
+    n: int | None = None
+
+    def keyed(self, key: str, latency: Latency) -> Row:
+        """This row, carrying ``latency`` (µs) under ``key``."""
+        self.key, self.value, self.unit = key, latency.median_us, "µs"
+        self.p99, self.n = latency.p99_us, latency.count
+        return self
+
+    def figure_of(self, key: str, value: float, unit: str) -> Row:
+        """This row, carrying ``value`` in ``unit`` under ``key``."""
+        self.key, self.value, self.unit = key, value, unit
+        return self
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "value": self.value,
+            "p99": self.p99,
+            "unit": self.unit,
+            "n": self.n,
+            "detail": f"{self.figure.strip()}: {self.measured}",
+        }
 
 
 def main() -> None:
@@ -117,10 +151,21 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
     sizes = (
-        Sizes(2_000, 50, 20, min(args.sockets, 100), 3, [1_000])
+        Sizes(2_000, 50, 20, min(args.sockets, 100), 2, [1_000], 100, 2_000, 20)
         if args.smoke
-        else Sizes(100_000, 2_000, 300, args.sockets, args.seconds, args.presences)
+        else Sizes(
+            100_000,
+            2_000,
+            300,
+            args.sockets,
+            args.seconds,
+            args.presences,
+            500,
+            args.prune_presences,
+            1_000,
+        )
     )
+    sections = args.sections.split(",")
     database = Database.create()
     try:
         django.setup()
@@ -133,13 +178,29 @@ def main() -> None:
         import tasks  # noqa: F401
 
         print(_environment(database), flush=True)
-        rows = [
-            *heartbeat_rows(sizes),
-            *asyncio.run(join_rows(sizes)),
-            *asyncio.run(broker_rows(sizes)),
-            *worker_rows(sizes, database),
-        ]
+        rows: list[Row] = []
+        if "socket" in sections:
+            rows += heartbeat_rows(sizes)
+            rows += asyncio.run(join_rows(sizes))
+            rows += asyncio.run(sync_join_rows(sizes))
+        if "broker" in sections:
+            rows += asyncio.run(broker_rows(sizes))
+        if "worker" in sections:
+            rows += worker_rows(sizes, database)
+        if "prune" in sections:
+            from bench.prune import prune_rows
+
+            rows += prune_rows(sizes.prune, sizes.prune_rooms)
         print_table(rows)
+        if args.json:
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "rows": [row.as_json() for row in rows if row.key],
+                        "database": database.describe(),
+                    }
+                )
+            )
     finally:
         cleanup(database)
 
@@ -154,6 +215,13 @@ def _arguments() -> argparse.Namespace:
         default=[10_000, 100_000],
         help="comma-separated presence counts for the worker (default %(default)s)",
     )
+    parser.add_argument("--prune-presences", type=int, default=100_000)
+    parser.add_argument(
+        "--sections",
+        default="socket,broker,worker,prune",
+        help="comma-separated sections to run (default %(default)s)",
+    )
+    parser.add_argument("--json", help="also write the keyed figures to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for CI")
     return parser.parse_args()
 
@@ -229,8 +297,17 @@ def heartbeat_rows(sizes: Sizes) -> list[Row]:
     baseline = asyncio.run(run_async(PlainAsyncConsumer, sizes.calls, False))
     rows.append(Row("  undecorated async receive (baseline)", "", baseline.text()))
     coalesced = asyncio.run(run_async(AsyncConsumer, sizes.calls, True))
-    rows.append(heartbeat_row("  async, inside the touch interval", coalesced))
-    rows.append(heartbeat_row("  sync, inside the touch interval", run_sync(True)))
+    rows.append(
+        heartbeat_row("  async, inside the touch interval", coalesced).keyed(
+            "socket.heartbeat.async", coalesced
+        )
+    )
+    coalesced_sync = run_sync(True)
+    rows.append(
+        heartbeat_row("  sync, inside the touch interval", coalesced_sync).keyed(
+            "socket.heartbeat.sync", coalesced_sync
+        )
+    )
     # The default TOUCH_INTERVAL is derived from two unset settings, and an unset
     # setting is an AttributeError raised and caught in LazySettings each lookup.
     with setting("CHANNELS_PRESENCE_TOUCH_INTERVAL", 15):
@@ -238,16 +315,25 @@ def heartbeat_rows(sizes: Sizes) -> list[Row]:
     rows.append(heartbeat_row("  async, inside, TOUCH_INTERVAL = 15 set", explicit))
     with setting("CHANNELS_PRESENCE_TOUCH_INTERVAL", 0):
         due = asyncio.run(run_async(AsyncConsumer, sizes.calls, False))
-        rows.append(heartbeat_row("  async, due (TOUCH_INTERVAL=0): append", due))
         rows.append(
-            heartbeat_row("  sync, due (TOUCH_INTERVAL=0): append", run_sync(False))
+            heartbeat_row("  async, due (TOUCH_INTERVAL=0): append", due).keyed(
+                "socket.heartbeat.async.due", due
+            )
+        )
+        due_sync = run_sync(False)
+        rows.append(
+            heartbeat_row("  sync, due (TOUCH_INTERVAL=0): append", due_sync).keyed(
+                "socket.heartbeat.sync.due", due_sync
+            )
         )
         outbox.default.flush()
         with setting("CHANNELS_PRESENCE_USE_CELERY", False):
             # One UPDATE per heartbeat, awaited: what 1.0.0 did, for contrast.
             inline = asyncio.run(run_async(AsyncConsumer, sizes.inline, False))
             rows.append(
-                Row("  inline (no Celery), due: one UPDATE awaited", "", inline.text())
+                Row(
+                    "  inline (no Celery), due: one UPDATE awaited", "", inline.text()
+                ).keyed("socket.heartbeat.inline", inline)
             )
     return rows
 
@@ -282,13 +368,30 @@ async def join_rows(sizes: Sizes) -> list[Row]:
         for subscribe in (False, True):
             joins, leaves = await _join_leave(layer, sizes.joins, subscribe)
             what = "subscribe=True, 2 groups" if subscribe else "subscribe=False"
-            rows.append(join_row(f"  Celery mode, join ({what})", joins))
-            rows.append(join_row(f"  Celery mode, leave_all ({what})", leaves))
+            suffix = ".subscribe" if subscribe else ""
+            rows.append(
+                join_row(f"  Celery mode, join ({what})", joins).keyed(
+                    f"socket.join.async{suffix}", joins
+                )
+            )
+            rows.append(
+                join_row(f"  Celery mode, leave_all ({what})", leaves).keyed(
+                    f"socket.leave.async{suffix}", leaves
+                )
+            )
         outbox.default.flush()
         with setting("CHANNELS_PRESENCE_USE_CELERY", False):
             joins, leaves = await _join_leave(layer, sizes.inline, False)
-        rows.append(Row("  inline on the database, join", "", joins.text()))
-        rows.append(Row("  inline on the database, leave_all", "", leaves.text()))
+        rows.append(
+            Row("  inline on the database, join", "", joins.text()).keyed(
+                "socket.join.inline", joins
+            )
+        )
+        rows.append(
+            Row("  inline on the database, leave_all", "", leaves.text()).keyed(
+                "socket.leave.inline", leaves
+            )
+        )
     finally:
         await layer.close_pools()
     return rows
@@ -314,6 +417,46 @@ async def _join_leave(
     return Latency(joins), Latency(leaves)
 
 
+async def sync_join_rows(sizes: Sizes) -> list[Row]:
+    """The sync consumer's join and leave (``dispatch.join``, ``leave_all``).
+
+    Called as Channels calls a sync consumer's handlers, in a thread through
+    ``sync_to_async`` from the event loop (the hop is in the figure, as it is
+    for 1.0.0's sync ``Room.objects.add`` and decorated disconnect).
+    """
+    layer = get_channel_layer()
+    pool = consumers(SyncConsumer, sizes.joins, layer)
+    clock = time.perf_counter_ns
+    joins, leaves = [0] * len(pool), [0] * len(pool)
+
+    def join(consumer: Any) -> None:
+        dispatch.join(consumer, ROOM, None, subscribe=False)
+
+    await sync_to_async(join)(pool[0])  # connect
+    await sync_to_async(dispatch.leave_all)(pool[0])
+    gc.collect()
+    try:
+        for i, consumer in enumerate(pool):
+            start = clock()
+            await sync_to_async(join)(consumer)
+            joins[i] = clock() - start
+            start = clock()
+            await sync_to_async(dispatch.leave_all)(consumer)
+            leaves[i] = clock() - start
+    finally:
+        await layer.close_pools()
+    outbox.default.flush()
+    joined, left = Latency(joins), Latency(leaves)
+    return [
+        join_row("  Celery mode, sync consumer, join", joined).keyed(
+            "socket.join.sync", joined
+        ),
+        join_row("  Celery mode, sync consumer, leave_all", left).keyed(
+            "socket.leave.sync", left
+        ),
+    ]
+
+
 def join_row(figure: str, latency: Latency) -> Row:
     return Row(
         figure,
@@ -336,15 +479,18 @@ async def broker_rows(sizes: Sizes) -> list[Row]:
     ]
     broker = Broker()
     try:
-        for interval, label in ((None, "default: MAX_AGE/4 = 15 s"), (0, "0")):
+        for interval, label, key in (
+            (None, "default: MAX_AGE/4 = 15 s", "broker.default"),
+            (0, "0", "broker.interval0"),
+        ):
             with setting("CHANNELS_PRESENCE_TOUCH_INTERVAL", interval):
-                rows.extend(await _heartbeats(sizes, broker, label))
+                rows.extend(await _heartbeats(sizes, broker, label, key))
     finally:
         broker.close()
     return rows
 
 
-async def _heartbeats(sizes: Sizes, broker: Broker, label: str) -> list[Row]:
+async def _heartbeats(sizes: Sizes, broker: Broker, label: str, key: str) -> list[Row]:
     pool = consumers(AsyncConsumer, sizes.sockets)
     outbox.default.flush()
     broker.purge()
@@ -374,14 +520,14 @@ async def _heartbeats(sizes: Sizes, broker: Broker, label: str) -> list[Row]:
             f"{len(touches)} in {elapsed:.1f} s = {len(touches) / elapsed:.2f}/s "
             f"({per_flush:.2f} per flush interval)",
             per_flush <= TOUCH_TASKS_PER_FLUSH,
-        ),
+        ).figure_of(f"{key}.touch_tasks_per_flush", per_flush, "tasks/flush"),
         Row(
             "    messages, bytes, socket touches carried",
             "",
             f"{len(messages) / elapsed:.2f} msg/s (outbox sent {sent}), "
             f"{volume / elapsed / 1024:.1f} KiB/s, {names} names "
             f"({names / max(len(touches), 1):.0f}/task)",
-        ),
+        ).figure_of(f"{key}.messages_per_s", len(messages) / elapsed, "msg/s"),
         Row(
             "    socket-side CPU for the heartbeats",
             "",
@@ -483,9 +629,42 @@ def worker_rows(sizes: Sizes, database: Database) -> list[Row]:
                     total,
                     f"; publish {published * 1e3:.0f} ms, worker's task "
                     f"{runtime * 1e3:.0f} ms = {count / runtime:,.0f}/s",
-                )
+                ).figure_of(f"worker.touch.{count}", count / runtime, "/s")
             )
+            rows.append(_worker_joins(worker, count, sizes.worker_joins))
     return rows
+
+
+def _worker_joins(worker: Worker, present: int, count: int) -> Row:
+    """``count`` joins in one ``apply_batch`` task, as an outbox sends them.
+
+    Each join is its own transaction, group add and broadcast (the room's
+    members, read once per join), into rooms of ``present / 100`` presences.
+    """
+    from channels_presence.models import Presence
+
+    at = time.time()
+    calls = [
+        [
+            "channels_presence.tasks.add_presence",
+            [f"bench-room-{i % 100}", f"specific.bench-{i}!join", None, at, True],
+            {},
+        ]
+        for i in range(count)
+    ]
+    result = worker.app.send_task(outbox.BATCH_TASK, args=(calls,), kwargs={})
+    _, runtime, _ = worker.wait_for(result.id)
+    joined = Presence.objects.filter(channel_name__endswith="!join").count()
+    if joined != count:
+        raise RuntimeError(f"the worker applied {joined} of {count} joins")
+    Presence.objects.filter(channel_name__endswith="!join").delete()
+    rate = count / runtime
+    return Row(
+        f"  {count:,} joins into rooms of {present // 100:,}: via celery worker",
+        "",
+        f"{rate:,.0f}/s (worker's task {runtime * 1e3:.0f} ms; "
+        "each: transaction, group add, members read, broadcast)",
+    ).figure_of(f"worker.joins.{present}", rate, "/s")
 
 
 def worker_row(figure: str, count: int, seconds: float, detail: str) -> Row:
@@ -535,7 +714,8 @@ class Worker:
     """A ``celery -A tasks worker`` subprocess, and the tasks its log says it ran."""
 
     DONE = re.compile(
-        r"\[(?P<id>[0-9a-f-]+)\] succeeded in (?P<seconds>[0-9.e-]+)s: (?P<result>\d+)"
+        r"\[(?P<id>[0-9a-f-]+)\] succeeded in (?P<seconds>[0-9.e-]+)s: "
+        r"(?P<result>\d+|None)"
     )
 
     FAILED = re.compile(r"\] (raised unexpected|retry: )")
@@ -588,7 +768,7 @@ class Worker:
                     self.done[done["id"]] = (
                         seen,
                         float(done["seconds"]),
-                        int(done["result"]),
+                        int(done["result"]) if done["result"] != "None" else 0,
                     )
                 elif self.FAILED.search(line):
                     self.failed = True

@@ -18,7 +18,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from asgiref.sync import async_to_sync
 from django.apps import apps
 from django.contrib.auth import get_user_model
 from django.db import models
@@ -78,7 +77,7 @@ def broadcast_presence_changed(
         collected.append(change)
         return
     # Sent outside an operation, e.g. by a direct room.broadcast_changed() call.
-    async_to_sync(groups.send)(groups.get_layer(), messages([change]))
+    groups.run_sync(groups.send, groups.get_layer(), messages([change]))
 
 
 def messages(changes: list[Change]) -> list[tuple[str, dict[str, Any]]]:

@@ -11,20 +11,77 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
+import os
+import threading
 import time
-from collections.abc import Awaitable, Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, ParamSpec, TypeVar
 
+from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 
 from .validation import EVENTS_PREFIX
 
+logger = logging.getLogger("channels_presence")
+
 # How many channel-layer calls one batch keeps in flight at once.
 CONCURRENCY = 64
 # How many group calls go to Redis in one pipeline.
 PIPELINE_SIZE = 1_000
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Whether run_sync keeps an event loop per thread: only in a process that runs
+# tasks for a Celery worker (see tasks.py), where nothing else uses the layer.
+_keeping_loops = False
+_loops = threading.local()
+
+
+def keep_loops() -> None:
+    """Let :func:`run_sync` reuse one event loop per thread in this process.
+
+    For a Celery worker's task processes. There ``async_to_sync`` would make
+    a new event loop for every channel-layer call, and channels_redis a new
+    connection pool for every loop: a connect and a close per call, a good
+    part of a join applied by a worker (bench/ profiled it). Elsewhere it
+    stays off: a layer whose pools live in a loop of ours could no longer be
+    flushed from another loop (``async_to_sync(layer.flush)()``), as tests do.
+    """
+    global _keeping_loops
+    _keeping_loops = True
+
+
+def run_sync(
+    call: Callable[P, Coroutine[Any, Any, T]], *args: P.args, **kwargs: P.kwargs
+) -> T:
+    """``async_to_sync(call)(*args, **kwargs)``, on a kept loop if allowed.
+
+    Under ``sync_to_async`` (a consumer's thread) it is always
+    ``async_to_sync``, which runs the call on the consumer's own loop.
+    """
+    if not _keeping_loops or _under_an_event_loop():
+        return async_to_sync(call)(*args, **kwargs)
+    loop: asyncio.AbstractEventLoop | None = getattr(_loops, "loop", None)
+    # A forked child makes its own: its parent's connections are not its own.
+    if loop is None or loop.is_closed() or _loops.pid != os.getpid():
+        loop = _loops.loop = asyncio.new_event_loop()
+        _loops.pid = os.getpid()
+    return loop.run_until_complete(call(*args, **kwargs))
+
+
+def _under_an_event_loop() -> bool:
+    from asgiref.sync import SyncToAsync
+
+    threadlocal = SyncToAsync.threadlocal
+    return (
+        getattr(threadlocal, "main_event_loop", None) is not None
+        and getattr(threadlocal, "main_event_loop_pid", None) == os.getpid()
+    )
 
 
 def get_layer(channel_layer: BaseChannelLayer | None = None) -> BaseChannelLayer:
@@ -88,39 +145,176 @@ async def _redis(
 
     channels_redis makes each group_add two round trips (ZADD, then EXPIRE)
     and each discard one: a mixin's join would wait for four, a prune of
-    thousands of sockets for twice as many. The same commands, on the same
-    keys and connections as channels_redis's, go as one pipeline per shard
-    and PIPELINE_SIZE calls.
+    thousands of sockets for twice as many. The same changes, on the same
+    keys and connections as channels_redis's, go as one ZADD (and EXPIRE) or
+    ZREM per group naming its sockets, in one pipeline per shard and
+    PIPELINE_SIZE sockets.
     """
-    by_shard: dict[int, list[tuple[str, str]]] = {}
+    by_group: dict[str, list[str]] = {}
     for group, channel_name in calls:
-        by_shard.setdefault(layer.consistent_hash(group), []).append(
-            (group, channel_name)
-        )
+        by_group.setdefault(group, []).append(channel_name)
     now = time.time()
 
-    async def run(shard: int, chunk: list[tuple[str, str]]) -> None:
+    def command(key: bytes, channel_names: list[str]) -> Callable[[Any], None]:
+        def add(pipe: Any) -> None:
+            if operation == ADD:
+                pipe.zadd(key, dict.fromkeys(channel_names, now))
+                pipe.expire(key, layer.group_expiry)
+            else:
+                pipe.zrem(key, *channel_names)
+
+        return add
+
+    await _pipelined(
+        layer,
+        (
+            (
+                layer.consistent_hash(group),
+                len(part),
+                command(layer._group_key(group), part),
+            )
+            for group, names in by_group.items()
+            for part in _parts(names)
+        ),
+    )
+
+
+# A command for _pipelined: the shard it goes to, its weight (how many items
+# it names), and what it adds to that shard's pipeline.
+Command = tuple[int, int, Callable[[Any], None]]
+
+
+async def _pipelined(
+    layer: RedisChannelLayer, commands: Iterable[Command]
+) -> list[Any]:
+    """Run the commands, one pipeline per shard and PIPELINE_SIZE of weight.
+
+    CONCURRENCY pipelines are in flight at once. Returns, for each command,
+    the replies of what it added, in the order of ``commands``.
+    """
+    jobs = list(commands)
+    chunks: dict[int, list[list[int]]] = {}
+    weights: dict[int, int] = {}
+    for number, (shard, weight, _) in enumerate(jobs):
+        chunk = chunks.setdefault(shard, [[]])
+        if chunk[-1] and weights.get(shard, 0) + weight > PIPELINE_SIZE:
+            chunk.append([])
+            weights[shard] = 0
+        chunk[-1].append(number)
+        weights[shard] = weights.get(shard, 0) + weight
+    replies: list[Any] = [None] * len(jobs)
+
+    async def run(shard: int, numbers: list[int]) -> None:
         async with layer.connection(shard).pipeline(transaction=False) as pipe:
-            for group, channel_name in chunk:
-                key = layer._group_key(group)
-                if operation == ADD:
-                    pipe.zadd(key, {channel_name: now})
-                    pipe.expire(key, layer.group_expiry)
-                else:
-                    pipe.zrem(key, channel_name)
-            await pipe.execute()
+            bounds = []
+            for number in numbers:
+                start = len(pipe)
+                jobs[number][2](pipe)
+                bounds.append((number, start, len(pipe)))
+            results = await pipe.execute()
+        for number, start, end in bounds:
+            replies[number] = results[start:end]
 
     await _in_batches(
-        run(shard, chunk[start : start + PIPELINE_SIZE])
-        for shard, chunk in by_shard.items()
-        for start in range(0, len(chunk), PIPELINE_SIZE)
+        run(shard, numbers) for shard, chunk in chunks.items() for numbers in chunk
     )
+    return replies
+
+
+def _parts(items: list[T]) -> list[list[T]]:
+    return [
+        items[start : start + PIPELINE_SIZE]
+        for start in range(0, len(items), PIPELINE_SIZE)
+    ]
+
+
+# What channels_redis's group_send runs on each shard for a group's members
+# there, with the expiry of old messages (a separate pipeline there) folded in.
+# KEYS: the channel keys; ARGV: their messages, then their capacities, then
+# the message expiry cutoff, the time, and the expiry.
+_SEND_LUA = """
+local over_capacity = 0
+local n = #KEYS
+local cutoff = ARGV[2 * n + 1]
+local now = ARGV[2 * n + 2]
+local expiry = ARGV[2 * n + 3]
+for i = 1, n do
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], 0, cutoff)
+    if redis.call('ZCOUNT', KEYS[i], '-inf', '+inf') < tonumber(ARGV[i + n]) then
+        redis.call('ZADD', KEYS[i], now, ARGV[i])
+        redis.call('EXPIRE', KEYS[i], expiry)
+    else
+        over_capacity = over_capacity + 1
+    end
+end
+return over_capacity
+"""
+
+
+async def _redis_send(
+    layer: RedisChannelLayer, messages: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """``group_send`` of each (group, message), for many groups at once.
+
+    channels_redis's group_send is three round trips per group (members, then
+    expiry of old messages, then a script that pushes the message): a prune's
+    notices and events, one each per room, would wait for thousands. The same
+    commands on the same keys go here in two rounds of pipelines, one per
+    shard: the members of every group, then one script per group and shard.
+    """
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for group, message in messages:
+        by_group.setdefault(group, []).append(message)
+    now = time.time()
+
+    def members(key: bytes) -> Callable[[Any], None]:
+        def add(pipe: Any) -> None:
+            pipe.zremrangebyscore(key, min=0, max=int(now) - layer.group_expiry)
+            pipe.zrange(key, 0, -1)
+
+        return add
+
+    groups = list(by_group)
+    found = await _pipelined(
+        layer,
+        ((layer.consistent_hash(g), 1, members(layer._group_key(g))) for g in groups),
+    )
+
+    def push(keys: list[str], args: list[Any], at: float) -> Callable[[Any], None]:
+        def add(pipe: Any) -> None:
+            cutoff = int(now) - int(layer.expiry)
+            pipe.eval(_SEND_LUA, len(keys), *keys, *args, cutoff, at, layer.expiry)
+
+        return add
+
+    commands: list[Command] = []
+    for group, (_, names) in zip(groups, found, strict=True):
+        channel_names = [name.decode() for name in names]
+        for message in by_group[group]:
+            by_shard, encoded, capacities = layer._map_channel_keys_to_connection(
+                channel_names, message
+            )
+            for shard, keys in by_shard.items():
+                for part in _parts(keys):
+                    args = [encoded[k] for k in part] + [capacities[k] for k in part]
+                    # A channel's messages are received in the order of their
+                    # scores: one microsecond apart, in the order given.
+                    at = now + len(commands) * 1e-6
+                    commands.append((shard, len(part), push(part, args, at)))
+    over = await _pipelined(layer, commands)
+    full = sum(reply[0] for reply in over)
+    if full:
+        logger.info("%s channels over capacity in a group send", full)
 
 
 async def send(
     layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
 ) -> None:
     """Send each (group, message) pair."""
+    messages = list(messages)
+    if isinstance(layer, RedisChannelLayer):
+        await _redis_send(layer, messages)
+        return
     await _in_batches(layer.group_send(group, message) for group, message in messages)
 
 

@@ -20,11 +20,12 @@ import logging
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_process_init
 from django.contrib.auth import get_user_model
 from django.db import InterfaceError, OperationalError
 from redis.exceptions import RedisError
 
-from . import clock, leases, operations
+from . import clock, groups, leases, operations
 
 logger = logging.getLogger("channels_presence")
 
@@ -190,6 +191,13 @@ def prune_servers() -> int:
 def prune_rooms() -> int:
     """Delete the rooms that have no presence; returns how many."""
     return len(operations.prune_rooms())
+
+
+@worker_process_init.connect
+def _keep_event_loops(**kwargs: Any) -> None:
+    """In a process that runs a worker's tasks (solo, or a prefork child),
+    channel-layer calls reuse one event loop, and its Redis connections."""
+    groups.keep_loops()
 
 
 def _user(user_id: int | None) -> Any:

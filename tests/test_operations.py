@@ -459,6 +459,41 @@ def test_prune_presences_discards_every_pruned_socket_and_signals_once_per_room(
     ) == [("a", None, None, True), ("b", None, None, True)]
 
 
+@pytest.mark.parametrize("delete_receiver", [False, True])
+def test_removed_presences_are_returned_as_they_were_with_room_and_user(
+    alice, delete_receiver, django_assert_max_num_queries
+):
+    # With a pre_delete receiver the rows go through QuerySet.delete(), which
+    # runs it; without, one DELETE ... RETURNING: both give the same presences.
+    operations.join(ROOM, SOCKET, alice, at=ago(45))
+    operations.join(OTHER_ROOM, OTHER_SOCKET, at=ago(50))
+    before = {p.pk: p for p in Presence.objects.select_related("room", "user")}
+    deleted: list[int] = []
+
+    def receiver(instance: Presence, **kwargs: Any) -> None:
+        deleted.append(instance.pk)
+
+    if delete_receiver:
+        pre_delete.connect(receiver, sender=Presence)
+    try:
+        removed = operations.prune_presences(30)
+    finally:
+        pre_delete.disconnect(receiver, sender=Presence)
+
+    assert sorted(deleted) == (sorted(before) if delete_receiver else [])
+    assert [p.pk for p in removed] == sorted(before)
+    with django_assert_max_num_queries(0):
+        for presence in removed:
+            was = before[presence.pk]
+            assert [getattr(presence, f.attname) for f in Presence._meta.fields] == [
+                getattr(was, f.attname) for f in Presence._meta.fields
+            ]
+            assert presence.last_seen.utcoffset() == timedelta(0)
+            assert presence.room.channel_name == was.room.channel_name
+            assert presence.user == was.user
+    assert not Presence.objects.exists()
+
+
 def test_leave_all_discards_the_socket_from_every_group_and_signals_each_removal(
     signals,
 ):

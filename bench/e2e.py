@@ -1,0 +1,488 @@
+"""End to end: websocket clients on a real daphne, one celery worker, Redis.
+
+    .venv/bin/python -m bench.e2e --json OUT [--smoke] [--baseline-python PY]
+
+Ours: ``daphne bench.asgi:application`` (the mixin, Celery mode) and one
+``celery -A tasks worker -P solo``, on a PostgreSQL database of the run's own
+(on the server of ``DATABASE_URL``) and the Redis of ``REDIS_URL``. 1.0.0
+(with ``--baseline-python``): its documented consumer
+(``bench/baseline/baseline_asgi.py``) on daphne 3 from the baseline
+virtualenv, which does its database work on the socket's own thread (it has no
+worker). Both on a free loopback port.
+
+The clients (``websockets``, asyncio, all in this one process) open sockets
+into rooms of ``--room-size``, at most ``--rate`` new sockets a second, then
+close them at the same rate. Each socket is told its channel name; each
+presence event names who joined or left. A join's latency, for each other
+client of the room that was open when it joined: from the moment the joining
+client began to open its socket to the moment that client received the event;
+a leave's, from the moment the leaving client began to close. Bounded: every
+phase ends after its last socket plus ``--settle`` seconds, and an event not
+seen by then counts as missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import psycopg
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake
+
+ROOT = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60.0
+#: Handshakes in flight at once while the population connects.
+CONNECTING = 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--clients", type=int, default=1_000)
+    parser.add_argument("--room-size", type=int, default=10)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--settle", type=float, default=15.0)
+    parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--baseline-python")
+    args = parser.parse_args()
+    if args.smoke:
+        args.clients, args.room_size, args.rate = 20, 5, 20.0
+        args.settle, args.probes = 10.0, 5
+    url = os.environ.get("DATABASE_URL") or "postgres://root@127.0.0.1:5432/test"
+    if url == "sqlite":
+        raise SystemExit("bench/e2e.py runs on PostgreSQL: set DATABASE_URL")
+    result: dict[str, Any] = {"ours": {}, "baseline": {}, "notes": []}
+    shape = (
+        f"{args.clients} clients in rooms of {args.room_size} (opened at most "
+        f"{args.rate:g}/s, {CONNECTING} handshakes at a time), then {args.probes} "
+        "probe clients, one at a time, each joining a room and leaving it; "
+        "one client process"
+    )
+    with ours_server(url) as port:
+        result["ours"] = asyncio.run(measure(port, args))
+    result["notes"].append(f"end to end, ours: {shape}; {summary(result['ours'])}")
+    if args.baseline_python:
+        with baseline_server(url, args.baseline_python) as port:
+            result["baseline"] = asyncio.run(measure(port, args))
+        result["notes"].append(
+            f"end to end, 1.0.0: {shape}; {summary(result['baseline'])}"
+        )
+    Path(args.json).write_text(json.dumps(result))
+    for note in result["notes"]:
+        print(note)
+
+
+def summary(rows: dict[str, dict[str, Any]]) -> str:
+    return (
+        f"{rows['refused']['value']:.0f} sockets refused; "
+        f"{rows['ramp.seconds']['detail']}; "
+    ) + ", ".join(
+        f"{what}s: {rows[f'{what}.seen']['value']:.0f} events seen, "
+        f"{rows[f'{what}.missed']['value']:.0f} missed"
+        for what in ("join", "leave")
+    )
+
+
+# The clients.
+
+
+class Client:
+    """One websocket, the events it received, and when."""
+
+    def __init__(self, index: int, room: str) -> None:
+        self.index = index
+        self.room = room
+        self.channel = ""
+        self.socket: ClientConnection | None = None
+        self.events: list[tuple[float, str, str]] = []  # (when, kind, channel)
+        self.reader: asyncio.Task[None] | None = None
+
+    async def open(self, port: int) -> None:
+        self.socket = await connect(
+            f"ws://127.0.0.1:{port}/ws/{self.room}/",
+            open_timeout=30,
+            max_queue=None,
+        )
+        hello = json.loads(await self.socket.recv())
+        self.channel = hello["channel"]
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.socket is not None
+        try:
+            async for frame in self.socket:
+                now = time.monotonic()
+                event = json.loads(frame)
+                if event.get("type") != "presence":
+                    continue
+                if event.get("added"):
+                    self.events.append((now, "join", event["added"]))
+                if event.get("removed"):
+                    self.events.append((now, "leave", event["removed"]))
+        except Exception:
+            return
+
+
+async def measure(port: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Open the population, then time ``--probes`` joins and leaves among it."""
+    rooms = max(args.clients // args.room_size, 1)
+    population = [Client(i, f"e2e-{i % rooms}") for i in range(args.clients)]
+    members: dict[str, list[Client]] = {}
+    refused = 0
+    # The population: at most --rate handshakes started a second and
+    # CONNECTING of them in flight, so that a server slower to accept (1.0.0
+    # does its database work in the handshake) is not made to drop them.
+    gate = asyncio.Semaphore(CONNECTING)
+    began = time.monotonic()
+
+    async def open_one(client: Client) -> None:
+        nonlocal refused
+        async with gate:
+            try:
+                await client.open(port)
+            except (OSError, TimeoutError, InvalidHandshake):
+                refused += 1
+                return
+        members.setdefault(client.room, []).append(client)
+
+    opening = []
+    for i, client in enumerate(population):
+        await asyncio.sleep(max(began + i / args.rate - time.monotonic(), 0))
+        opening.append(asyncio.create_task(open_one(client)))
+    await asyncio.gather(*opening)
+    opened = time.monotonic() - began
+    # Settled once the first member of each room has seen every later join.
+    settled = await wait_for(
+        lambda: all(
+            {c.channel for c in group[1:]}
+            <= {ch for _, kind, ch in group[0].events if kind == "join"}
+            for group in members.values()
+        ),
+        args.settle * 4,
+    )
+    ramp = time.monotonic() - began
+    # The probes: one client at a time joins a room of the population, and
+    # leaves it once its join has been seen (or --settle has passed).
+    joins: list[float] = []
+    leaves: list[float] = []
+    names = sorted(members)
+    for n in range(args.probes):
+        room = names[n % len(names)]
+        audience = list(members[room])
+        probe = Client(args.clients + n, room)
+        start = time.monotonic()
+        try:
+            await probe.open(port)
+        except (OSError, TimeoutError, InvalidHandshake):
+            refused += 1
+            continue
+        joins += await seen_by(audience, "join", probe.channel, start, args.settle)
+        start = time.monotonic()
+        assert probe.socket is not None
+        await probe.socket.close()
+        leaves += await seen_by(audience, "leave", probe.channel, start, args.settle)
+        if probe.reader is not None:
+            probe.reader.cancel()
+    expected = args.probes * args.room_size
+    missed = {"join": expected - len(joins), "leave": expected - len(leaves)}
+    closing = [c.socket.close() for c in population if c.socket is not None]
+    await asyncio.gather(*closing, return_exceptions=True)
+    for client in population:
+        if client.reader is not None:
+            client.reader.cancel()
+    rows = {
+        **figures("join", joins, missed["join"]),
+        **figures("leave", leaves, missed["leave"]),
+    }
+    rows["refused"] = _row("refused", refused, "sockets")
+    rows["ramp.seconds"] = _row(
+        "ramp.seconds",
+        ramp,
+        "s",
+        f"{args.clients} sockets opened in {opened:.1f} s; every join seen by its "
+        f"room {'after' if settled else 'NOT within'} {ramp:.1f} s",
+    )
+    return rows
+
+
+async def wait_for(done: Any, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def seen_by(
+    audience: list[Client], kind: str, channel: str, start: float, seconds: float
+) -> list[float]:
+    """The latency (ms) of each member of ``audience`` that saw the event."""
+
+    def seen() -> list[float]:
+        found = []
+        for member in audience:
+            for when, what, name in member.events:
+                if what == kind and name == channel:
+                    found.append((when - start) * 1e3)
+                    break
+        return found
+
+    deadline = time.monotonic() + seconds
+    while True:
+        found = seen()
+        if len(found) == len(audience) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.002)
+
+
+def figures(
+    kind: str, latencies: list[float], missed: int
+) -> dict[str, dict[str, Any]]:
+    ordered = sorted(latencies) or [float("nan")]
+
+    def at(q: float) -> float:
+        return ordered[min(int(len(ordered) * q), len(ordered) - 1)]
+
+    rows = {
+        f"{kind}.{stat}": _row(f"{kind}.{stat}", value, "ms")
+        for stat, value in (("p50", at(0.5)), ("p99", at(0.99)), ("max", ordered[-1]))
+    }
+    rows[f"{kind}.seen"] = _row(f"{kind}.seen", len(latencies), "events")
+    rows[f"{kind}.missed"] = _row(f"{kind}.missed", missed, "events")
+    return rows
+
+
+def _row(key: str, value: float, unit: str, detail: str = "") -> dict[str, Any]:
+    return {
+        "key": key,
+        "value": value,
+        "p99": None,
+        "unit": unit,
+        "n": None,
+        "detail": detail,
+    }
+
+
+# The servers.
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    """A subprocess whose output is kept; ready once a line contains ``ready``."""
+
+    def __init__(
+        self, command: list[str], env: dict[str, str], cwd: Path, ready: str
+    ) -> None:
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._marker = ready
+        self.process = subprocess.Popen(
+            command,
+            env=env,
+            cwd=cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if self._marker in line:
+                self._ready.set()
+        self._ready.set()
+
+    def wait_ready(self) -> None:
+        if not self._ready.wait(START_TIMEOUT) or self.process.poll() is not None:
+            raise RuntimeError("did not start:\n" + "\n".join(self.lines[-30:]))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait()
+
+
+def _server_sql(url: str, statement: str) -> None:
+    parts = urlsplit(url)
+    with psycopg.connect(
+        dbname=parts.path.lstrip("/") or "postgres",
+        user=unquote(parts.username or ""),
+        password=unquote(parts.password or "") or None,
+        host=parts.hostname or "",
+        port=parts.port or 5432,
+        autocommit=True,
+    ) as server:
+        server.execute(statement)
+
+
+@contextmanager
+def database(url: str, name: str) -> Iterator[None]:
+    _server_sql(url, f'CREATE DATABASE "{name}"')
+    try:
+        yield
+    finally:
+        _server_sql(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def running(*processes: Process) -> Iterator[None]:
+    try:
+        for process in processes:
+            process.wait_ready()
+        yield
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def delete_keys(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    try:
+        keys = list(client.scan_iter(f"{prefix}*", count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
+
+
+@contextmanager
+def ours_server(url: str) -> Iterator[int]:
+    run = uuid.uuid4().hex[:12]
+    name = f"channels_presence_bench_{run}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PYTHONPATH": str(ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "bench.settings",
+        "CHANNELS_PRESENCE_BENCH_RUN": run,
+        "CHANNELS_PRESENCE_BENCH_DATABASE": name,
+    }
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    with database(url, name):
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "django", "migrate", "-v", "0", "--skip-checks"],
+                env=env,
+                cwd=ROOT,
+                check=True,
+            )
+            daphne = Process(
+                [
+                    str(bin_dir / "daphne"),
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "bench.asgi:application",
+                ],
+                env,
+                ROOT,
+                "Listening on TCP address",
+            )
+            worker = Process(
+                [
+                    sys.executable,
+                    "-m",
+                    "celery",
+                    "-A",
+                    "tasks",
+                    "worker",
+                    "-l",
+                    "info",
+                    "-P",
+                    "solo",
+                    "-n",
+                    f"e2e-{run}@%h",
+                    "--without-gossip",
+                    "--without-mingle",
+                    "--without-heartbeat",
+                ],
+                env,
+                ROOT,
+                " ready.",
+            )
+            with running(daphne, worker):
+                yield port
+        finally:
+            delete_keys(f"cp-bench-{run}")
+
+
+@contextmanager
+def baseline_server(url: str, python: str) -> Iterator[int]:
+    run = uuid.uuid4().hex[:12]
+    name = f"cp_baseline_{run}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "PYTHONUNBUFFERED": "1",
+        "DJANGO_SETTINGS_MODULE": "baseline_settings",
+        "BASELINE_DATABASE": name,
+        "BASELINE_PREFIX": f"cp-baseline-{run}",
+    }
+    env.pop("PYTHONPATH", None)  # the repository's channels_presence is ours
+    cwd = ROOT / "bench" / "baseline"
+    port = free_port()
+    with database(url, name):
+        try:
+            subprocess.run(
+                [python, "-m", "django", "migrate", "-v", "0", "--skip-checks"],
+                env=env,
+                cwd=cwd,
+                check=True,
+            )
+            daphne = Process(
+                [
+                    str(Path(python).parent / "daphne"),
+                    "-b",
+                    "127.0.0.1",
+                    "-p",
+                    str(port),
+                    "baseline_asgi:application",
+                ],
+                env,
+                cwd,
+                "Listening on TCP address",
+            )
+            with running(daphne):
+                yield port
+        finally:
+            delete_keys(f"cp-baseline-{run}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The benchmarks' smoke mode, run for real so that the scripts never rot.
+
+``bench/run.py --smoke`` runs every section (ours on SQLite and PostgreSQL,
+1.0.0 in its own virtualenv, end to end on daphne) with tiny sizes. Only that
+it finishes and writes what it promises is checked: figures are never judged
+here (a benchmark prints them; no test asserts a time).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    not os.environ.get("DATABASE_URL", "").startswith("postgres"),
+    reason="the benchmarks need PostgreSQL; they run in the PostgreSQL pass",
+)
+
+
+def test_smoke_run_writes_the_table_with_ours_and_1_0_0_side_by_side(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--smoke", "--out", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["smoke"] is True
+    assert {"cpu", "cores", "python"} <= result["machine"].keys()
+    assert result["versions"]["1.0.0"]["django-channels-presence"] == "1.0.0"
+    assert result["versions"]["1.0.0"]["Django"] == "3.2.25"
+    figures = {row["figure"] for row in result["table"]}
+    for db in ("sqlite", "postgresql"):
+        assert f"[{db}] heartbeat, sync consumer, inside the touch interval" in figures
+        assert f"[{db}] join, async consumer (Celery mode)" in figures
+    assert "broker: touch tasks, TOUCH_INTERVAL=0" in figures
+    assert "worker: touch_presences, 1,000 presences" in figures
+    assert "prune, wall time (half stale)" in figures
+    assert "end to end: a join seen by the room, p99" in figures
+    by_figure = {row["figure"]: row for row in result["table"]}
+    # Every socket-side line, the prune and end to end have 1.0.0's figure.
+    for figure in (
+        "[postgresql] join, sync consumer (Celery mode)",
+        "[sqlite] leave, sync consumer (Celery mode)",
+        "prune, queries",
+        "end to end: a leave seen by the room, p50",
+    ):
+        assert by_figure[figure]["1.0.0"] is not None, figure
+        assert by_figure[figure]["ratio"] is not None, figure
+    # Every event the clients waited for was seen, on both sides.
+    assert result["ours"]["e2e:join.missed"]["value"] == 0
+    assert result["1.0.0"]["e2e-baseline:leave.missed"]["value"] == 0
+    markdown = (tmp_path / "smoke.md").read_text()
+    assert "| figure | budget | ours | 1.0.0 | ratio | holds |" in markdown
+    assert "end to end: a join seen by the room, p99" in markdown

@@ -1,0 +1,108 @@
+"""groups.send and groups.leave of many groups at once, as a prune makes them.
+
+On RedisChannelLayer they bypass group_send and group_discard (pipelines per
+shard); what a socket receives must be what those would have given it. The
+same checks run on a layer without that path (InMemoryChannelLayer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer
+from channels_redis.core import RedisChannelLayer
+from django.conf import settings
+
+from channels_presence import groups
+
+GROUPS = 30
+
+
+@pytest.fixture(params=["redis, two shards", "in memory"])
+async def layer(request: pytest.FixtureRequest) -> AsyncIterator[BaseChannelLayer]:
+    if request.param == "in memory":
+        yield InMemoryChannelLayer()
+        return
+    # Two shards on one server: the groups and channels hash to both.
+    layers: dict[str, Any] = settings.CHANNEL_LAYERS
+    prefix = layers["default"]["CONFIG"]["prefix"] + "-groups"
+    redis = RedisChannelLayer(hosts=[settings.REDIS_URL] * 2, prefix=prefix)
+    try:
+        yield redis
+    finally:
+        await redis.flush()
+
+
+async def _received(
+    layer: BaseChannelLayer, sockets: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """What each socket has been sent, all of them read at once."""
+
+    async def drain(channel: str) -> list[dict[str, Any]]:
+        received = []
+        while True:
+            try:
+                async with asyncio.timeout(0.5):
+                    received.append(await layer.receive(channel))
+            except TimeoutError:
+                return received
+
+    found = await asyncio.gather(*(drain(socket) for socket in sockets))
+    return dict(zip(sockets, found, strict=True))
+
+
+async def _two_in_each_group(layer: BaseChannelLayer) -> list[str]:
+    """Sockets, the n-th in group ``room-{n % GROUPS}``."""
+    # Sockets of one process share a channel key; each still gets its own.
+    sockets = [await layer.new_channel() for _ in range(GROUPS * 2)]
+    for number, socket in enumerate(sockets):
+        await layer.group_add(f"room-{number % GROUPS}", socket)
+    return sockets
+
+
+async def test_each_member_of_many_groups_gets_each_message_once_in_order(
+    layer: BaseChannelLayer,
+) -> None:
+    sockets = await _two_in_each_group(layer)
+
+    await groups.send(
+        layer,
+        [(f"room-{n}", {"type": "first", "n": n}) for n in range(GROUPS)]
+        + [(f"room-{n}", {"type": "second", "n": n}) for n in range(GROUPS)],
+    )
+
+    received = await _received(layer, sockets)
+    for number, socket in enumerate(sockets):
+        got = [(m["type"], m["n"]) for m in received[socket]]
+        assert got == [("first", number % GROUPS), ("second", number % GROUPS)]
+
+
+async def test_leave_of_many_pairs_takes_only_those_sockets_out(
+    layer: BaseChannelLayer,
+) -> None:
+    sockets = await _two_in_each_group(layer)
+    gone = sockets[::2]
+
+    await groups.leave(layer, [(f"room-{sockets.index(s) % GROUPS}", s) for s in gone])
+    await groups.send(
+        layer, [(f"room-{n}", {"type": "after", "n": n}) for n in range(GROUPS)]
+    )
+
+    received = await _received(layer, sockets)
+    for socket in sockets:
+        assert len(received[socket]) == (0 if socket in gone else 1)
+
+
+async def test_a_send_to_a_group_without_members_does_nothing(
+    layer: BaseChannelLayer,
+) -> None:
+    socket = await layer.new_channel()
+    await layer.group_add("room", socket)
+
+    await groups.send(layer, [("empty", {"type": "lost"}), ("room", {"type": "kept"})])
+
+    received = await _received(layer, [socket])
+    assert [m["type"] for m in received[socket]] == ["kept"]
