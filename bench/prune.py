@@ -28,6 +28,10 @@ from channels_presence import groups
 PRUNE_BUDGET_S = 2.0
 
 
+#: Server processes the bench's sockets are spread over (channel-name prefixes).
+SERVERS = 8
+
+
 def prune_rows(count: int, rooms: int) -> list[Row]:
     """Fill ``count`` presences in ``rooms`` rooms, half stale; time one prune."""
     from channels_presence.models import Presence, Room
@@ -42,7 +46,9 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
     room_objects = list(Room.objects.filter(channel_name__startswith="bench-prune-"))
     now = timezone.now()
     stale = now - timedelta(seconds=120)
-    names = [f"specific.prune-{i}!socket" for i in range(count)]
+    # As daphne names them: each server process has one prefix for all its
+    # sockets, and a group message is stored once per process, not per socket.
+    names = [f"specific.server{i % SERVERS}!socket{i}" for i in range(count)]
     Presence.objects.bulk_create(
         [
             Presence(

@@ -230,11 +230,12 @@ def prune_rows(count, rooms):
         )
         now = timezone.now()
         stale = now - timezone.timedelta(seconds=120)
+        # Sockets spread over 8 server processes, as in bench/prune.py.
         Presence.objects.bulk_create(
             [
                 Presence(
                     room=room_objects[i % rooms],
-                    channel_name=f"specific.prune-{i}!socket",
+                    channel_name=f"specific.server{i % 8}!socket{i}",
                     # Fresh ones an hour ahead: none goes stale during a slow run.
                     last_seen=stale if i % 2 else now + timezone.timedelta(hours=1),
                 )
@@ -246,7 +247,10 @@ def prune_rows(count, rooms):
         async_to_sync(_fill_groups)(
             layer,
             [
-                (room_objects[i % rooms].channel_name, f"specific.prune-{i}!socket")
+                (
+                    room_objects[i % rooms].channel_name,
+                    f"specific.server{i % 8}!socket{i}",
+                )
                 for i in range(count)
             ],
         )
