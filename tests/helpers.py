@@ -9,6 +9,7 @@ the consumer tests send.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,6 +31,13 @@ from channels_presence.models import Presence, Room
 from tests.workers import purge_queue
 
 T = TypeVar("T")
+
+#: For a test whose outcome no database can change: it runs in the SQLite pass
+#: of ``dev.py test`` only, which keeps the whole run short.
+sqlite_pass_only = pytest.mark.skipif(
+    bool(os.environ.get("DATABASE_URL")),
+    reason="independent of the database: runs in the SQLite pass",
+)
 
 #: Seconds a test waits for a frame, a message or a change before it fails.
 TIMEOUT = 3

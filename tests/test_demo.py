@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import closed_port
+from tests.helpers import closed_port, sqlite_pass_only
 from tests.servers import ThrowawayRedis
 from tests.workers import OutputProcess
 
@@ -37,10 +37,8 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 120
 STOP_TIMEOUT = 30
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("DATABASE_URL")),
-    reason="the demo runs on SQLite of its own: tested in the SQLite run",
-)
+# The demo runs on a SQLite file of its own, whatever the suite's database.
+pytestmark = sqlite_pass_only
 
 
 @pytest.fixture
