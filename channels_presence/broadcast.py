@@ -1,116 +1,428 @@
-"""The built-in presence_changed receiver: tell a room's subscribers what changed.
+"""After a change set commits: the signals, then the frames its sockets are sent.
 
-Each change becomes one message to the room's events group (see ``groups``),
-holding plain values only: the room, who was added or removed, and the members
-as they are now (users as :func:`member_fields` says, by default by id and
-username, anonymous visitors as a count).
+``deliver`` runs once per committed change set (``changes``), in this order:
 
-Inside an operation the receiver does not send at once: it collects, so that the
-members of every changed room are read in one query and sent in one trip to the
-channel layer, however many rooms the operation touched.
+1. ``presence_changed`` for each presence added or removed (one
+   ``bulk_change`` per room for a prune), then ``user_joined_room`` and
+   ``user_left_room`` for each member key that arrived or left; a receiver
+   that raises is logged;
+2. ``presence.expired`` to the sockets a prune is dropping, so that a live one
+   can join again;
+3. the departed sockets leave the rooms' groups, unless a newer join put them
+   back since the commit;
+4. ``presence.state`` to each subscribed socket that joined, the room's state
+   built once and sent as one message per server process;
+5. each room's ``presence.diff`` to its events group, through the per-process
+   :class:`Throttle` (``CHANNELS_PRESENCE_EVENT_INTERVAL``).
+
+The change set is committed before any of this: a channel layer that fails here
+is logged, and never undoes or repeats it. Clients converge through versions
+(a later diff, or the prune's ``presence.version`` beacon, shows a gap, and
+they sync); group discards that failed are retried in the background until the
+layer answers (:class:`Retries`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass
+import atexit
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.contrib.auth import get_user_model
-from django.db import models
+from django.db import close_old_connections, models, transaction
 
-from . import groups
+from . import groups, locks, protocol, sql
 from .conf import conf
+from .outages import CHANNEL_LAYER, outage
+from .protocol import Diff
+from .signals import presence_changed, user_joined_room, user_left_room
 
 if TYPE_CHECKING:
+    from django.dispatch import Signal
+
     from .models import Presence, Room
 
-#: The message type of a change, sent to a room's events group.
-EVENT_TYPE = "presence.changed"
-#: The message type telling a room's stale sockets that a prune dropped them.
-EXPIRED_TYPE = "presence.expired"
+logger = logging.getLogger("channels_presence")
 
 
-@dataclass(frozen=True)
-class Change:
-    """One change of one room, as presence_changed announces it."""
+@dataclass
+class Delivery:
+    """What one room's change set sends after commit."""
 
     room: Room
-    added: Presence | None = None
-    removed: Presence | None = None
-    bulk_change: bool = False
+    diff: Diff | None = None
+    added: list[Presence] = field(default_factory=list)
+    removed: list[Presence] = field(default_factory=list)
+    bulk: bool = False
+    state: dict[str, Any] | None = None
+    joiners: list[str] = field(default_factory=list)
+    # (key, user or None) of each member key that arrived.
+    arrived: list[tuple[str, Any]] = field(default_factory=list)
+    # (key, user or None, reason) of each member key that left.
+    left: list[tuple[str, Any, str]] = field(default_factory=list)
 
 
-_collected: ContextVar[list[Change] | None] = ContextVar(
-    "channels_presence_collected", default=None
-)
-
-
-@contextmanager
-def collecting() -> Iterator[list[Change]]:
-    """Collect the changes the receiver sees in this block instead of sending them."""
-    changes: list[Change] = []
-    token = _collected.set(changes)
-    try:
-        yield changes
-    finally:
-        _collected.reset(token)
-
-
-def broadcast_presence_changed(
-    sender: type[Room],
-    room: Room,
-    added: Presence | None = None,
-    removed: Presence | None = None,
-    bulk_change: bool = False,
-    **kwargs: Any,
+def on_commit(
+    layer: BaseChannelLayer,
+    deliveries: list[Delivery],
+    *,
+    departed: Sequence[tuple[str, str]] = (),
+    notices: Sequence[tuple[str, list[str]]] = (),
 ) -> None:
-    """Receiver of presence_changed: send the change to the room's events group."""
+    """Deliver the change sets once the current transaction commits."""
+    if not deliveries and not departed and not notices:
+        return
+
+    # A plain function: Django names a failed robust callback by its
+    # __qualname__, which a functools.partial lacks.
+    def after_commit() -> None:
+        deliver(layer, deliveries, departed=departed, notices=notices)
+
+    transaction.on_commit(after_commit, robust=True)
+
+
+def deliver(
+    layer: BaseChannelLayer,
+    deliveries: list[Delivery],
+    *,
+    departed: Sequence[tuple[str, str]] = (),
+    notices: Sequence[tuple[str, list[str]]] = (),
+) -> None:
+    """Send the signals, then the frames, of committed change sets (see above)."""
+    _signals(deliveries)
+    if notices:
+        _guard(
+            "the expiry notices",
+            groups.send_to_channels,
+            layer,
+            [(sockets, protocol.expired(room)) for room, sockets in notices],
+        )
+    if departed:
+        try:
+            discard(layer, departed)
+        except groups.UNAVAILABLE as error:
+            outage.failed(
+                f"group discards of {len(departed)} departed sockets",
+                error,
+                "they are retried in the background",
+            )
+            retries.add(layer, departed)
+        else:
+            outage.recovered(CHANNEL_LAYER)
     if not conf.BROADCAST:
         return
-    change = Change(room, added, removed, bulk_change)
-    collected = _collected.get()
-    if collected is not None:
-        collected.append(change)
-        return
-    # Sent outside an operation, e.g. by a direct room.broadcast_changed() call.
-    groups.run_sync(groups.send, groups.get_layer(), messages([change]))
-
-
-def messages(changes: list[Change]) -> list[tuple[str, dict[str, Any]]]:
-    """The (group, message) pairs for ``changes``; one query for all the rooms."""
-    if not changes:
-        return []
-    members = _members({change.room.pk for change in changes})
-    return [
-        (
-            groups.events_group(change.room.channel_name),
-            {
-                "type": EVENT_TYPE,
-                "room": change.room.channel_name,
-                "added": _describe(change.added),
-                "removed": _describe(change.removed),
-                "bulk_change": change.bulk_change,
-                **members[change.room.pk],
-            },
-        )
-        for change in changes
+    states = [
+        (delivery.joiners, delivery.state)
+        for delivery in deliveries
+        if delivery.state is not None and delivery.joiners
     ]
+    if states:
+        _guard("the joined sockets' states", groups.send_to_channels, layer, states)
+    diffs = [delivery.diff for delivery in deliveries if delivery.diff is not None]
+    if diffs:
+        throttle.submit(layer, diffs)
 
 
-def expired(room: Room, channel_names: list[str]) -> tuple[str, dict[str, Any]]:
-    """The notice, one per room, naming the sockets a prune is about to drop."""
-    return (
-        groups.events_group(room.channel_name),
-        {
-            "type": EXPIRED_TYPE,
-            "room": room.channel_name,
-            "channel_names": channel_names,
-        },
-    )
+#: Up to this many departed sockets are locked one by one for their discard;
+#: more take the lock of every socket.
+SOCKET_LOCKS = 1_000
+
+
+def discard(layer: BaseChannelLayer, departed: Sequence[tuple[str, str]]) -> None:
+    """Take the departed (room, socket) pairs out of their rooms' groups.
+
+    Another worker may have applied a newer join of a departed socket since
+    our commit, group add included: discarding it now would leave that
+    presence outside its group for good. So the check and the discard run
+    under the sockets' locks (every socket's, for many), which a join holds
+    from its group add to its commit.
+    """
+    sockets = sorted({channel_name for _, channel_name in departed})
+    with transaction.atomic():
+        if len(sockets) <= SOCKET_LOCKS:
+            locks.lock_sockets(sockets)
+        else:
+            locks.lock_every_socket()
+        gone = _still_gone(departed, sockets)
+        if gone:
+            groups.run_sync(groups.leave, layer, gone)
+
+
+def _still_gone(
+    departed: Sequence[tuple[str, str]], sockets: list[str]
+) -> list[tuple[str, str]]:
+    """The (room, socket) pairs of ``departed`` that have no presence again."""
+    presence_model = apps.get_model("channels_presence", "Presence")
+    back: set[tuple[str, str]] = set()
+    for part in sql.any_of(presence_model.objects.all(), "channel_name", sockets):
+        back.update(part.values_list("room__channel_name", "channel_name"))
+    return [pair for pair in departed if pair not in back]
+
+
+def _signals(deliveries: list[Delivery]) -> None:
+    for delivery in deliveries:
+        room = delivery.room
+        sender = type(room)
+        changed = {"room": room, "added": None, "removed": None, "bulk_change": False}
+        if delivery.bulk and delivery.removed:
+            _send(presence_changed, sender, **{**changed, "bulk_change": True})
+        else:
+            for presence in delivery.removed:
+                _send(presence_changed, sender, **{**changed, "removed": presence})
+        for presence in delivery.added:
+            _send(presence_changed, sender, **{**changed, "added": presence})
+        for key, user, reason in delivery.left:
+            _send(user_left_room, sender, room=room, user=user, key=key, reason=reason)
+        for key, user in delivery.arrived:
+            _send(user_joined_room, sender, room=room, user=user, key=key)
+
+
+def _send(signal: Signal, sender: Any, **kwargs: Any) -> None:
+    for receiver, response in signal.send_robust(sender=sender, **kwargs):
+        if isinstance(response, Exception):
+            logger.error(
+                "presence signal receiver %r failed", receiver, exc_info=response
+            )
+
+
+def _guard(what: str, call: Callable[..., Any], *args: Any) -> bool:
+    """Run a channel-layer call; log its failure (the change is committed)."""
+    try:
+        groups.run_sync(call, *args)
+    except groups.UNAVAILABLE as error:
+        outage.failed(
+            f"sending {what}",
+            error,
+            "clients catch up through the rooms' versions once it answers",
+        )
+        return False
+    outage.recovered(CHANNEL_LAYER)
+    return True
+
+
+# The throttle.
+
+
+@dataclass
+class _Room:
+    layer: BaseChannelLayer
+    sent_at: float = float("-inf")
+    pending: list[Diff] = field(default_factory=list)
+
+
+class Throttle:
+    """A room's diffs, at most one send per ``CHANNELS_PRESENCE_EVENT_INTERVAL``.
+
+    Per process and room: a change after a quiet interval is sent at once;
+    those that follow within the interval wait, merged where their versions
+    follow on, for a timer at the interval's end (a background thread), and
+    are flushed when the process exits. A lone join is seen at once; a storm
+    costs each socket at most ten frames a second per room per process.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._rooms: dict[tuple[int, str], _Room] = {}
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, layer: BaseChannelLayer, diffs: Sequence[Diff]) -> None:
+        """Send ``diffs`` now, or hold them for the timer, room by room."""
+        interval = conf.EVENT_INTERVAL
+        now = time.monotonic()
+        ready: list[Diff] = []
+        waiting = False
+        with self._lock:
+            for diff in diffs:
+                key = (id(layer), diff.room)
+                room = self._rooms.get(key)
+                if room is None:
+                    room = self._rooms[key] = _Room(layer)
+                if not room.pending and now - room.sent_at >= interval:
+                    room.sent_at = now
+                    ready.append(diff)
+                else:
+                    room.pending = protocol.merge([*room.pending, diff])
+                    waiting = True
+            if waiting:
+                self._ensure_running()
+        if ready:
+            self._send(layer, ready)
+        if waiting:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Send every held diff now."""
+        with self._lock:
+            due = self._take(float("inf"))
+        for layer, diffs in due:
+            self._send(layer, diffs)
+
+    def _take(self, now: float) -> list[tuple[BaseChannelLayer, list[Diff]]]:
+        # Called with the lock held: the held diffs due at ``now``, by layer.
+        interval = conf.EVENT_INTERVAL
+        sent_at = min(now, time.monotonic())
+        by_layer: dict[int, tuple[BaseChannelLayer, list[Diff]]] = {}
+        for key, room in list(self._rooms.items()):
+            if now - room.sent_at < interval:
+                continue
+            if room.pending:
+                by_layer.setdefault(id(room.layer), (room.layer, []))[1].extend(
+                    room.pending
+                )
+                room.pending = []
+                room.sent_at = sent_at
+            else:
+                # Quiet for a whole interval: its next change goes at once.
+                del self._rooms[key]
+        return list(by_layer.values())
+
+    def _next_due(self) -> float | None:
+        # Called with the lock held.
+        times = [room.sent_at for room in self._rooms.values() if room.pending]
+        return min(times) + conf.EVENT_INTERVAL if times else None
+
+    def _ensure_running(self) -> None:
+        # Called with the lock held. A forked child starts its own thread.
+        if self._thread is None or self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = threading.Thread(
+                target=self._run, name="channels-presence-throttle", daemon=True
+            )
+            self._thread.start()
+            atexit.register(self.flush)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                due_at = self._next_due()
+            if due_at is None:
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            delay = due_at - time.monotonic()
+            if delay > 0:
+                self._wake.wait(delay)
+                self._wake.clear()
+                continue
+            with self._lock:
+                due = self._take(time.monotonic())
+            for layer, diffs in due:
+                self._send(layer, diffs)
+
+    def _send(self, layer: BaseChannelLayer, diffs: list[Diff]) -> None:
+        messages = [(groups.events_group(diff.room), diff.frame()) for diff in diffs]
+        _guard(f"{len(messages)} presence diffs", groups.send, layer, messages)
+
+
+#: This process's throttle.
+throttle = Throttle()
+
+
+class Retries:
+    """Group discards that failed after commit, tried again until they succeed.
+
+    A background thread retries after RETRY_FIRST seconds, backing off to
+    RETRY_MAX; each retry checks again, under the sockets' locks, that the
+    sockets are still gone.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[BaseChannelLayer, list[tuple[str, str]]]] = []
+        # Pairs being retried now: still pending until that is done.
+        self._in_flight = 0
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, layer: BaseChannelLayer, departed: Sequence[tuple[str, str]]) -> None:
+        """Retry the discard of ``departed`` in the background."""
+        with self._lock:
+            self._pending.append((layer, list(departed)))
+            if self._thread is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, name="channels-presence-retries", daemon=True
+                )
+                self._thread.start()
+
+    def pending(self) -> int:
+        """How many (room, socket) pairs wait for their discard."""
+        with self._lock:
+            return self._in_flight + sum(len(pairs) for _, pairs in self._pending)
+
+    def clear(self) -> None:
+        """Give up every pending discard (tests, whose layers come and go)."""
+        with self._lock:
+            self._pending.clear()
+
+    def retry(self) -> bool:
+        """Try every pending discard once; True if none is left."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._in_flight = sum(len(pairs) for _, pairs in pending)
+        failed = []
+        for layer, departed in pending:
+            try:
+                discard(layer, departed)
+            except groups.UNAVAILABLE as error:
+                logger.debug("presence: a group discard failed again: %s", error)
+                failed.append((layer, departed))
+            except Exception:
+                logger.exception("presence: a group discard failed; given up")
+        close_old_connections()
+        with self._lock:
+            self._pending[:0] = failed
+            self._in_flight = 0
+            done = not self._pending
+        if pending and not failed:
+            outage.recovered(CHANNEL_LAYER)
+            logger.info("presence: the departed sockets' group discards went through")
+        return done
+
+    def _run(self) -> None:
+        delay = RETRY_FIRST
+        while True:
+            time.sleep(delay)
+            if self.retry():
+                with self._lock:
+                    if not self._pending:
+                        self._thread = None
+                        return
+            delay = min(delay * 2, RETRY_MAX)
+
+
+#: Seconds before the first retry of a failed discard, and between the last ones.
+RETRY_FIRST = 1.0
+RETRY_MAX = 30.0
+
+#: This process's retries.
+retries = Retries()
+
+
+def send_beacons(layer: BaseChannelLayer, rooms: Sequence[tuple[str, int]]) -> None:
+    """``presence.version`` to each (room, version)'s events group."""
+    if rooms and conf.BROADCAST:
+        _guard(
+            "the version beacons",
+            groups.send,
+            layer,
+            [
+                (groups.events_group(room), protocol.version_beacon(room, version))
+                for room, version in rooms
+            ],
+        )
+
+
+# Members, as frames carry them.
 
 
 def member_fields() -> dict[str, str]:
@@ -131,60 +443,22 @@ def member_fields() -> dict[str, str]:
     return fields
 
 
-def _members(room_ids: set[int]) -> dict[int, dict[str, Any]]:
-    presence_model = apps.get_model("channels_presence", "Presence")
-    fields = member_fields()
-    rows = presence_model.objects.filter(room_id__in=room_ids).values_list(
-        "room_id", "user_id", *("user__" + field for field in fields.values())
-    )
-    users: dict[int, dict[int, tuple[Any, ...]]] = {room_id: {} for room_id in room_ids}
-    anonymous = dict.fromkeys(room_ids, 0)
-    for room_id, user_id, *values in rows:
-        if user_id is None:
-            anonymous[room_id] += 1
-        else:
-            users[room_id][user_id] = tuple(map(_plain, values))
-    return {
-        room_id: {
-            "members": [
-                dict(zip(fields, values, strict=True))
-                for _, values in sorted(by_user.items(), key=_member_order)
-            ],
-            "anonymous": anonymous[room_id],
-        }
-        for room_id, by_user in users.items()
-    }
+def user_payload(user: Any) -> dict[str, Any] | None:
+    """A member's ``user``, as the member fields say; None for no user."""
+    if user is None:
+        return None
+    return {key: plain(_lookup(user, path)) for key, path in member_fields().items()}
 
 
-def _member_order(item: tuple[int, tuple[Any, ...]]) -> tuple[list[str], int]:
-    # By what the members are shown as (the id last), as a member list reads.
-    user_id, values = item
-    return [str(value) for value in values[1:] + values[:1]], user_id
-
-
-def _plain(value: Any) -> Any:
-    # Only what every channel layer can serialize, and JSON too.
+def plain(value: Any) -> Any:
+    """Only what every channel layer can serialize, and JSON too."""
     if value is None or isinstance(value, str | int | float | bool):
         return value
     return str(value)
 
 
-def _describe(presence: Presence | None) -> dict[str, Any] | None:
-    if presence is None:
-        return None
-    user = presence.user if type(presence).user.is_cached(presence) else None
-    described: dict[str, Any] = {
-        "channel_name": presence.channel_name,
-        "user_id": presence.user_id,
-    }
-    for key, field in member_fields().items():
-        if key not in described and field != "pk":
-            described[key] = _plain(_lookup(user, field)) if user is not None else None
-    return described
-
-
-def _lookup(user: Any, field: str) -> Any:
+def _lookup(user: Any, path: str) -> Any:
     value = user
-    for part in field.split("__"):
+    for part in path.split("__"):
         value = getattr(value, part, None)
     return value

@@ -13,8 +13,9 @@ from django.contrib.auth import get_user_model
 from django.core import checks
 from django.core.exceptions import FieldError, ImproperlyConfigured
 
-from . import leases
+from . import leases, sentinel
 from .conf import FLAG_SETTINGS, NUMBER_SETTINGS, PREFIX, conf
+from .schedule import ENTRIES
 
 IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
 
@@ -87,7 +88,10 @@ def check_settings(
 def check_celery(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """E004: Celery mode with no broker; W002: no django_celery_beat to prune."""
+    """E004: Celery mode with no broker; W002: no django_celery_beat to prune.
+
+    W002 names every entry of the schedule (``schedule.ENTRIES``) and its task.
+    """
     if conf.USE_CELERY is not True:
         return []
     errors: list[checks.CheckMessage] = []
@@ -99,24 +103,61 @@ def check_celery(
                 hint="Create your Celery app configured from Django settings "
                 "(app.config_from_object('django.conf:settings', namespace="
                 "'CELERY')), set CELERY_BROKER_URL, e.g. 'redis://127.0.0.1:6379/0', "
-                "and import the app in your project's __init__.py, as the README "
-                "shows; or set CHANNELS_PRESENCE_USE_CELERY = False.",
+                "and import the app in your project's __init__.py ('from .celery "
+                "import app as celery_app'), as the README shows; or set "
+                "CHANNELS_PRESENCE_USE_CELERY = False.",
                 id="channels_presence.E004",
             )
         )
     if "django_celery_beat" not in settings.INSTALLED_APPS:
+        names = ", ".join(f"'{name}'" for name, *_ in ENTRIES)
+        tasks = _listed([task for _, task, *_ in ENTRIES])
         errors.append(
             checks.Warning(
                 "CHANNELS_PRESENCE_USE_CELERY is on, but django_celery_beat is not "
-                "installed: nothing schedules prune_presences and prune_rooms.",
-                hint="Add 'django_celery_beat' to INSTALLED_APPS, migrate, and run "
-                "'celery -A tasks beat -S django'; or schedule "
-                "channels_presence.tasks.prune_presences yourself and silence "
-                "this check.",
+                f"installed: nothing schedules {tasks}.",
+                hint="Add 'django_celery_beat' to INSTALLED_APPS and migrate, which "
+                f"creates the beat entries {names}; run 'celery -A <your project> "
+                "beat -S django' (or a worker with -B); or schedule those tasks "
+                "yourself and silence this check.",
                 id="channels_presence.W002",
             )
         )
     return errors
+
+
+@checks.register()
+def check_queue(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E020: a CHANNELS_PRESENCE_QUEUE that Celery cannot send tasks to."""
+    queue = getattr(settings, PREFIX + "QUEUE", None)
+    if queue is None:
+        return []
+    if not isinstance(queue, str) or not queue.strip():
+        return [
+            checks.Error(
+                f"{PREFIX}QUEUE is {queue!r}; it must be the name of a Celery "
+                "queue, or None to route presence tasks as any other task.",
+                hint="Write e.g. 'presence', and run workers with "
+                "'celery -A <your project> worker -Q presence'.",
+                id="channels_presence.E020",
+            )
+        ]
+    if conf.USE_CELERY is True and not current_app.conf.task_create_missing_queues:
+        names = {q.name for q in current_app.conf.task_queues or ()}
+        if queue not in names:
+            return [
+                checks.Error(
+                    f"{PREFIX}QUEUE is {queue!r}, which is not among the Celery "
+                    "app's task_queues, and task_create_missing_queues is off: "
+                    "presence tasks could not be sent.",
+                    hint=f"Add Queue({queue!r}) to CELERY_TASK_QUEUES, or turn "
+                    "CELERY_TASK_CREATE_MISSING_QUEUES back on.",
+                    id="channels_presence.E020",
+                )
+            ]
+    return []
 
 
 @checks.register()
@@ -139,22 +180,25 @@ def check_leases(
             )
         ]
     url = conf.REDIS_URL
-    if url is not None and not (
-        isinstance(url, str) and url.startswith(("redis://", "rediss://", "unix://"))
-    ):
+    if url is not None and not _is_redis_location(url):
         return [
             checks.Error(
-                f"{PREFIX}REDIS_URL is {url!r}; it must be a Redis URL.",
-                hint="Write e.g. 'redis://127.0.0.1:6379/0', or remove it to keep "
-                "the leases in the channel layer's Redis.",
+                f"{PREFIX}REDIS_URL is {url!r}; it must be a Redis URL, a "
+                "redis+sentinel:// URL or a Sentinel dict.",
+                hint="Write e.g. 'redis://127.0.0.1:6379/0', "
+                "'redis+sentinel://sentinel-1:26379,sentinel-2:26379/mymaster/0' or "
+                '{"sentinels": [("sentinel-1", 26379)], "master_name": "mymaster"}, '
+                "or remove it to keep the leases in the channel layer's Redis.",
                 id="channels_presence.E006",
             )
         ]
     if conf.SERVER_LEASE is None:
         return []
     try:
-        leases.redis_url()
-    except ImproperlyConfigured as error:
+        found = leases.redis_config()
+        if sentinel.is_sentinel(found):
+            sentinel.host_config(found)
+    except (ImproperlyConfigured, ValueError) as error:
         return [
             checks.Error(
                 str(error),
@@ -169,8 +213,21 @@ def check_leases(
 def check_limits(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
-    """E007: a bad MAX_ROOMS_PER_CONNECTION; E008: bad MEMBER_FIELDS."""
+    """E007: a bad MAX_ROOMS_PER_CONNECTION; E008: bad MEMBER_FIELDS;
+    E009: a bad MAX_LISTED_MEMBERS."""
     errors: list[checks.CheckMessage] = []
+    listed = getattr(settings, PREFIX + "MAX_LISTED_MEMBERS", None)
+    if listed is not None and (
+        isinstance(listed, bool) or not isinstance(listed, int) or listed < 1
+    ):
+        errors.append(
+            checks.Error(
+                f"{PREFIX}MAX_LISTED_MEMBERS is {listed!r}; it must be a whole "
+                "number of members, 1 or more.",
+                hint="Remove it to use the default, 1,000 members.",
+                id="channels_presence.E009",
+            )
+        )
     limit = getattr(settings, PREFIX + "MAX_ROOMS_PER_CONNECTION", None)
     if limit is not None and (
         isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
@@ -206,6 +263,25 @@ def check_limits(
             )
         )
     return errors
+
+
+def _listed(names: list[str]) -> str:
+    """``a, b and c``."""
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
+def _is_redis_location(value: object) -> bool:
+    if isinstance(value, str) and value.startswith(
+        ("redis://", "rediss://", "unix://")
+    ):
+        return True
+    if not sentinel.is_sentinel(value):
+        return False
+    try:
+        sentinel.host_config(value)  # type: ignore[arg-type]
+    except ValueError:
+        return False
+    return True
 
 
 def _setting_error(name: str, value: object, wanted: str) -> checks.Error:

@@ -21,6 +21,7 @@ NUMBER_SETTINGS = (
     "PRUNE_INTERVAL",
     "ROOM_PRUNE_INTERVAL",
     "SERVER_PRUNE_INTERVAL",
+    "EVENT_INTERVAL",
 )
 FLAG_SETTINGS = ("USE_CELERY", "BROADCAST")
 
@@ -72,9 +73,19 @@ class Settings:
         return cast(float, getattr(settings, PREFIX + "SERVER_PRUNE_INTERVAL", 5))
 
     @property
-    def REDIS_URL(self) -> str | None:
-        """Where server leases live; None: the channel layer's first host."""
-        return cast("str | None", getattr(settings, PREFIX + "REDIS_URL", None))
+    def REDIS_URL(self) -> str | dict[str, Any] | None:
+        """Where server leases live; None: the channel layer's first host.
+
+        A Redis URL, a ``redis+sentinel://`` URL, or a dict naming Sentinels as
+        channels_redis takes them (``{"sentinels": [...], "master_name": ...}``).
+        """
+        value: Any = getattr(settings, PREFIX + "REDIS_URL", None)
+        return cast("str | dict[str, Any] | None", value)
+
+    @property
+    def QUEUE(self) -> str | None:
+        """The Celery queue every presence task goes to; None: Celery's routing."""
+        return cast("str | None", getattr(settings, PREFIX + "QUEUE", None))
 
     @property
     def MAX_ROOMS_PER_CONNECTION(self) -> int | None:
@@ -94,9 +105,31 @@ class Settings:
         return cast("dict[str, str] | None", value)
 
     @property
+    def EVENT_INTERVAL(self) -> float:
+        """A room's diffs go out at most once per interval per worker, merged."""
+        return cast(float, getattr(settings, PREFIX + "EVENT_INTERVAL", 0.1))
+
+    @property
+    def MAX_LISTED_MEMBERS(self) -> int:
+        """Above this many member keys, a room's frames carry counts only."""
+        return cast(int, getattr(settings, PREFIX + "MAX_LISTED_MEMBERS", 1_000))
+
+    @property
     def BROADCAST(self) -> bool:
-        """Whether the built-in receiver sends each change to the room's group."""
+        """Whether workers send each room's states and diffs to its sockets."""
         return cast(bool, getattr(settings, PREFIX + "BROADCAST", True))
 
 
 conf = Settings()
+
+
+def task_queue() -> str | None:
+    """The queue every presence task is published to, None to let Celery route it.
+
+    CHANNELS_PRESENCE_QUEUE when it is set: a queue given at publish time wins
+    over the project's ``task_routes``, so that dedicated workers (``celery -A
+    tasks worker -Q presence``) get every presence task. None otherwise, and
+    Celery routes them as any other task (``task_routes``, else
+    ``task_default_queue``).
+    """
+    return conf.QUEUE or None

@@ -12,16 +12,18 @@ Once ``connect()`` has accepted the socket, it joins each room that
 CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION rooms joins none: it is sent
 ``{"type": "presence.error", "error": "too_many_rooms", ...}`` and closed with
 code 4429); every received message touches it (heartbeats stop there);
-on disconnect it leaves every room before ``disconnect()`` runs. The room's
-presence events reach the client as JSON::
+on disconnect it leaves every room before ``disconnect()`` runs.
 
-    {"type": "presence", "room": "lobby",
-     "members": [{"id": 1, "username": "alice"}], "anonymous": 2}
-
-and a socket that a prune dropped, as stale, is told so
-(``{"type": "presence.expired", "room": "lobby"}``) and joins again at its next
-message. A join that failed because the database or the channel layer was down
-is retried the same way, so presence converges once they are back.
+The rooms' presence reaches the client as wire protocol 2 (DESIGN.md; the
+README shows each frame): a ``presence.state`` once its join is applied, then
+``presence.diff`` frames, ``presence.version`` beacons, and ``presence.expired``
+when a prune dropped the socket, after which it joins again at its next
+message. Diffs that arrive before the socket's first state are held back until
+that state is sent. A client's ``{"type": "presence.sync", "room": ...}`` is
+answered with the room's state (at most once a second per socket), or with a
+``presence.error`` (``not_in_room``) for a room this socket is not in. A join
+that failed because the database or the channel layer was down is retried at
+the next message, so presence converges once they are back.
 
 The mixin works at the level of ASGI messages (``dispatch``), which sync and
 async consumers share, so one implementation serves both.
@@ -29,17 +31,35 @@ async consumers share, so one implementation serves both.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from asgiref.sync import iscoroutinefunction
 from channels.db import database_sync_to_async
 
-from . import dispatch, validation
-from .broadcast import EVENT_TYPE, EXPIRED_TYPE
+from . import dispatch, protocol, sync, validation
 from .conf import conf
+from .outages import outage
+
+#: Diffs held back for a room until the socket's first state, at most.
+MAX_HELD = 1_000
+
+
+@dataclass
+class _View:
+    """What the socket was sent of one room: the version of its last state."""
+
+    version: int | None = None
+    held: list[dict[str, Any]] = field(default_factory=list)
+    joined_at: float = field(default_factory=time.monotonic)
+    # Set once a state of the room was sent to the socket.
+    stated: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class PresenceConsumerMixin:
@@ -49,6 +69,10 @@ class PresenceConsumerMixin:
     may refuse one. Both hooks may be plain or ``async def`` methods; plain ones
     run in a thread, so they may use the ORM.
     """
+
+    # The mixin's own attributes and methods are named "_presence_..." or
+    # "_on_...": a consumer's namespace is shared with Channels' (which reads
+    # ``self._sync``, say) and with the handlers it looks up by message type.
 
     #: The rooms every socket of this consumer joins.
     presence_rooms: Iterable[str] = ()
@@ -66,18 +90,11 @@ class PresenceConsumerMixin:
         return True
 
     def presence_payload(self, event: dict[str, Any]) -> dict[str, Any] | None:
-        """What the client is sent for a presence event; None sends nothing.
+        """What the client is sent for a presence frame; None sends nothing.
 
-        The default lists the members, and never includes channel names.
+        The default sends the frame as it is: frames never hold channel names.
         """
-        if event["type"] == EXPIRED_TYPE:
-            return {"type": "presence.expired", "room": event["room"]}
-        return {
-            "type": "presence",
-            "room": event["room"],
-            "members": event["members"],
-            "anonymous": event["anonymous"],
-        }
+        return event
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         """Run the consumer, watching what it sends to learn if it is open."""
@@ -89,6 +106,12 @@ class PresenceConsumerMixin:
         # because the database or the channel layer was down.
         self._presence_pending: set[str] = set()
         self._presence_retry_at = 0.0
+        # The rooms this socket is in (joined, applied or not), and what it
+        # was sent of each.
+        self._presence_views: dict[str, _View] = {}
+        self._presence_synced_at = float("-inf")
+        self._presence_syncing: set[str] = set()
+        self._presence_tasks: set[asyncio.Task[None]] = set()
 
         async def send_and_watch(message: dict[str, Any]) -> None:
             # Accepting and then closing is how connect() refuses with a code.
@@ -107,24 +130,31 @@ class PresenceConsumerMixin:
             if self._presence_accepted and not self._presence_left:
                 await dispatch.aleave_all(self)
             raise
+        finally:
+            for task in list(self._presence_tasks):
+                task.cancel()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Do the presence work of each ASGI message around the consumer's own.
 
-        Presence events are handled here and never reach the consumer; a
-        heartbeat stops here; a disconnect leaves every room first.
+        Presence frames are handled here and never reach the consumer; a
+        heartbeat or a sync request stops here; a disconnect leaves every
+        room first.
         """
         kind = message.get("type")
-        if kind == EVENT_TYPE:
-            await self._forward(message)
-            return
-        if kind == EXPIRED_TYPE:
-            await self._expired(message)
+        handle = _FRAMES.get(kind) if isinstance(kind, str) else None
+        if handle is not None:
+            await handle(self, message)
             return
         if kind == "websocket.receive":
             await self._join_pending()
             await dispatch.atouch(self)
-            if dispatch.is_heartbeat(message.get("text")):
+            text = message.get("text")
+            if dispatch.is_heartbeat(text):
+                return
+            room = sync.requested_room(text)
+            if room is not None:
+                await self._presence_sync(room)
                 return
         elif kind == "websocket.disconnect":
             self._presence_open = False
@@ -161,9 +191,12 @@ class PresenceConsumerMixin:
 
     async def _join_one(self, room: str) -> None:
         user = self.scope.get("user")
+        # Diffs that arrive from now on wait for this join's state.
+        self._presence_views[room] = _View()
         if await dispatch.ajoin(self, room, user, subscribe=True):
             self._presence_pending.discard(room)
         else:
+            self._presence_views.pop(room, None)
             self._presence_pending.add(room)
             self._presence_retry_at = time.monotonic() + conf.TOUCH_INTERVAL
 
@@ -171,21 +204,147 @@ class PresenceConsumerMixin:
         if self._presence_pending and time.monotonic() >= self._presence_retry_at:
             await self._join(sorted(self._presence_pending))
 
-    async def _expired(self, event: dict[str, Any]) -> None:
-        if self.channel_name not in event["channel_names"] or not self._presence_open:
+    # Presence frames, from the workers or from a sync.
+
+    async def _on_state(self, event: dict[str, Any]) -> None:
+        view = self._presence_views.get(event["room"])
+        if view is None:
             return
+        version = event["version"]
+        if view.version is not None and version < view.version:
+            return
+        view.version = version
+        view.stated.set()
+        await self._forward(event)
+        held, view.held = view.held, []
+        for diff in held:
+            if diff["version"] > version:
+                await self._forward(diff)
+
+    async def _on_diff(self, event: dict[str, Any]) -> None:
+        view = self._presence_views.get(event["room"])
+        if view is None:
+            return
+        if view.version is None:
+            view.held.append(event)
+            if len(view.held) > MAX_HELD:
+                # The client finds the gap and syncs.
+                del view.held[0]
+        elif event["version"] > view.version:
+            await self._forward(event)
+
+    async def _on_beacon(self, event: dict[str, Any]) -> None:
+        view = self._presence_views.get(event["room"])
+        if view is not None and view.version is not None:
+            await self._forward(event)
+
+    async def _on_expired(self, event: dict[str, Any]) -> None:
+        room = event["room"]
+        if self._presence_views.pop(room, None) is None or not self._presence_open:
+            return
+        dispatch.forget_room(self, room)
         # Joining again at once could race the prune's own group discard;
         # the client's next message comes after it.
-        self._presence_pending.add(event["room"])
+        self._presence_pending.add(room)
         self._presence_retry_at = 0.0
         await self._forward(event)
 
+    # Syncs from the client.
+
+    async def _presence_sync(self, room: str) -> None:
+        if room not in self._presence_views:
+            await self._send_frame(sync.not_in_room(room))
+            return
+        if room in self._presence_syncing:
+            return
+        now = time.monotonic()
+        view = self._presence_views[room]
+        if view.version is None and now - view.joined_at < sync.JOIN_STATE_WAIT:
+            # The join's own state is on its way, and answers this.
+            wait = view.joined_at + sync.JOIN_STATE_WAIT - now
+            self._presence_later(room, wait, unless_answered=True)
+            return
+        wait = self._presence_synced_at + sync.SYNC_INTERVAL - now
+        self._presence_synced_at = now + max(wait, 0)
+        if wait <= 0:
+            await self._presence_answer(room)
+            return
+        # Too soon after the last: the next allowed state, later.
+        self._presence_later(room, wait)
+
+    def _presence_later(
+        self, room: str, wait: float, *, unless_answered: bool = False
+    ) -> None:
+        """Answer the sync of ``room`` in ``wait`` seconds.
+
+        ``unless_answered``: only if the socket has still had no state of
+        the room by then.
+        """
+        self._presence_syncing.add(room)
+        task = asyncio.create_task(
+            self._presence_answer_later(room, wait, unless_answered)
+        )
+        self._presence_tasks.add(task)
+        task.add_done_callback(self._presence_tasks.discard)
+
+    async def _presence_answer_later(
+        self, room: str, wait: float, unless_answered: bool
+    ) -> None:
+        view = self._presence_views.get(room)
+        if unless_answered and view is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(view.stated.wait(), wait)
+        else:
+            await asyncio.sleep(wait)
+        self._presence_syncing.discard(room)
+        if unless_answered and view is not None and view.stated.is_set():
+            return
+        self._presence_synced_at = max(self._presence_synced_at, time.monotonic())
+        await self._presence_answer(room)
+
+    async def _presence_answer(self, room: str) -> None:
+        if room not in self._presence_views:
+            await self._send_frame(sync.not_in_room(room))
+            return
+        try:
+            state = await sync.states.get(room, self._presence_views[room].version)
+        except dispatch.UNAVAILABLE as error:
+            outage.failed("sync", error)
+            return
+        await self._on_state(state)
+
     async def _forward(self, event: dict[str, Any]) -> None:
         payload = self.presence_payload(event)
-        if payload is not None and self._presence_open:
-            await self._presence_send(
-                {"type": "websocket.send", "text": json.dumps(payload)}
-            )
+        if payload is not None:
+            await self._send_frame(payload, memo=payload is event)
+
+    async def _send_frame(self, frame: dict[str, Any], memo: bool = False) -> None:
+        if self._presence_open:
+            text = _encoded(frame) if memo else json.dumps(frame)
+            await self._presence_send({"type": "websocket.send", "text": text})
+
+
+_FRAMES: dict[str, Callable[[Any, dict[str, Any]], Awaitable[None]]] = {
+    protocol.STATE: PresenceConsumerMixin._on_state,
+    protocol.DIFF: PresenceConsumerMixin._on_diff,
+    protocol.VERSION: PresenceConsumerMixin._on_beacon,
+    protocol.EXPIRED: PresenceConsumerMixin._on_expired,
+}
+
+# A room's diff reaches every socket of a process as one message: encoded once,
+# not once per socket. Keyed by what makes a frame's content unique.
+_TEXTS: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+_TEXTS_SIZE = 256
+
+
+def _encoded(frame: dict[str, Any]) -> str:
+    key = (frame["type"], frame["room"], frame.get("from"), frame.get("version"))
+    text = _TEXTS.get(key)
+    if text is None:
+        text = _TEXTS[key] = json.dumps(frame)
+        if len(_TEXTS) > _TEXTS_SIZE:
+            _TEXTS.popitem(last=False)
+    return text
 
 
 async def _call(hook: Callable[..., Any], *args: Any) -> Any:

@@ -33,10 +33,14 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
     The socket joins as ``scope["user"]``. A connect that does not accept (it
     closes, or raises ``DenyConnection``) joins nothing. A socket already in
     CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION rooms (stacked decorators) is
-    sent an error frame and closed with code 4429 instead. A consumer with
-    ``presence_changed`` and ``presence_expired`` handlers also receives the
-    room's presence events; one without them never receives a message it
-    cannot handle.
+    sent an error frame and closed with code 4429 instead.
+
+    The consumer receives each presence event only if it has its handler:
+    ``presence_state(self, event)`` (the room's state once the join is
+    applied), ``presence_diff(self, event)`` (each change, and then also
+    ``presence_version`` beacons, ignored unless it has that handler too) and
+    ``presence_expired(self, event)``; without them it never receives a
+    message it cannot handle. The events are the frames of wire protocol 2.
     """
     if not (isinstance(room, str) or callable(room)):
         raise TypeError(
@@ -210,7 +214,26 @@ def _room_name(room: RoomSpec, consumer: Any) -> str:
     return name
 
 
-def _subscribes(consumer: Any) -> bool:
-    return callable(getattr(consumer, "presence_changed", None)) and callable(
-        getattr(consumer, "presence_expired", None)
-    )
+def _subscribes(consumer: Any) -> list[str]:
+    """The presence events ``consumer`` has handlers for, by name."""
+    events = [
+        name
+        for name in ("state", "diff", "expired")
+        if callable(getattr(consumer, f"presence_{name}", None))
+    ]
+    if "diff" in events and not callable(getattr(consumer, "presence_version", None)):
+        # Beacons go to the same group as diffs: one without a handler of its
+        # own is ignored rather than closing the socket.
+        if iscoroutinefunction(consumer.presence_diff):
+            consumer.presence_version = _ignore_async
+        else:
+            consumer.presence_version = _ignore
+    return events
+
+
+def _ignore(event: dict[str, Any]) -> None:
+    """A presence.version beacon that the consumer has no handler for."""
+
+
+async def _ignore_async(event: dict[str, Any]) -> None:
+    """A presence.version beacon that the consumer has no handler for."""

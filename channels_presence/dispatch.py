@@ -26,8 +26,9 @@ from channels.db import database_sync_to_async
 from django.db import Error as DatabaseError
 from redis.exceptions import RedisError
 
-from . import groups, leases, operations, outbox, validation
+from . import groups, leases, operations, outbox, protocol, validation
 from .conf import conf
+from .outages import CHANNEL_LAYER, DATABASE, outage
 
 logger = logging.getLogger("channels_presence")
 
@@ -42,9 +43,6 @@ HEARTBEAT_MAX_LENGTH = 64
 # input, and is raised to the caller.
 UNAVAILABLE = (DatabaseError, RedisError, OSError, TimeoutError)
 
-
-DATABASE = "database"
-CHANNEL_LAYER = "channel layer"
 
 #: The close code of a socket that asked for more rooms than it may be in
 #: (CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION), after its error frame.
@@ -94,44 +92,15 @@ def check_room_limit(consumer: Any, rooms: list[str]) -> None:
         raise TooManyRooms(new[max(limit - len(joined), 0)], limit)
 
 
+def forget_room(consumer: Any, room_name: str) -> None:
+    """The socket is no longer in ``room_name`` (a prune dropped it)."""
+    consumer.__dict__.get("_presence_joined", set()).discard(room_name)
+
+
 def _joined(consumer: Any, room_name: str) -> None:
     # Remembered for the room limit, and for the Celery-mode leave, which
     # discards the groups at once too.
     consumer.__dict__.setdefault("_presence_joined", set()).add(room_name)
-
-
-class _Outages:
-    """Logs the first failure of an outage and its end, not every failure between.
-
-    The database and the channel layer fail apart, and a touch needs only the
-    database: each has its own outage, ended only by a call that used it.
-    """
-
-    def __init__(self) -> None:
-        self.failing: set[str] = set()
-
-    def failed(self, what: str, error: BaseException) -> None:
-        dependency = DATABASE if isinstance(error, DatabaseError) else CHANNEL_LAYER
-        if dependency in self.failing:
-            logger.debug("presence %s failed again: %s", what, error)
-            return
-        self.failing.add(dependency)
-        logger.error(
-            "presence %s failed: the %s is unavailable; presence stays out of "
-            "date until it answers again",
-            what,
-            dependency,
-            exc_info=error,
-        )
-
-    def recovered(self, *dependencies: str) -> None:
-        for dependency in dependencies:
-            if dependency in self.failing:
-                self.failing.discard(dependency)
-                logger.warning("presence works again: the %s answers", dependency)
-
-
-outage = _Outages()
 
 
 def is_heartbeat(text: object) -> bool:
@@ -169,11 +138,34 @@ def _touched(consumer: Any, now: float) -> None:
     consumer._presence_touch_interval = conf.TOUCH_INTERVAL
 
 
-def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
+def member_key(consumer: Any, room_name: str, user_id: Any) -> str:
+    """The socket's member key in ``room_name``: its user's, else its session's.
+
+    A visitor's tabs share a session, so they are one member; a socket
+    without a session is a member of its own.
+    """
+    scope = getattr(consumer, "scope", None) or {}
+    session = scope.get("session")
+    session_key = getattr(session, "session_key", None) if session is not None else None
+    return protocol.member_key(
+        room_name,
+        consumer.channel_name,
+        user_id,
+        session_key if isinstance(session_key, str) else None,
+    )
+
+
+#: Which presence events a consumer handles: True for all, or their names.
+Subscribe = bool | list[str]
+
+
+def join(consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe) -> bool:
     """Put the consumer's socket in a room; False if the room could not be joined.
 
-    Raises :class:`TooManyRooms`, having done nothing, if the socket is in as
-    many rooms as it may be.
+    ``subscribe`` is which presence events the consumer handles: True for
+    all, or a list of "state", "diff" and "expired". Raises
+    :class:`TooManyRooms`, having done nothing, if the socket is in as many
+    rooms as it may be.
     """
     check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
@@ -182,6 +174,8 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
             consumer, room_name, user, subscribe=subscribe
         )
         return joined
+    room_name = validation.room_name(room_name)
+    key = member_key(consumer, room_name, validation.user_id(user))
     try:
         operations.join(
             room_name,
@@ -190,6 +184,7 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
             subscribe=subscribe,
             channel_layer=consumer.channel_layer,
             server=leases.default.server(),
+            key=key,
         )
     except UNAVAILABLE as error:
         outage.failed("join", error)
@@ -208,14 +203,14 @@ def leave_all(consumer: Any) -> None:
         return
     consumer.__dict__.pop("_presence_joined", None)
     try:
-        removed = operations.leave_all(
+        operations.leave_all(
             consumer.channel_name, channel_layer=consumer.channel_layer
         )
     except UNAVAILABLE as error:
         outage.failed("leave", error)
     else:
-        # The channel layer is only called when there was something to leave.
-        outage.recovered(DATABASE, *([CHANNEL_LAYER] if removed else []))
+        # The channel layer's part comes after commit, and reports for itself.
+        outage.recovered(DATABASE)
 
 
 def touch(consumer: Any) -> None:
@@ -238,7 +233,9 @@ def _touch_now(consumer: Any) -> None:
         outage.recovered(DATABASE)
 
 
-async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) -> bool:
+async def ajoin(
+    consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe
+) -> bool:
     """Async twin of :func:`join`."""
     check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
@@ -246,10 +243,12 @@ async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) ->
         room_name = validation.room_name(room_name)
         channel_name = validation.channel_name(consumer.channel_name)
         user_id = validation.user_id(user)
+        events = protocol.event_mask(subscribe)
+        key = member_key(consumer, room_name, user_id)
         at = _socket_time(consumer)
         try:
-            await groups.join(
-                consumer.channel_layer, room_name, channel_name, subscribe=subscribe
+            await groups.add(
+                consumer.channel_layer, [(room_name, channel_name, events)]
             )
         except UNAVAILABLE as error:
             outage.failed("join", error)
@@ -264,6 +263,7 @@ async def ajoin(consumer: Any, room_name: str, user: Any, *, subscribe: bool) ->
             at=at,
             subscribe=subscribe,
             server=leases.default.server(),
+            key=key,
         )
         # The join writes last_seen: the next touch can wait a whole interval.
         _touched(consumer, time.monotonic())

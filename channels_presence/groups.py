@@ -22,7 +22,9 @@ from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
+from redis.exceptions import RedisError
 
+from .protocol import DIFF_EVENTS
 from .validation import EVENTS_PREFIX
 
 logger = logging.getLogger("channels_presence")
@@ -31,6 +33,9 @@ logger = logging.getLogger("channels_presence")
 CONCURRENCY = 64
 # How many group calls go to Redis in one pipeline.
 PIPELINE_SIZE = 1_000
+
+#: What a channel layer that is down or unreachable raises.
+UNAVAILABLE = (RedisError, OSError, TimeoutError)
 
 
 P = ParamSpec("P")
@@ -119,6 +124,24 @@ async def join(
         await _redis(layer, ADD, [(group, channel_name) for group in groups])
     else:
         await asyncio.gather(*(layer.group_add(g, channel_name) for g in groups))
+
+
+async def add(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
+    """Put each (room, socket, events) in the room's group, and in its events
+    group if it handles diffs (``protocol.DIFF_EVENTS``): one round trip."""
+    calls = [
+        (group, channel_name)
+        for room_name, channel_name, events in joins
+        for group in (
+            [room_name, events_group(room_name)]
+            if events & DIFF_EVENTS
+            else [room_name]
+        )
+    ]
+    if isinstance(layer, RedisChannelLayer):
+        await _redis(layer, ADD, calls)
+    else:
+        await _in_batches(layer.group_add(g, c) for g, c in calls)
 
 
 async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
@@ -279,6 +302,30 @@ async def _redis_send(
         layer,
         ((layer.consistent_hash(g), 1, members(layer._group_key(g))) for g in groups),
     )
+    await _redis_push(
+        layer,
+        [
+            ([name.decode() for name in names], message)
+            for group, (_, names) in zip(groups, found, strict=True)
+            for message in by_group[group]
+        ],
+        now,
+    )
+
+
+async def _redis_push(
+    layer: RedisChannelLayer,
+    deliveries: list[tuple[list[str], dict[str, Any]]],
+    now: float | None = None,
+) -> None:
+    """Push each message to each of its channels, one script per shard and message.
+
+    channels_redis's layout: the channels of one process share a key, and
+    get one copy of the message naming them all (``__asgi_channel__``), which
+    that process hands to each; so a message to a thousand sockets of one
+    server is serialized and stored once.
+    """
+    now = time.time() if now is None else now
 
     def push(keys: list[str], args: list[Any], at: float) -> Callable[[Any], None]:
         def add(pipe: Any) -> None:
@@ -288,23 +335,64 @@ async def _redis_send(
         return add
 
     commands: list[Command] = []
-    for group, (_, names) in zip(groups, found, strict=True):
-        channel_names = [name.decode() for name in names]
-        for message in by_group[group]:
-            by_shard, encoded, capacities = layer._map_channel_keys_to_connection(
-                channel_names, message
-            )
-            for shard, keys in by_shard.items():
-                for part in _parts(keys):
-                    args = [encoded[k] for k in part] + [capacities[k] for k in part]
-                    # A channel's messages are received in the order of their
-                    # scores: one microsecond apart, in the order given.
-                    at = now + len(commands) * 1e-6
-                    commands.append((shard, len(part), push(part, args, at)))
+    for channel_names, message in deliveries:
+        if not channel_names:
+            continue
+        by_shard, encoded, capacities = _by_key(layer, channel_names, message)
+        for shard, keys in by_shard.items():
+            for part in _parts(keys):
+                args = [encoded[k] for k in part] + [capacities[k] for k in part]
+                # A channel's messages are received in the order of their
+                # scores: one microsecond apart, in the order given.
+                at = now + len(commands) * 1e-6
+                commands.append((shard, len(part), push(part, args, at)))
     over = await _pipelined(layer, commands)
     full = sum(reply[0] for reply in over)
     if full:
         logger.info("%s channels over capacity in a group send", full)
+
+
+def _by_key(
+    layer: RedisChannelLayer, channel_names: list[str], message: dict[str, Any]
+) -> tuple[dict[int, list[str]], dict[str, bytes], dict[str, int]]:
+    """channels_redis's ``_map_channel_keys_to_connection``, in fewer steps.
+
+    The same keys, shards, messages and capacities: a channel's key is the
+    layer's prefix and the channel's non-local name (up to its "!"); each key
+    gets one copy of the message naming its channels. A room's events go to
+    every socket of the room, so this runs once per member and change set.
+    """
+    names_by_key: dict[str, list[str]] = {}
+    prefix = layer.prefix
+    for name in channel_names:
+        end = name.find("!")
+        key = prefix + (name if end < 0 else name[: end + 1])
+        found = names_by_key.get(key)
+        if found is None:
+            names_by_key[key] = [name]
+        else:
+            found.append(name)
+    by_shard: dict[int, list[str]] = {}
+    encoded: dict[str, bytes] = {}
+    capacities: dict[str, int] = {}
+    for key, names in names_by_key.items():
+        by_shard.setdefault(layer.consistent_hash(key[len(prefix) :]), []).append(key)
+        encoded[key] = layer.serialize({**message, "__asgi_channel__": names})
+        capacities[key] = layer.get_capacity(names[0])
+    return by_shard, encoded, capacities
+
+
+async def send_to_channels(
+    layer: BaseChannelLayer, deliveries: Iterable[tuple[list[str], dict[str, Any]]]
+) -> None:
+    """Send each message to each channel of its list (not to a group)."""
+    deliveries = [(list(names), message) for names, message in deliveries]
+    if isinstance(layer, RedisChannelLayer):
+        await _redis_push(layer, deliveries)
+        return
+    await _in_batches(
+        layer.send(name, message) for names, message in deliveries for name in names
+    )
 
 
 async def send(

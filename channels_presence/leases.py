@@ -30,6 +30,11 @@ removed by this: only by the ordinary prune.
 The leases live in the Redis of CHANNELS_PRESENCE_REDIS_URL, by default the
 first host of the default channel layer: a server that cannot reach it cannot
 reach its sockets' groups either. Keys are named after the layer's prefix.
+Either may name the master of a Redis Sentinel deployment (see
+``channels_presence.sentinel``). A failover loses the writes the replica had
+not received, leases among them, and every server's refresh fails until the
+Sentinels name the new master: the two checks above keep it from taking live
+servers for dead, as for any Redis that lost the leases.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from redis.exceptions import RedisError, ResponseError
 
-from . import operations, validation
+from . import operations, protocol, sentinel, validation
 from .conf import conf
 
 if TYPE_CHECKING:
@@ -70,18 +75,21 @@ RETRY_INTERVAL = 1.0
 SERVER_ID_LENGTH = validation.SERVER_MAX_LENGTH
 
 
-def redis_url() -> str:
-    """The URL of the Redis that holds the leases.
+def redis_config() -> str | dict[str, Any]:
+    """Where the Redis that holds the leases is: a URL, or a Sentinel host dict.
 
     CHANNELS_PRESENCE_REDIS_URL, else the first host of the default channel
-    layer (``channels_redis``), given as a URL, an ``{"address": url}`` dict or a
-    ``(host, port)`` pair.
+    layer (``channels_redis``), given as a URL, an ``{"address": url}`` dict, a
+    ``(host, port)`` pair or a Sentinel dict (``{"sentinels": [...],
+    "master_name": ...}``).
     """
     if conf.REDIS_URL is not None:
         return conf.REDIS_URL
     config = _layer_config()
     hosts = config.get("hosts") or [("localhost", 6379)]
     host: Any = hosts[0] if isinstance(hosts, list | tuple) and hosts else None
+    if sentinel.is_sentinel(host):
+        return dict(host)
     if isinstance(host, dict):
         host = host.get("address")
     if isinstance(host, str):
@@ -124,9 +132,24 @@ def _layer_config() -> dict[str, Any]:
 
 
 def client(timeout: float | None = None) -> redis.Redis:
-    """A Redis client for the leases (sync: it runs in a thread or a worker)."""
+    """A Redis client for the leases (sync: it runs in a thread or a worker).
+
+    Through Sentinel, a client of the master the Sentinels name at connection.
+    """
+    config = redis_config()
+    if sentinel.is_sentinel(config):
+        try:
+            return sentinel.client(config, timeout)
+        except ValueError as error:
+            raise ImproperlyConfigured(str(error)) from error
+    if not isinstance(config, str):
+        raise ImproperlyConfigured(
+            f"channels_presence cannot keep server leases in {config!r}: set "
+            "CHANNELS_PRESENCE_REDIS_URL to a Redis URL, a redis+sentinel:// URL "
+            'or a Sentinel dict ({"sentinels": [...], "master_name": ...}).'
+        )
     return redis.Redis.from_url(
-        redis_url(), socket_timeout=timeout, socket_connect_timeout=timeout
+        config, socket_timeout=timeout, socket_connect_timeout=timeout
     )
 
 
@@ -275,9 +298,10 @@ def prune_servers(*, channel_layer: BaseChannelLayer | None = None) -> list[Pres
     """Remove the presences of the servers whose lease is gone; return them.
 
     They are removed as :func:`operations.prune_presences` removes stale ones,
-    in one pass for every dead server: ``presence.expired`` to each room's
-    sockets, the group discards, one ``presence_changed(bulk_change=True)`` per
-    room. Does nothing with leases off.
+    in one pass for every dead server: ``presence.expired`` to each socket,
+    the group discards, one ``presence_changed(bulk_change=True)`` and one
+    diff per room, whose leaves give the reason ``server_lost``. Does nothing
+    with leases off.
 
     The marks of the dead servers stay until they expire: a join of theirs
     still queued when they died, applied later, is removed at the next check.
@@ -293,6 +317,7 @@ def prune_servers(*, channel_layer: BaseChannelLayer | None = None) -> list[Pres
         0,
         presences=presence_model.objects.filter(server__in=dead),
         channel_layer=channel_layer,
+        reason=protocol.SERVER_LOST,
     )
     logger.warning(
         "presence: servers %s lost their lease; removed their %d presences",

@@ -14,12 +14,47 @@ from channels.layers import BaseChannelLayer
 from django.db import models
 
 from . import operations
+from .protocol import Counts
 
 if TYPE_CHECKING:
     from .models import Presence, Room
 
 
-class RoomManager(models.Manager["Room"]):
+class RoomQuerySet(models.QuerySet["Room"]):
+    """Rooms, with the helpers that read their counts (one row each, no join)."""
+
+    def occupied(self) -> RoomQuerySet:
+        """The rooms someone is in, fullest first (users and visitors), then by name."""
+        return self.filter(sockets__gt=0).order_by(
+            models.F("users").desc(), models.F("visitors").desc(), "channel_name"
+        )
+
+    def counts(self, room_channel_name: str) -> Counts:
+        """A room's users, visitors and sockets, by name: one query on one row.
+
+        A room that does not exist is empty.
+        """
+        row = (
+            self.filter(channel_name=room_channel_name)
+            .values_list("users", "visitors", "sockets")
+            .first()
+        )
+        return Counts(*row) if row is not None else Counts()
+
+    async def acounts(self, room_channel_name: str) -> Counts:
+        """Async twin of :meth:`counts`."""
+        row = await (
+            self.filter(channel_name=room_channel_name)
+            .values_list("users", "visitors", "sockets")
+            .afirst()
+        )
+        return Counts(*row) if row is not None else Counts()
+
+
+_RoomManagerBase = models.Manager.from_queryset(RoomQuerySet)
+
+
+class RoomManager(_RoomManagerBase["Room"]):
     """``Room.objects``: add and remove sockets, prune stale presences and rooms."""
 
     def add(

@@ -10,8 +10,9 @@ from django.contrib.auth import get_user_model
 from django.db import models
 from django.utils import timezone
 
-from . import clock
+from . import clock, protocol
 from .managers import PresenceManager, RoomManager
+from .protocol import Counts
 from .signals import presence_changed
 
 if TYPE_CHECKING:
@@ -27,15 +28,66 @@ class Room(models.Model):
         unique=True,
         help_text="The Channels group that the room's sockets are added to.",
     )
+    version = models.BigIntegerField(
+        "version",
+        default=clock.micros,
+        help_text="Goes up by one with each change set of the room's presences; "
+        "starts at the room's creation time in microseconds, so that a room "
+        "made again under the same name never repeats a version.",
+    )
+    users = models.PositiveIntegerField(
+        "users",
+        default=0,
+        help_text="How many distinct logged-in users are in the room.",
+    )
+    visitors = models.PositiveIntegerField(
+        "visitors",
+        default=0,
+        help_text="How many distinct anonymous visitors (browser sessions) are "
+        "in the room.",
+    )
+    sockets = models.PositiveIntegerField(
+        "sockets",
+        default=0,
+        help_text="How many sockets (presences) are in the room.",
+    )
+    listed = models.BooleanField(
+        "listed",
+        default=True,
+        help_text="Whether the room's events list its members; above "
+        "CHANNELS_PRESENCE_MAX_LISTED_MEMBERS they carry counts only.",
+    )
+    changed_at = models.DateTimeField(
+        "changed at",
+        null=True,
+        blank=True,
+        help_text="When the room's presences last changed (its version went up).",
+    )
 
     objects = RoomManager()
 
     class Meta:
         verbose_name = "room"
         verbose_name_plural = "rooms"
+        indexes = [
+            # The prune's version beacons go to the recently changed rooms.
+            models.Index(fields=["changed_at"], name="channels_presence_changed_idx"),
+        ]
 
     def __str__(self) -> str:
         return self.channel_name
+
+    def counts(self) -> Counts:
+        """The room's users, visitors and sockets now: one query on its row.
+
+        Kept in the same transaction as its presences, so they always agree
+        with the rows, whatever the room's size.
+        """
+        return type(self).objects.counts(self.channel_name)
+
+    async def acounts(self) -> Counts:
+        """Async twin of :meth:`counts`."""
+        return await type(self).objects.acounts(self.channel_name)
 
     def add_presence(self, channel_name: str, user: Any = None) -> None:
         """Put a socket in this room as ``user`` (anonymous when None)."""
@@ -157,6 +209,28 @@ class Presence(models.Model):
         "keeps it here; empty when it joined through the managers, and then "
         "only the ordinary prune removes it.",
     )
+    key = models.CharField(
+        "member key",
+        max_length=100,
+        blank=True,
+        default="",
+        help_text="Who the socket is in the room's events: 'u:<user id>', or "
+        "'v:' and a digest of the room and the visitor's session.",
+    )
+    ref = models.CharField(
+        "ref",
+        max_length=40,
+        blank=True,
+        default="",
+        help_text="Names this socket in the room's events without its channel "
+        "name: 'r:' and a digest of the room, the socket and its key.",
+    )
+    events = models.PositiveSmallIntegerField(
+        "events",
+        default=0,
+        help_text="Which presence events the socket's consumer handles: 1 "
+        "states, 2 diffs, 4 expiry notices (added up).",
+    )
 
     objects = PresenceManager()
 
@@ -178,11 +252,23 @@ class Presence(models.Model):
             models.Index(fields=["channel_name"], name="channels_presence_socket_idx"),
             # prune_servers() lists the servers that hold presences.
             models.Index(fields=["server"], name="channels_presence_server_idx"),
+            # A change set counts the sockets of each member key it changed.
+            models.Index(fields=["room", "key"], name="channels_presence_key_idx"),
         ]
 
     def __str__(self) -> str:
         who = self.user.get_username() if self.user is not None else "anonymous"
         return f"{who} in {self.room}"
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        """Save; a presence made by hand gets its key and ref as a join would."""
+        if not self.key or not self.ref:
+            room = self.room.channel_name
+            self.key = self.key or protocol.member_key(
+                room, self.channel_name, self.user_id
+            )
+            self.ref = protocol.presence_ref(room, self.channel_name, self.key)
+        super().save(*args, **kwargs)
 
     @property
     def is_stale(self) -> bool:
@@ -233,3 +319,18 @@ class Departure(models.Model):
     def __str__(self) -> str:
         where = self.room_channel_name or "every room"
         return f"{self.channel_name} left {where}"
+
+
+class PresenceSchedule(Room):
+    """The admin's "Presence schedule" page, which edits the prunes' beat entries.
+
+    A proxy without rows or permissions of its own: it gives the page a place in
+    the admin index. The page edits django-celery-beat's periodic tasks, and
+    who may see or change them is who may see or change those (see ``admin``).
+    """
+
+    class Meta:
+        proxy = True
+        verbose_name = "presence schedule"
+        verbose_name_plural = "presence schedule"
+        default_permissions = ()

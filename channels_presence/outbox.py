@@ -6,9 +6,13 @@ appends to this outbox, in memory, and a background thread of the process
 publishes:
 
 * joins and leaves (``add_presence``, ``leave_all``) within ``linger`` seconds
-  (2 ms), in the order they were appended, so that each socket's tasks reach
-  the broker in its order; when several wait, they go as one ``apply_batch``
-  message, since each publish costs the sender CPU that the event loop waits for;
+  (2 ms) when the sender was idle, in the order they were appended, so that
+  each socket's tasks reach the broker in its order; when several wait, they
+  go as one ``apply_batch`` message. While they keep coming (more than one
+  went out in the last ``busy_linger``, 50 ms), they gather for up to that
+  long: a worker applies a batch as one change set per room, so a storm of
+  joins costs it a few large batches rather than one small task per join,
+  while a lone join, or a leave soon after it, still goes at once;
 * touches as one ``touch_presences`` task per FLUSH_INTERVAL, naming every
   socket touched since the last one, however many there are.
 
@@ -35,7 +39,7 @@ from celery.app import app_or_default
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
-from .conf import conf
+from .conf import conf, task_queue
 from .tasks import BATCHABLE
 
 logger = logging.getLogger("channels_presence")
@@ -59,7 +63,8 @@ class Outbox:
     current application, looked up at each send (the project's own, once it is
     imported, as Celery's Django guide arranges). ``limit`` bounds what it
     holds; ``retry_interval`` paces the retries of an outage; ``exit_timeout``
-    bounds the wait for the sender at exit; ``linger`` is how long the sender
+    bounds the wait for the sender at exit; ``busy_linger`` how long joins and
+    leaves gather while they keep coming; ``linger`` is how long the sender
     lets joins and leaves gather before it publishes them.
     """
 
@@ -71,9 +76,11 @@ class Outbox:
         retry_interval: float = 1.0,
         exit_timeout: float = 5.0,
         linger: float = 0.002,
+        busy_linger: float = 0.05,
     ) -> None:
         self.app = app
         self.linger = linger
+        self.busy_linger = busy_linger
         self.limit = limit
         self.retry_interval = retry_interval
         self.exit_timeout = exit_timeout
@@ -90,6 +97,9 @@ class Outbox:
         self._touches_in_flight = 0
         self._touched_at = 0.0
         self._last_touch_flush = 0.0
+        # (monotonic time, how many) of the joins and leaves sent in the last
+        # busy_linger: whether they keep coming.
+        self._recent: deque[tuple[float, int]] = deque()
         self._thread: threading.Thread | None = None
         # The sender's broker connection and producer, and their app.
         self._connection: Any = None
@@ -138,6 +148,7 @@ class Outbox:
         deadline = time.monotonic() + timeout
         with self._lock:
             self._last_touch_flush = 0.0
+            self._recent.clear()
         self._wake.set()
         while time.monotonic() < deadline:
             if self.pending() == (0, 0):
@@ -190,6 +201,7 @@ class Outbox:
             # Let a burst of joins and leaves gather into one message: each
             # publish costs the sender CPU that the event loop waits for.
             self._stop.wait(self.linger)
+            self._gather()
             self._wake.clear()
             now = time.monotonic()
             due = now - self._last_touch_flush >= conf.FLUSH_INTERVAL
@@ -213,6 +225,28 @@ class Outbox:
             else:
                 self._wake.wait()
 
+    def _gather(self) -> None:
+        """While joins and leaves keep coming, let them gather a while longer.
+
+        When more than one went out in the last ``busy_linger``: up to
+        ``busy_linger`` after the last message, or until a full batch waits.
+        A storm becomes a few batches, which a worker applies as one change
+        set per room, where one task per join would each pay a transaction
+        and a state of the room of its own.
+        """
+        while not self._stop.is_set():
+            now = time.monotonic()
+            with self._lock:
+                waiting = len(self._tasks)
+                while self._recent and self._recent[0][0] <= now - self.busy_linger:
+                    self._recent.popleft()
+                sent = sum(count for _, count in self._recent)
+                last = self._recent[-1][0] if self._recent else now
+            left = last + self.busy_linger - now
+            if not waiting or waiting >= BATCH_SIZE or sent < 2 or left <= 0:
+                return
+            self._stop.wait(min(left, self.linger))
+
     def _send_pending(self, *, touches_due: bool) -> None:
         while True:
             with self._lock:
@@ -230,6 +264,7 @@ class Outbox:
             except Exception:
                 logger.exception("presence outbox: tasks %s could not be sent", batch)
             with self._lock:
+                self._recent.append((time.monotonic(), len(batch)))
                 for task in batch:
                     # Unless a full outbox dropped it meanwhile.
                     if not (self._tasks and self._tasks[0] is task):
@@ -283,6 +318,7 @@ class Outbox:
                 kwargs=kwargs,
                 retry=False,
                 producer=self._producer_for(app),
+                queue=task_queue(),
             )
         except UNREACHABLE:
             self._disconnect()

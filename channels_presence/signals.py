@@ -1,4 +1,4 @@
-"""The presence_changed signal, as 1.0.0 sent it."""
+"""The signals: ``presence_changed``, as 1.0.0 sent it, and user-level transitions."""
 
 from django.dispatch import Signal
 
@@ -10,3 +10,20 @@ from django.dispatch import Signal
 #   bulk_change: True when a prune removed several presences at once
 # Receivers must accept **kwargs: later versions may send more keywords.
 presence_changed = Signal()
+
+# Sent after commit, once, when a member key's first socket in a room is
+# applied: a user (or a visitor's session) arrived.
+#   sender: the Room class
+#   room:   the Room instance
+#   user:   the user, or None for an anonymous visitor
+#   key:    the member key ("u:<pk>" or "v:<digest>"), as frames name it
+user_joined_room = Signal()
+
+# Sent after commit, once, when a member key's last socket in a room goes.
+#   sender: the Room class
+#   room:   the Room instance
+#   user:   the user, or None for an anonymous visitor
+#   key:    the member key
+#   reason: why its last socket went: "left", "expired", "server_lost",
+#           "removed" or "user_deleted"
+user_left_room = Signal()

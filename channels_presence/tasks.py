@@ -20,12 +20,12 @@ import logging
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_process_init
-from django.contrib.auth import get_user_model
+from celery.signals import worker_process_init, worker_process_shutdown
 from django.db import InterfaceError, OperationalError
 from redis.exceptions import RedisError
 
-from . import clock, groups, leases, operations
+from . import broadcast, clock, groups, leases, operations, schedule, validation
+from .changes import Call, Join, Leave, LeaveAll
 
 logger = logging.getLogger("channels_presence")
 
@@ -59,22 +59,73 @@ def add_presence(
     user_channel_name: str,
     user_id: int | None = None,
     at: float | None = None,
-    subscribe: bool = False,
+    subscribe: bool | list[str] = False,
     server: str = "",
+    key: str | None = None,
 ) -> None:
     """Put socket ``user_channel_name`` in room ``room_channel_name`` as ``user_id``.
 
     Nothing happens if the socket left the room, or every room, after ``at``.
-    ``subscribe`` also puts it in the room's events group, as the mixin asks.
-    ``server`` is the id of the socket's server, whose lease keeps it there.
+    ``subscribe`` is which presence events its consumer handles (True: all,
+    as the mixin; or a list of "state", "diff", "expired"). ``server`` is the
+    id of the socket's server, whose lease keeps it there; ``key`` its member
+    key, when the socket side knew it (a visitor's session). A user that no
+    longer exists joins anonymously, with a warning.
     """
-    operations.join(
+    operations.apply(
+        [
+            _add(
+                room_channel_name,
+                user_channel_name,
+                user_id,
+                at,
+                subscribe,
+                server,
+                key,
+            )
+        ]
+    )
+
+
+def _add(
+    room_channel_name: object,
+    user_channel_name: object,
+    user_id: object = None,
+    at: object = None,
+    subscribe: object = False,
+    server: object = "",
+    key: object = None,
+) -> Join:
+    if user_id is not None and (
+        isinstance(user_id, bool) or not isinstance(user_id, int | str)
+    ):
+        raise TypeError(
+            f"user_id must be a user's primary key or None, not {user_id!r}"
+        )
+    return operations.checked_join(
         room_channel_name,
         user_channel_name,
-        _user(user_id),
-        at=clock.from_timestamp(at),
-        subscribe=subscribe,
-        server=server,
+        user_id,
+        clock.from_timestamp(at),
+        subscribe,
+        server,
+        key,
+    )
+
+
+def _remove(
+    room_channel_name: object, user_channel_name: object, at: object = None
+) -> Leave:
+    return Leave(
+        validation.room_name(room_channel_name),
+        validation.channel_name(user_channel_name),
+        clock.from_timestamp(at),
+    )
+
+
+def _leave_all(user_channel_name: object, at: object = None) -> LeaveAll:
+    return LeaveAll(
+        validation.channel_name(user_channel_name), clock.from_timestamp(at)
     )
 
 
@@ -88,7 +139,7 @@ def remove_presence(
     room_channel_name: str, user_channel_name: str, at: float | None = None
 ) -> None:
     """Take socket ``user_channel_name`` out of room ``room_channel_name``."""
-    operations.leave(room_channel_name, user_channel_name, at=clock.from_timestamp(at))
+    operations.apply([_remove(room_channel_name, user_channel_name, at)])
 
 
 @shared_task(
@@ -99,7 +150,7 @@ def remove_presence(
 )
 def leave_all(user_channel_name: str, at: float | None = None) -> None:
     """Take socket ``user_channel_name`` out of every room (it disconnected)."""
-    operations.leave_all(user_channel_name, at=clock.from_timestamp(at))
+    operations.apply([_leave_all(user_channel_name, at)])
 
 
 @shared_task(
@@ -112,15 +163,16 @@ def apply_batch(calls: list[list[Any]]) -> None:
     """Several joins and leaves, ``[task name, args, kwargs]`` each, in order.
 
     What one process's outbox sends when more than one join or leave waits:
-    one message instead of many. Each call runs as its task would; bad input
-    in one is logged and the others still run. A retry runs them all again,
-    which changes nothing for those already applied.
+    one message instead of many, applied as one change set per room. A call
+    with bad input is logged and skipped; the others still apply. A retry
+    applies them all again, which changes nothing for those already applied.
     """
     if not isinstance(calls, list | tuple):
         raise TypeError(
             "apply_batch takes a list of [task name, args, kwargs] calls, not "
             f"{type(calls).__name__}"
         )
+    checked: list[Call] = []
     for call in calls:
         # A malformed call must not cost the calls after it their turn.
         try:
@@ -131,14 +183,17 @@ def apply_batch(calls: list[list[Any]]) -> None:
                 call,
             )
             continue
-        task = BATCHABLE.get(name) if isinstance(name, str) else None
-        if task is None:
+        parse = BATCHABLE.get(name) if isinstance(name, str) else None
+        if parse is None:
             logger.error("apply_batch: %r cannot be batched; skipped", name)
             continue
         try:
-            task(*args, **kwargs)
+            checked.append(parse(*args, **kwargs))
         except (ValueError, TypeError):
-            logger.exception("apply_batch: %s with %r %r failed", name, args, kwargs)
+            logger.exception(
+                "apply_batch: %s with %r %r is bad; skipped", name, args, kwargs
+            )
+    operations.apply(checked)
 
 
 @shared_task(
@@ -164,10 +219,18 @@ def prune_presences(age: float | None = None) -> int:
 
     Stale sockets are told first (``presence.expired``, one message per room),
     then discarded from their groups. Departures old enough to be of no more
-    use are forgotten. Returns how many presences were removed.
+    use are forgotten. Then each room changed within the last two prune
+    intervals is sent its version (``presence.version``), so that a client
+    that missed a diff sees it is behind. Returns how many presences were
+    removed.
     """
     operations.forget_departures()
-    return len(operations.prune_presences(age))
+    removed = operations.prune_stale(age)
+    operations.send_beacons(2 * schedule.interval(PRUNE_PRESENCES))
+    return removed
+
+
+PRUNE_PRESENCES = "channels_presence.tasks.prune_presences"
 
 
 @shared_task(name="channels_presence.tasks.prune_presence", ignore_result=True)
@@ -200,23 +263,15 @@ def _keep_event_loops(**kwargs: Any) -> None:
     groups.keep_loops()
 
 
-def _user(user_id: int | None) -> Any:
-    if user_id is None:
-        return None
-    user = get_user_model()._default_manager.filter(pk=user_id).first()
-    if user is None:
-        # The socket is in the room all the same: shown, anonymously.
-        logger.warning(
-            "add_presence: user %r does not exist (deleted since the socket "
-            "joined?); the socket joins anonymously",
-            user_id,
-        )
-    return user
+@worker_process_shutdown.connect
+def _flush_diffs(**kwargs: Any) -> None:
+    """A worker process that stops sends the diffs its throttle still holds."""
+    broadcast.throttle.flush()
 
 
-#: The tasks that ``apply_batch`` runs, by name.
+#: How ``apply_batch`` reads each task it can run, by name.
 BATCHABLE: dict[str, Any] = {
-    "channels_presence.tasks.add_presence": add_presence,
-    "channels_presence.tasks.remove_presence": remove_presence,
-    "channels_presence.tasks.leave_all": leave_all,
+    "channels_presence.tasks.add_presence": _add,
+    "channels_presence.tasks.remove_presence": _remove,
+    "channels_presence.tasks.leave_all": _leave_all,
 }

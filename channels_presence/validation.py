@@ -7,6 +7,7 @@ layer applies), so a name we accept is a name the layer accepts.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from functools import cache
 from typing import Any
@@ -20,6 +21,16 @@ from .conf import conf
 #: room names may therefore not use: a 1.0.0-style consumer in a room named like
 #: an events group would be sent presence events it cannot handle.
 EVENTS_PREFIX = "presence_events."
+
+#: A regular expression that matches exactly the names :func:`room_name`
+#: accepts, for URL patterns that admit no other room:
+#: ``re_path(rf"^ws/rooms/(?P<room>{ROOM_NAME_PATTERN})/$", ...)``. Channels'
+#: group-name rule (ASCII letters, "-", "_", ".", and digits as Python's ``\d``
+#: reads them), shorter than its name limit, outside the events groups' prefix.
+ROOM_NAME_PATTERN = (
+    f"(?!{re.escape(EVENTS_PREFIX)})"
+    rf"[-a-zA-Z\d_.]{{1,{BaseChannelLayer.MAX_NAME_LENGTH - 1}}}"
+)
 
 
 @cache

@@ -1,0 +1,1115 @@
+"""Change sets: many joins and leaves applied at once, one change set per room.
+
+Every path that changes presences comes here: a batch of socket calls (join,
+leave, leave every room), ordered by when they happened on their sockets; or a
+removal of presences chosen by a query (a prune, a crashed server's sockets,
+the admin). In one transaction, with a number of queries that does not grow
+with the number of calls or rooms, it
+
+1. takes the locks, in the order ``locks`` describes: the sockets of the
+   calls, then the rows of the rooms they change (made first if new);
+2. reads what those sockets have, and the departures that order late joins;
+3. plays the calls in order against that, in memory: a join older than the
+   socket's departure changes nothing, a leave older than a join leaves it
+   (invariant 1);
+4. writes the difference: departures and presences upserted, presences
+   deleted, each in one statement; the sockets it puts in rooms are put in
+   the rooms' groups first (invariant 2);
+5. counts each changed member key's sockets, which decides who arrived and
+   who left (invariant 8), and moves each changed room's counts, version (by
+   exactly one), listing and ``changed_at``;
+6. reads the state of each room that a subscribed socket joined, once per
+   room, in the same transaction as its version.
+
+After commit, ``broadcast.deliver`` sends the signals and the frames.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from channels.layers import BaseChannelLayer
+from django.apps import apps
+from django.contrib.auth import get_user_model
+from django.db import models, router, transaction
+from django.db.models import QuerySet
+from django.db.models.deletion import Collector
+from django.utils import timezone
+
+from . import broadcast, clock, groups, locks, protocol, sql
+from .conf import conf
+from .protocol import Counts, Entry
+from .signals import presence_changed
+
+if TYPE_CHECKING:
+    from .models import Departure, Presence, Room
+
+logger = logging.getLogger("channels_presence")
+
+# The presence columns a change set reads and writes, by attname.
+PRESENCE_FIELDS = [
+    "id",
+    "room_id",
+    "channel_name",
+    "user_id",
+    "last_seen",
+    "joined_at",
+    "server",
+    "key",
+    "ref",
+    "events",
+]
+# Times a join retries making and locking its rooms while prune_rooms deletes them.
+ROOM_ATTEMPTS = 5
+
+
+@dataclass(frozen=True)
+class Join:
+    """Put a socket in a room: the argument of one ``add_presence``.
+
+    ``at`` is when it happened on the socket (None: now, unconditionally);
+    ``events`` which presence events its consumer handles (``protocol``'s
+    mask); ``key`` its member key when the socket side knew it (a visitor's
+    session), else computed here.
+    """
+
+    room: str
+    channel_name: str
+    user_id: Any = None
+    at: datetime | None = None
+    events: int = 0
+    server: str = ""
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Leave:
+    """Take a socket out of one room."""
+
+    room: str
+    channel_name: str
+    at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class LeaveAll:
+    """Take a socket out of every room it is in."""
+
+    channel_name: str
+    at: datetime | None = None
+
+
+Call = Join | Leave | LeaveAll
+
+
+@dataclass
+class _Row:
+    """A presence as the change set sees it: None id for one not yet written."""
+
+    id: int | None
+    room: str
+    channel_name: str
+    user_id: Any
+    last_seen: datetime
+    joined_at: datetime
+    server: str
+    key: str
+    ref: str
+    events: int
+
+    def values(self, room_id: int) -> list[Any]:
+        return [
+            room_id,
+            self.channel_name,
+            self.user_id,
+            self.last_seen,
+            self.joined_at,
+            self.server,
+            self.key,
+            self.ref,
+            self.events,
+        ]
+
+
+@dataclass
+class Result:
+    """What a change set did: the rooms it locked, the presences it added and
+    removed, and the joins that came too late (their socket had left)."""
+
+    rooms: dict[str, Room] = field(default_factory=dict)
+    removed: list[Presence] = field(default_factory=list)
+    added: list[Presence] = field(default_factory=list)
+    late: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Pair:
+    """One (room, socket) of a batch: its row before, its row after, and why."""
+
+    before: _Row | None
+    after: _Row | None
+    reason: str = protocol.LEFT
+    # A join was applied to it: the socket is (again) in the room's groups.
+    joined: bool = False
+    # A leave named it: it leaves the room's groups unless it is still there.
+    departed: bool = False
+    # The row after is a new one (the old one, if any, is deleted).
+    new_row: bool = False
+
+
+@contextmanager
+def _collecting_later() -> Iterator[None]:
+    """Hold Python's cycle collector off while a change set is built.
+
+    A change set of tens of thousands of presences makes hundreds of
+    thousands of small objects, nearly none of them in a cycle; the collector
+    ran over the whole heap again and again meanwhile (almost half of a
+    prune's own time, measured). Reference counting still frees them; any
+    cycle is collected after.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+# Batches of socket calls.
+
+
+@_collecting_later()
+def apply(
+    calls: Sequence[Call],
+    *,
+    channel_layer: BaseChannelLayer | None = None,
+    presences: bool = False,
+) -> Result:
+    """Apply ``calls``, in their order, as one change set per room.
+
+    Each call is assumed checked (``operations`` does that). A join whose
+    socket left its room, or every room, at or after its ``at`` changes
+    nothing, and its index is in ``Result.late``; a join older than the
+    presence's own changes nothing either. The presences added and removed
+    are built (as model instances, in ``Result``) when ``presences`` asks
+    for them or ``presence_changed`` has receivers; else a batch spends
+    nothing on them.
+    """
+    result = Result()
+    if not calls:
+        return result
+    layer = groups.get_layer(channel_layer)
+    room_model, presence_model = _models()
+    sockets = sorted({call.channel_name for call in calls})
+    now = timezone.now()
+    with transaction.atomic():
+        using = transaction.get_connection().alias
+        locks.lock_sockets(sockets)
+        names = {call.room for call in calls if not isinstance(call, LeaveAll)}
+        everywhere = sorted({c.channel_name for c in calls if isinstance(c, LeaveAll)})
+        if everywhere:
+            # The rooms the leave_all sockets are in: those to lock too.
+            for part in sql.any_of(
+                presence_model.objects.all(), "channel_name", everywhere
+            ):
+                names.update(part.values_list("room__channel_name", flat=True))
+        joining = {call.room for call in calls if isinstance(call, Join)}
+        rooms = _lock_rooms(names, create=joining)
+        by_id = {room.pk: room for room in rooms.values()}
+        rows = _read_rows(sockets, by_id)
+        departures = _read_departures(sockets)
+        users = _users({call.user_id for call in calls if isinstance(call, Join)})
+        left: dict[tuple[str, str], datetime] = {}
+        pairs = _play(calls, rows, departures, left, users, now, result)
+        _write_departures(left, using)
+        added = _write(pairs, rooms, layer, using)
+        result.rooms = rooms
+        changes = _changes(
+            pairs,
+            rooms,
+            added,
+            presences=presences or presence_changed.has_listeners(room_model),
+        )
+        result.added = [p for change in changes.values() for p in change.added]
+        result.removed = [p for change in changes.values() for p in change.removed]
+        departed = sorted(
+            (room, socket)
+            for (room, socket), pair in pairs.items()
+            if pair.departed and pair.after is None
+        )
+        _commit(changes, rooms, layer, departed=departed)
+    return result
+
+
+def _play(
+    calls: Sequence[Call],
+    rows: dict[tuple[str, str], _Row],
+    departures: dict[tuple[str, str], datetime],
+    left: dict[tuple[str, str], datetime],
+    users: dict[Any, Any],
+    now: datetime,
+    result: Result,
+) -> dict[tuple[str, str], _Pair]:
+    """Play ``calls`` in order on the rows; return each named pair's before and after.
+
+    ``departures`` is updated in place with the leaves' times, and the
+    changed ones are also put in ``left``.
+    """
+    pairs: dict[tuple[str, str], _Pair] = {}
+    current = dict(rows)
+    # The rooms each socket is in, as the calls play out.
+    rooms_of: dict[str, set[str]] = {}
+    for room, socket in rows:
+        rooms_of.setdefault(socket, set()).add(room)
+
+    def pair(room: str, socket: str) -> _Pair:
+        found = pairs.get((room, socket))
+        if found is None:
+            found = pairs[room, socket] = _Pair(rows.get((room, socket)), None)
+            found.after = found.before
+        return found
+
+    def remove(room: str, socket: str, at: datetime | None) -> None:
+        target = pair(room, socket)
+        row = target.after
+        target.departed = True
+        if row is not None and (at is None or row.joined_at <= at):
+            target.after = None
+            target.new_row = False
+            current.pop((room, socket), None)
+            rooms_of.get(socket, set()).discard(room)
+
+    for index, call in enumerate(calls):
+        at = call.at
+        if isinstance(call, Join):
+            moment = at if at is not None else now
+            if at is not None and _departed(departures, call, at):
+                result.late.add(index)
+                continue
+            target = pair(call.room, call.channel_name)
+            row = target.after
+            if row is not None and at is not None and at < row.joined_at:
+                # An older join, run late or again: the newer one stands.
+                continue
+            user_id = call.user_id
+            if user_id is not None and user_id not in users:
+                logger.warning(
+                    "add_presence: user %r does not exist (deleted since the "
+                    "socket joined?); the socket joins anonymously",
+                    user_id,
+                )
+                user_id = None
+            key = call.key
+            if key is None or (user_id is None and protocol.is_user_key(key)):
+                key = protocol.member_key(call.room, call.channel_name, user_id)
+            if row is None or row.key != key:
+                target.new_row = row is None or target.new_row
+                row = _Row(
+                    id=row.id if row is not None else None,
+                    room=call.room,
+                    channel_name=call.channel_name,
+                    user_id=user_id,
+                    last_seen=max(row.last_seen, moment) if row else moment,
+                    joined_at=moment,
+                    server=call.server,
+                    key=key,
+                    ref=protocol.presence_ref(call.room, call.channel_name, key),
+                    events=call.events,
+                )
+            else:
+                row = _Row(
+                    **{
+                        **row.__dict__,
+                        "joined_at": moment,
+                        "last_seen": max(row.last_seen, moment),
+                        "server": call.server,
+                        "events": call.events,
+                    }
+                )
+            target.after = row
+            target.joined = True
+            target.departed = False
+            current[call.room, call.channel_name] = row
+            rooms_of.setdefault(call.channel_name, set()).add(call.room)
+        elif isinstance(call, Leave):
+            if at is not None:
+                _remember(departures, left, call.channel_name, call.room, at)
+            remove(call.room, call.channel_name, at)
+        else:
+            if at is not None:
+                _remember(departures, left, call.channel_name, "", at)
+            for room in sorted(rooms_of.get(call.channel_name, ())):
+                remove(room, call.channel_name, at)
+    return pairs
+
+
+def _departed(
+    departures: dict[tuple[str, str], datetime], join: Join, at: datetime
+) -> bool:
+    """Whether the socket left the room, or every room, at or after ``at``."""
+    return any(
+        (left := departures.get((join.channel_name, room))) is not None and left >= at
+        for room in (join.room, "")
+    )
+
+
+def _remember(
+    departures: dict[tuple[str, str], datetime],
+    left: dict[tuple[str, str], datetime],
+    socket: str,
+    room: str,
+    at: datetime,
+) -> None:
+    known = departures.get((socket, room))
+    if known is None or known < at:
+        departures[socket, room] = left[socket, room] = at
+
+
+def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
+    """Lock the rooms' rows, sorted by name; make those of ``create`` first.
+
+    A room that prune_rooms deleted between the two is made again.
+    """
+    room_model, _ = _models()
+    wanted = sorted(set(names))
+    if not wanted:
+        return {}
+    using = router.db_for_write(room_model)
+    for _attempt in range(ROOM_ATTEMPTS):
+        missing = sorted(create)
+        if missing:
+            version = clock.micros()
+            sql.upsert(
+                room_model,
+                using,
+                ["channel_name", "version", "users", "visitors", "sockets", "listed"],
+                [[name, version, 0, 0, 0, True] for name in missing],
+                conflict=["channel_name"],
+            )
+        found = {
+            room.channel_name: room
+            for room in room_model.objects.select_for_update()
+            .filter(channel_name__in=wanted)
+            .order_by("channel_name")
+        }
+        if create <= found.keys():
+            return found
+        create = create - found.keys()
+    raise RuntimeError(
+        f"rooms {sorted(create)!r} were deleted {ROOM_ATTEMPTS} times while "
+        "being joined"
+    )
+
+
+def _read_rows(
+    sockets: list[str], rooms: dict[int, Room]
+) -> dict[tuple[str, str], _Row]:
+    """The presences of ``sockets`` in the locked rooms, by (room, socket)."""
+    _, presence_model = _models()
+    if not rooms:
+        return {}
+    found: dict[tuple[str, str], _Row] = {}
+    for part in sql.any_of(
+        presence_model.objects.filter(room_id__in=list(rooms)), "channel_name", sockets
+    ):
+        for values in part.values_list(*PRESENCE_FIELDS):
+            row = dict(zip(PRESENCE_FIELDS, values, strict=True))
+            room = rooms[row.pop("room_id")]
+            found[room.channel_name, row["channel_name"]] = _Row(
+                room=room.channel_name, **row
+            )
+    return found
+
+
+def _read_departures(sockets: list[str]) -> dict[tuple[str, str], datetime]:
+    departures: dict[tuple[str, str], datetime] = {}
+    for part in sql.any_of(_departures().all(), "channel_name", sockets):
+        for socket, room, left_at in part.values_list(
+            "channel_name", "room_channel_name", "left_at"
+        ):
+            departures[socket, room] = left_at
+    return departures
+
+
+def _write_departures(departures: dict[tuple[str, str], datetime], using: str) -> None:
+    rows = [[socket, room, at] for (socket, room), at in sorted(departures.items())]
+    sql.upsert(
+        apps.get_model("channels_presence", "Departure"),
+        using,
+        ["channel_name", "room_channel_name", "left_at"],
+        rows,
+        conflict=["channel_name", "room_channel_name"],
+        keep_latest=["left_at"],
+    )
+
+
+def _write(
+    pairs: dict[tuple[str, str], _Pair],
+    rooms: dict[str, Room],
+    layer: BaseChannelLayer,
+    using: str,
+) -> dict[tuple[str, str], int]:
+    """Write what changed; return the ids of the rows written, by (room, socket).
+
+    The sockets put in rooms join the rooms' groups first, under their
+    locks; if writing fails, those that were not in the room leave again.
+    """
+    _, presence_model = _models()
+    joined = [
+        (room, socket, pair.after.events)
+        for (room, socket), pair in sorted(pairs.items())
+        if pair.joined and pair.after is not None
+    ]
+    if joined:
+        groups.run_sync(groups.add, layer, joined)
+    try:
+        gone = [
+            pair.before.id
+            for pair in pairs.values()
+            if pair.before is not None
+            and pair.before.id is not None
+            and (pair.after is None or pair.new_row)
+        ]
+        if gone:
+            _delete_ids(gone)
+        written = [
+            pair.after
+            for pair in pairs.values()
+            if pair.after is not None and pair.after != pair.before
+        ]
+        ids = sql.upsert(
+            presence_model,
+            using,
+            PRESENCE_FIELDS[1:],
+            [row.values(rooms[row.room].pk) for row in written],
+            conflict=["room_id", "channel_name"],
+            replace=["user_id", "joined_at", "server", "key", "ref", "events"],
+            keep_latest=["last_seen"],
+            returning=["id", "room_id", "channel_name"],
+        )
+    except BaseException:
+        fresh = [
+            (room, socket)
+            for room, socket, _ in joined
+            if pairs[room, socket].before is None
+        ]
+        if fresh:
+            try:
+                groups.run_sync(groups.leave, layer, fresh)
+            except groups.UNAVAILABLE:  # pragma: no cover - best effort
+                logger.exception("presence: could not undo the group adds of %s", fresh)
+        raise
+    names = {room.pk: name for name, room in rooms.items()}
+    return {(names[room_id], socket): pk for pk, room_id, socket in ids}
+
+
+# Removals chosen by a query.
+
+
+def remove(
+    presences: QuerySet[Presence],
+    reason: str,
+    *,
+    notify: bool = False,
+    bulk: bool = False,
+    channel_layer: BaseChannelLayer | None = None,
+) -> list[Presence]:
+    """Delete ``presences`` as one change set per room; return them, pk intact.
+
+    ``notify`` tells their sockets first (``presence.expired``), ``bulk``
+    sends one ``presence_changed(bulk_change=True)`` per room instead of one
+    per presence, as a prune does.
+    """
+    _, removed = _remove(presences, reason, notify, bulk, channel_layer, build=True)
+    return removed
+
+
+def remove_counted(
+    presences: QuerySet[Presence],
+    reason: str,
+    *,
+    notify: bool = False,
+    bulk: bool = False,
+    channel_layer: BaseChannelLayer | None = None,
+) -> int:
+    """:func:`remove`, returning how many it removed, not the presences.
+
+    No model instance is built for a prune task that only counts them,
+    unless ``presence_changed`` has receivers.
+    """
+    count, _ = _remove(presences, reason, notify, bulk, channel_layer, build=False)
+    return count
+
+
+@_collecting_later()
+def _remove(
+    presences: QuerySet[Presence],
+    reason: str,
+    notify: bool,
+    bulk: bool,
+    channel_layer: BaseChannelLayer | None,
+    *,
+    build: bool,
+) -> tuple[int, list[Presence]]:
+    layer = groups.get_layer(channel_layer)
+    room_model, presence_model = _models()
+    with transaction.atomic(using=presences.db):
+        room_ids = set(
+            presences.order_by().values_list("room_id", flat=True).distinct()
+        )
+        if not room_ids:
+            return 0, []
+        names = room_model.objects.filter(pk__in=room_ids).values_list(
+            "channel_name", flat=True
+        )
+        rooms = _lock_rooms(names, create=set())
+        by_id = {room.pk: room for room in rooms.values()}
+        rows = _delete(presences.filter(room_id__in=list(by_id)))
+        gone = [
+            _Row(room=by_id[values["room_id"]].channel_name, **_fields(values))
+            for values in rows
+        ]
+        pairs = {
+            (row.room, row.channel_name): _Pair(row, None, reason=reason, departed=True)
+            for row in gone
+        }
+        changes = _changes(pairs, rooms, {}, bulk=bulk, presences=False)
+        removed: list[Presence] = []
+        if build or presence_changed.has_listeners(room_model):
+            removed = sql.instances(
+                presence_model,
+                presences.db,
+                list(rows[0]) if rows else [],
+                [list(values.values()) for values in rows],
+            )
+            removed.sort(key=lambda presence: presence.pk)
+            for presence in removed:
+                room = by_id[presence.room_id]
+                type(presence).room.field.set_cached_value(presence, room)
+                changes[room.channel_name].removed.append(presence)
+        notices = []
+        if notify:
+            told: dict[str, list[str]] = {}
+            for row in sorted(gone, key=lambda row: row.id or 0):
+                if row.events & protocol.EXPIRED_EVENTS:
+                    told.setdefault(row.room, []).append(row.channel_name)
+            notices = sorted(told.items())
+        _commit(changes, rooms, layer, departed=sorted(pairs), notices=notices)
+    return len(gone), removed
+
+
+def _fields(values: dict[str, Any]) -> dict[str, Any]:
+    """A deleted row's values, as a _Row takes them (all but room_id)."""
+    return {name: values[name] for name in PRESENCE_FIELDS if name != "room_id"}
+
+
+def _delete(presences: QuerySet[Presence]) -> list[dict[str, Any]]:
+    """Delete ``presences`` and return their rows: ``{attname: value}``.
+
+    One ``DELETE ... RETURNING`` whose rows are locked first (PostgreSQL), so
+    that each removal happens once when a leave, a prune and a touch race
+    for one presence: the lock waits for the others and checks the filter
+    again on what they left. With delete signal receivers or cascades,
+    ``QuerySet.delete()`` runs them instead.
+    """
+    _, presence_model = _models()
+    meta = presence_model._meta
+    names = [field.attname for field in meta.concrete_fields]
+    locked = presences.select_for_update(of=("self",))
+    using = locked.db
+    if Collector(using, origin=None).can_fast_delete(locked):
+        rows = sql.delete_returning(locked, names)
+    else:
+        rows = list(locked.values_list(*names))
+        pk = names.index(meta.pk.attname)
+        ids = [row[pk] for row in rows]
+        for part in sql.any_of(presence_model.objects.all(), "pk", ids):
+            part.delete()
+    return [dict(zip(names, row, strict=True)) for row in rows]
+
+
+def _delete_ids(ids: list[int]) -> None:
+    """Delete the presences of ``ids``: one statement, nothing read back.
+
+    The batch holds their sockets' and rooms' locks and knows their rows.
+    With delete signal receivers or cascades, ``QuerySet.delete()`` runs them.
+    """
+    _, presence_model = _models()
+    using = router.db_for_write(presence_model)
+    for part in sql.any_of(presence_model.objects.all(), "pk", ids):
+        if Collector(using, origin=None).can_fast_delete(part):
+            part._raw_delete(using)
+        else:
+            part.delete()
+
+
+# What every change set does with what it changed.
+
+
+@dataclass
+class RoomChange:
+    """One room's change set: its entries, its presences added and removed."""
+
+    room: Room
+    entries: dict[str, Entry] = field(default_factory=dict)
+    # Sockets per member key, after minus before.
+    keys: Counter[str] = field(default_factory=Counter)
+    # Why each key's last socket to go went.
+    reasons: dict[str, str] = field(default_factory=dict)
+    added: list[Presence] = field(default_factory=list)
+    removed: list[Presence] = field(default_factory=list)
+    # Subscribed sockets that joined: each is sent the state.
+    joiners: list[str] = field(default_factory=list)
+    bulk: bool = False
+    start: int = 0
+    counts: Counts = field(default_factory=Counts)
+    state: dict[str, Any] | None = None
+    arrived: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.entries) or bool(self.added) or bool(self.removed)
+
+
+def _changes(
+    pairs: dict[tuple[str, str], _Pair],
+    rooms: dict[str, Room],
+    added_ids: dict[tuple[str, str], int],
+    *,
+    bulk: bool = False,
+    presences: bool = True,
+) -> dict[str, RoomChange]:
+    """Each room's change set, from the pairs' rows before and after.
+
+    ``presences``: build the presences added and removed (for the caller, or
+    for presence_changed's receivers).
+    """
+    _, presence_model = _models()
+    changes: dict[str, RoomChange] = {}
+    for (room_name, socket), pair in sorted(pairs.items()):
+        before, after = pair.before, pair.after
+        if before is None and after is None:
+            continue
+        room = rooms[room_name]
+        change = changes.get(room_name)
+        if change is None:
+            change = changes[room_name] = RoomChange(room, bulk=bulk)
+        replaced = after is None or pair.new_row
+        if before is not None and (
+            after is None or replaced or after.key != before.key
+        ):
+            # The presence before is gone, or is another presence now: a
+            # socket that joined again as another user keeps its row (and is
+            # announced as added, as 1.0.0 did), but not its key and ref.
+            change.keys[before.key] -= 1
+            if replaced and presences:
+                change.removed.append(_presence(presence_model, before, room))
+            if after is None or after.ref != before.ref:
+                change.entries[before.ref] = Entry(
+                    before.key,
+                    None,
+                    protocol.meta(before.ref, before.joined_at),
+                    pair.reason,
+                )
+                change.reasons[before.key] = pair.reason
+        if after is not None and (
+            before is None or pair.new_row or after.key != before.key
+        ):
+            change.keys[after.key] += 1
+            if presences:
+                pk = added_ids.get((room_name, socket), after.id)
+                change.added.append(_presence(presence_model, after, room, pk))
+            change.entries[after.ref] = Entry(
+                after.key, None, protocol.meta(after.ref, after.joined_at)
+            )
+        if (
+            after is not None
+            and pair.joined
+            and after.events & protocol.STATE_EVENTS
+            and (
+                before is None
+                or after.joined_at > before.joined_at
+                or after.key != before.key
+                or pair.new_row
+            )
+        ):
+            change.joiners.append(socket)
+    return {
+        name: change
+        for name, change in changes.items()
+        if change.changed or change.joiners
+    }
+
+
+def _presence(
+    model: type[Presence], row: _Row, room: Room, pk: int | None = None
+) -> Presence:
+    presence = model(
+        id=row.id if pk is None else pk,
+        room=room,
+        channel_name=row.channel_name,
+        user_id=row.user_id,
+        last_seen=row.last_seen,
+        joined_at=row.joined_at,
+        server=row.server,
+        key=row.key,
+        ref=row.ref,
+        events=row.events,
+    )
+    presence._state.adding = False
+    presence._state.db = room._state.db
+    return presence
+
+
+def _commit(
+    changes: dict[str, RoomChange],
+    rooms: dict[str, Room],
+    layer: BaseChannelLayer,
+    *,
+    departed: Sequence[tuple[str, str]] = (),
+    notices: Sequence[tuple[str, list[str]]] = (),
+) -> None:
+    """Count, version and describe the change sets; deliver them after commit."""
+    room_model, _ = _models()
+    changed = [change for change in changes.values() if change.changed]
+    now = timezone.now()
+    updated = []
+    counted = _key_counts(changed)
+    for change in changed:
+        room = change.room
+        change.start = room.version
+        _transitions(change, counted)
+        if not change.entries:
+            change.counts = Counts(room.users, room.visitors, room.sockets)
+            continue
+        arrived = [protocol.is_user_key(key) for key in change.arrived]
+        left = [protocol.is_user_key(key) for key in change.left]
+        room.version += 1
+        room.users = max(0, room.users + sum(arrived) - sum(left))
+        room.visitors = max(0, room.visitors + arrived.count(False) - left.count(False))
+        room.sockets = max(0, room.sockets + sum(change.keys.values()))
+        change.counts = Counts(room.users, room.visitors, room.sockets)
+        room.listed = protocol.is_listed(
+            room.listed, change.counts, conf.MAX_LISTED_MEMBERS
+        )
+        room.changed_at = now
+        updated.append(room)
+    if updated:
+        # One statement for every room, whatever the database's limit on
+        # parameters allows (bulk_update would cut it at Django's 999 on SQLite).
+        fields = ["version", "users", "visitors", "sockets", "listed", "changed_at"]
+        sql.upsert(
+            room_model,
+            router.db_for_write(room_model),
+            ["id", "channel_name", *fields],
+            [
+                [room.pk, room.channel_name] + [getattr(room, f) for f in fields]
+                for room in updated
+            ],
+            conflict=["id"],
+            replace=fields,
+        )
+    users = _users(
+        {
+            _user_pk(key)
+            for change in changed
+            for key in _keys_named(change)
+            if protocol.is_user_key(key)
+        }
+        | {p.user_id for change in changed for p in change.added + change.removed}
+    )
+    _describe(changed, users)
+    kept = _members_after(changes)
+    deliveries = [_delivery(change, users) for change in changes.values()]
+    transaction.on_commit(lambda: known.keep(kept), robust=True)
+    broadcast.on_commit(layer, deliveries, departed=departed, notices=notices)
+
+
+def _transitions(change: RoomChange, counted: dict[tuple[int, str], int]) -> None:
+    """Which member keys arrived (first socket) and left (last socket)."""
+    for key, delta in sorted(change.keys.items()):
+        if not delta:
+            continue
+        now = counted.get((change.room.pk, key), 0)
+        before = now - delta
+        if before <= 0 < now:
+            change.arrived.append(key)
+        elif now <= 0 < before:
+            change.left.append(key)
+
+
+def _keys_named(change: RoomChange) -> set[str]:
+    return {entry.key for entry in change.entries.values()} | set(
+        change.arrived + change.left
+    )
+
+
+def _describe(changed: list[RoomChange], users: dict[Any, Any]) -> None:
+    """Attach users to the presences, and each entry's member user, as sent."""
+    payloads = {pk: broadcast.user_payload(user) for pk, user in users.items()}
+    for change in changed:
+        for presence in change.added + change.removed:
+            type(presence).user.field.set_cached_value(
+                presence, users.get(presence.user_id)
+            )
+        change.entries = {
+            ref: Entry(
+                entry.key, _payload(payloads, entry.key), entry.meta, entry.reason
+            )
+            for ref, entry in change.entries.items()
+        }
+
+
+def _members_after(
+    changes: dict[str, RoomChange],
+) -> dict[Any, tuple[int, Any, bool]]:
+    """Each joined room's state, built once; the members this process now knows.
+
+    A room whose members this process knows at the version the change set
+    started from (it wrote the change set before, and nothing else moved the
+    room since) gets them with the change set applied: no read. The others
+    that subscribed sockets joined are read, in one query for all. Returns
+    what to keep once the transaction commits: ``{room id: (version,
+    members or None, read now)}``, None for rooms this process no longer
+    knows.
+    """
+    kept: dict[Any, tuple[int, Any, bool]] = {}
+    if not conf.BROADCAST:
+        return kept
+    members: dict[Any, protocol.Members] = {}
+    for change in changes.values():
+        room = change.room
+        before = known.get(room.pk, change.start)
+        if not room.listed:
+            kept[room.pk] = (room.version, None, False)
+        elif before is not None:
+            members[room.pk] = protocol.applied(before, change.entries.values())
+            kept[room.pk] = (room.version, members[room.pk], False)
+        elif change.entries:
+            kept[room.pk] = (room.version, None, False)
+    unknown = [
+        change.room
+        for change in changes.values()
+        if change.joiners and change.room.listed and change.room.pk not in members
+    ]
+    by_id = {room.pk: room for room in unknown}
+    if unknown:
+        for room_id, entries in read_members(unknown).items():
+            members[room_id] = protocol.members(entries)
+            kept[room_id] = (by_id[room_id].version, members[room_id], True)
+    for change in changes.values():
+        room = change.room
+        if change.joiners:
+            change.state = protocol.state(
+                room.channel_name,
+                room.version,
+                members[room.pk] if room.listed else None,
+                Counts(room.users, room.visitors, room.sockets),
+            )
+    return kept
+
+
+class KnownMembers:
+    """The members of rooms at a version, as this process's change sets left them.
+
+    Per process (a worker's task process): a batch whose subscribed sockets
+    join a room of a thousand would otherwise read its thousand rows again
+    for their state. A room is known only while the last change set this
+    process saw for it is the room's last: the next change set starts from
+    that version, or the room is read again. Entries are forgotten after
+    MAX_AGE seconds (so that a renamed user's name comes back from the
+    database) and past MAX_ROOMS rooms.
+    """
+
+    MAX_ROOMS = 1_000
+    MAX_AGE = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rooms: OrderedDict[Any, tuple[int, float, protocol.Members]] = (
+            OrderedDict()
+        )
+
+    def get(self, room_id: Any, version: int) -> protocol.Members | None:
+        """The room's members at ``version``, if this process knows them."""
+        with self._lock:
+            found = self._rooms.get(room_id)
+        if found is None or found[0] != version:
+            return None
+        if time.monotonic() - found[1] > self.MAX_AGE:
+            return None
+        return found[2]
+
+    def keep(self, rooms: dict[Any, tuple[int, protocol.Members | None, bool]]) -> None:
+        """Know these rooms at these versions (None: forget the room).
+
+        The third item says whether the members were read from the database
+        now, else rebuilt from what the process knew: those are read again
+        MAX_AGE after their last read.
+        """
+        now = time.monotonic()
+        with self._lock:
+            for room_id, (version, members, read) in rooms.items():
+                old = self._rooms.pop(room_id, None)
+                if members is None or (old is None and not read):
+                    continue
+                since = now if read or old is None else old[1]
+                self._rooms[room_id] = (version, since, members)
+            while len(self._rooms) > self.MAX_ROOMS:
+                self._rooms.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget every room."""
+        with self._lock:
+            self._rooms.clear()
+
+
+#: This process's known members.
+known = KnownMembers()
+
+
+def _delivery(change: RoomChange, users: dict[Any, Any]) -> broadcast.Delivery:
+    def user(key: str) -> Any:
+        return users.get(_user_pk(key)) if protocol.is_user_key(key) else None
+
+    diff = None
+    if change.entries:
+        diff = protocol.Diff(
+            room=change.room.channel_name,
+            start=change.start,
+            version=change.room.version,
+            counts=change.counts,
+            listed=change.room.listed,
+            entries=change.entries,
+        )
+    return broadcast.Delivery(
+        room=change.room,
+        diff=diff,
+        added=change.added,
+        removed=change.removed,
+        bulk=change.bulk,
+        state=change.state,
+        joiners=change.joiners,
+        arrived=[(key, user(key)) for key in change.arrived],
+        left=[
+            (key, user(key), change.reasons.get(key, protocol.LEFT))
+            for key in change.left
+        ],
+    )
+
+
+def _key_counts(changes: list[RoomChange]) -> dict[tuple[int, str], int]:
+    """How many sockets each changed (room, key) has now: one query."""
+    _, presence_model = _models()
+    keys = sorted({key for change in changes for key in change.keys})
+    room_ids = [change.room.pk for change in changes]
+    if not keys:
+        return {}
+    wanted = {(change.room.pk, key) for change in changes for key in change.keys}
+    counts: dict[tuple[int, str], int] = {}
+    for part in sql.any_of(
+        presence_model.objects.filter(room_id__in=room_ids).order_by(), "key", keys
+    ):
+        for room_id, key, count in (
+            part.values("room_id", "key")
+            .annotate(count=models.Count("id"))
+            .values_list("room_id", "key", "count")
+        ):
+            if (room_id, key) in wanted:
+                counts[room_id, key] = count
+    return counts
+
+
+def read_members(rooms: Sequence[Room]) -> dict[int, list[Entry]]:
+    """The entries of every presence of ``rooms``, by room id: one query.
+
+    A room's state is read for its joiners in each batch that has some: in a
+    room of a thousand, the thousand rows are most of that batch's work, so
+    ``joined_at`` is read as epoch microseconds on PostgreSQL (a bigint psycopg
+    reads in C, not a timestamp Django converts in Python), and turned into
+    the frame's seconds exactly as ``datetime.timestamp()`` would.
+    """
+    _, presence_model = _models()
+    fields = broadcast.member_fields()
+    lookups = ["user__" + path for path in fields.values()]
+    presences = presence_model.objects.filter(room_id__in=[room.pk for room in rooms])
+    epoch = sql.epoch_micros(presences, "joined_at")
+    if epoch is not None:
+        presences = presences.annotate(joined_us=epoch)
+        joined = "joined_us"
+    else:
+        joined = "joined_at"
+    rows = presences.values_list("room_id", "key", "ref", joined, "user_id", *lookups)
+    found: dict[int, list[Entry]] = {room.pk: [] for room in rooms}
+    plain = broadcast.plain
+    for room_id, key, ref, joined_at, user_id, *values in rows:
+        user = (
+            dict(zip(fields, map(plain, values), strict=True))
+            if user_id is not None
+            else None
+        )
+        seconds = joined_at / 1_000_000 if epoch is not None else joined_at.timestamp()
+        meta = {"ref": ref, "joined_at": seconds, "meta": {}}
+        found[room_id].append(Entry(key, user, meta))
+    return found
+
+
+def _payload(
+    payloads: dict[Any, dict[str, Any] | None], key: str
+) -> dict[str, Any] | None:
+    if not protocol.is_user_key(key):
+        return None
+    return payloads.get(_user_pk(key))
+
+
+def _user_pk(key: str) -> Any:
+    """The user's primary key in a user key, as the user model's pk field takes it."""
+    raw = key[len(protocol.USER_PREFIX) :]
+    try:
+        return get_user_model()._meta.pk.to_python(raw)
+    except Exception:
+        return raw
+
+
+def _users(ids: Iterable[Any]) -> dict[Any, Any]:
+    """The users of ``ids``, by pk, with what the member fields follow: one query."""
+    wanted = sorted({pk for pk in ids if pk is not None}, key=str)
+    if not wanted:
+        return {}
+    user_model = get_user_model()
+    related = {
+        path.rsplit("__", 1)[0]
+        for path in broadcast.member_fields().values()
+        if "__" in path
+    }
+    users = user_model._base_manager.filter(pk__in=wanted)
+    if related:
+        users = users.select_related(*sorted(related))
+    return {user.pk: user for user in users}
+
+
+def _departures() -> models.Manager[Departure]:
+    departures: models.Manager[Departure] = apps.get_model(
+        "channels_presence", "Departure"
+    ).objects
+    return departures
+
+
+def _models() -> tuple[type[Room], type[Presence]]:
+    # Looked up at call time: models import the managers, which import us.
+    return (
+        apps.get_model("channels_presence", "Room"),
+        apps.get_model("channels_presence", "Presence"),
+    )

@@ -1,0 +1,343 @@
+"""Hand-built SQL: the statements a change set needs that the ORM cannot write.
+
+An upsert that keeps the later of two times (``INSERT ... ON CONFLICT DO UPDATE``
+with ``GREATEST``), and ``DELETE ... RETURNING``: each one statement for a
+whole batch, on PostgreSQL and on SQLite (3.35 or later, for ``RETURNING``).
+Values go through each field's own conversion, as the ORM's would.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar, cast
+
+from django.conf import settings
+from django.db import connections, models
+from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.models import QuerySet, signals
+from django.db.models.base import ModelState
+from django.db.models.expressions import RawSQL
+
+# psycopg sends at most this many parameters with one statement.
+_POSTGRESQL_MAX_PARAMS = 65_535
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+M = TypeVar("M", bound=models.Model)
+
+
+def max_params(connection: BaseDatabaseWrapper) -> int:
+    """How many parameters one statement may carry on ``connection``.
+
+    SQLite's real limit, not Django's 999 (the limit of SQLite before 3.32).
+    """
+    if connection.vendor == "sqlite":
+        connection.ensure_connection()
+        raw = cast(sqlite3.Connection, connection.connection)
+        return raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return connection.features.max_query_params or _POSTGRESQL_MAX_PARAMS
+
+
+def chunks(
+    rows: Sequence[Any], width: int, connection: BaseDatabaseWrapper
+) -> list[Sequence[Any]]:
+    """``rows`` cut so that no statement carries more parameters than allowed."""
+    size = max(1, max_params(connection) // max(width, 1))
+    return [rows[start : start + size] for start in range(0, len(rows), size)]
+
+
+def upsert(
+    model: type[models.Model],
+    using: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    conflict: Sequence[str],
+    replace: Sequence[str] = (),
+    keep_latest: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> list[tuple[Any, ...]]:
+    """Insert ``rows``; where a row of the ``conflict`` fields exists, update it.
+
+    On a conflict, the fields of ``replace`` take the new values, those of
+    ``keep_latest`` the greater of the old and the new (a time that must
+    never go back). Returns the ``returning`` fields of every row written.
+    ``columns`` and the others name model fields (attnames).
+    """
+    if not rows:
+        return []
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    meta = model._meta
+    fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in columns]
+    table = quote(meta.db_table)
+    greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
+
+    def column(name: str) -> str:
+        return quote(cast("models.Field[Any, Any]", meta.get_field(name)).column)
+
+    updates = [f"{column(name)} = EXCLUDED.{column(name)}" for name in replace] + [
+        f"{column(name)} = {greatest}({table}.{column(name)}, EXCLUDED.{column(name)})"
+        for name in keep_latest
+    ]
+    action = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
+    target = f"INSERT INTO {table} ({', '.join(quote(f.column) for f in fields)}) "
+    tail = f" ON CONFLICT ({', '.join(column(name) for name in conflict)}) {action}"
+    if returning:
+        tail += f" RETURNING {', '.join(column(name) for name in returning)}"
+    converters = [_converter(field, connection) for field in fields]
+    converted = [
+        [convert(value) for convert, value in zip(converters, row, strict=True)]
+        for row in rows
+    ]
+    statements: list[tuple[str, Any]]
+    document = _json_rows(converted) if connection.vendor == "postgresql" else None
+    if document is not None:
+        # One JSON document of every row, whatever their number: psycopg
+        # adapts a list element by element in Python, json in C; a VALUES
+        # list of thousands of parameters costs more to compose than to run.
+        values = ", ".join(
+            f"(row->>{number})::{field.db_type(connection)}"
+            for number, field in enumerate(fields)
+        )
+        statements = [
+            (
+                f"{target}SELECT {values} FROM json_array_elements(%s::json) "
+                f"AS row{tail}",
+                [document],
+            )
+        ]
+    elif connection.vendor == "postgresql":
+        # One array per column, whatever the number of rows.
+        arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
+        statements = [
+            (
+                f"{target}SELECT * FROM unnest({arrays}){tail}",
+                [list(c) for c in zip(*converted, strict=True)],
+            )
+        ]
+    else:
+        placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
+        statements = [
+            (
+                f"{target}VALUES {', '.join([placeholder] * len(part))}{tail}",
+                [value for row in part for value in row],
+            )
+            for part in chunks(converted, len(fields), connection)
+        ]
+    returned: list[tuple[Any, ...]] = []
+    with connection.cursor() as cursor:
+        for statement, params in statements:
+            cursor.execute(statement, params)
+            if returning:
+                returned.extend(tuple(row) for row in cursor.fetchall())
+    return returned
+
+
+#: Fields whose conversion leaves a str, int, bool or None as it is.
+_PLAIN_FIELDS = {
+    "AutoField",
+    "BigAutoField",
+    "BigIntegerField",
+    "BooleanField",
+    "CharField",
+    "IntegerField",
+    "PositiveBigIntegerField",
+    "PositiveIntegerField",
+    "PositiveSmallIntegerField",
+    "SmallAutoField",
+    "SmallIntegerField",
+    "TextField",
+}
+_PLAIN_TYPES = (str, int, bool, type(None))
+
+
+def _converter(
+    field: models.Field[Any, Any], connection: BaseDatabaseWrapper
+) -> Callable[[Any], Any]:
+    """What the ORM would do to a value of ``field`` before saving it.
+
+    The same, ``get_db_prep_save``, but without its cost per value where that
+    is known to change nothing: a batch converts thousands of values.
+    """
+    target = field.target_field if field.is_relation else field  # type: ignore[attr-defined]
+    kind = target.get_internal_type()
+    if kind in _PLAIN_FIELDS:
+
+        def plain(value: Any) -> Any:
+            if isinstance(value, _PLAIN_TYPES):
+                return value
+            return field.get_db_prep_save(value, connection)
+
+        return plain
+    if kind == "DateTimeField" and settings.USE_TZ:
+        adapt = connection.ops.adapt_datetimefield_value
+
+        def moment(value: Any) -> Any:
+            if isinstance(value, datetime) and value.tzinfo is not None:
+                return adapt(value)
+            return field.get_db_prep_save(value, connection)
+
+        return moment
+    return lambda value: field.get_db_prep_save(value, connection)
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not plain JSON")
+
+
+def _json_rows(rows: list[list[Any]]) -> str | None:
+    """``rows`` as one JSON document, or None if a value is not plain JSON."""
+    try:
+        return json.dumps(rows, default=_json_value, allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def delete_returning(locked: QuerySet[Any], names: list[str]) -> list[Any]:
+    """``DELETE ... RETURNING`` the rows of ``locked``: one statement.
+
+    ``names`` are the attnames to return, converted as a queryset would.
+    """
+    meta = locked.model._meta
+    connection = connections[locked.db]
+    quote = connection.ops.quote_name
+    fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in names]
+    # On PostgreSQL, timestamps as microseconds since the epoch: psycopg reads
+    # a bigint in C, while Django reads a timestamptz in Python whenever the
+    # server's TimeZone is not exactly "UTC" (Debian's is "Etc/UTC"), and
+    # that was most of the time spent reading a prune's rows, measured.
+    in_epoch = {
+        number
+        for number, field in enumerate(fields)
+        if connection.vendor == "postgresql"
+        and settings.USE_TZ
+        and field.get_internal_type() == "DateTimeField"
+    }
+    columns = [
+        f"(EXTRACT(EPOCH FROM {quote(field.column)}) * 1000000)::bigint"
+        if number in in_epoch
+        else quote(field.column)
+        for number, field in enumerate(fields)
+    ]
+    compiler = locked.values("pk").query.get_compiler(locked.db)
+    select, params = compiler.as_sql()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"DELETE FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)}"
+            f" IN ({select}) RETURNING {', '.join(columns)}",
+            params,
+        )
+        rows: list[Any] = cursor.fetchall()
+    if in_epoch:
+        rows = [
+            [
+                _EPOCH + timedelta(microseconds=value)
+                if number in in_epoch and value is not None
+                else value
+                for number, value in enumerate(row)
+            ]
+            for row in rows
+        ]
+    # What a queryset does to each other value read (e.g. SQLite's datetimes).
+    converters = {
+        number: converter
+        for number, converter in compiler.get_converters(
+            [field.get_col(meta.db_table) for field in fields]
+        ).items()
+        if number not in in_epoch
+    }
+    if converters:
+        rows = list(compiler.apply_converters(rows, converters))
+    return rows
+
+
+def instances(
+    model: type[M], using: str, names: Sequence[str], rows: Iterable[Sequence[Any]]
+) -> list[M]:
+    """Model instances of ``rows`` (values of every concrete field, by attname).
+
+    What ``Model.from_db`` makes, without ``Model.__init__``'s work per field:
+    a prune builds tens of thousands. ``from_db`` itself when the model has
+    ``pre_init`` or ``post_init`` receivers, or ``names`` are not its fields.
+    """
+    meta = model._meta
+    if (
+        list(names) != [field.attname for field in meta.concrete_fields]
+        or signals.pre_init.has_listeners(model)
+        or signals.post_init.has_listeners(model)
+    ):
+        return [model.from_db(using, list(names), list(row)) for row in rows]
+    built = []
+    for row in rows:
+        instance = model.__new__(model)
+        instance.__dict__.update(zip(names, row, strict=True))
+        state = instance._state = ModelState()
+        state.adding = False
+        state.db = using
+        built.append(instance)
+    return built
+
+
+def convert(
+    model: type[models.Model], using: str, names: Sequence[str], rows: list[Any]
+) -> list[Any]:
+    """Rows of raw column values, converted as a queryset would convert them."""
+    meta = model._meta
+    fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in names]
+    compiler = model._base_manager.using(using).values("pk").query.get_compiler(using)
+    converters = compiler.get_converters(
+        [field.get_col(meta.db_table) for field in fields]
+    )
+    if not converters:
+        return rows
+    return list(compiler.apply_converters(rows, converters))
+
+
+def epoch_micros(queryset: QuerySet[Any], name: str) -> Any:
+    """An expression of field ``name`` in epoch microseconds, or None.
+
+    On PostgreSQL with time zones on: a bigint, which psycopg reads in C,
+    where Django reads a timestamptz in Python whenever the server's TimeZone
+    is not exactly "UTC" (Debian's is "Etc/UTC"). None elsewhere: read the
+    field as it is.
+    """
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql" or not settings.USE_TZ:
+        return None
+    column = cast("models.Field[Any, Any]", queryset.model._meta.get_field(name)).column
+    table = connection.ops.quote_name(queryset.model._meta.db_table)
+    return RawSQL(
+        f"(EXTRACT(EPOCH FROM {table}.{connection.ops.quote_name(column)})"
+        " * 1000000)::bigint",
+        [],
+        output_field=models.BigIntegerField(),
+    )
+
+
+def any_of(
+    queryset: QuerySet[Any], column: str, values: list[Any]
+) -> list[QuerySet[Any]]:
+    """``queryset`` filtered to ``column`` in ``values``, as few querysets as can be.
+
+    On PostgreSQL one array parameter for any number of values: an IN list of
+    tens of thousands costs more to build and send than the lookup itself.
+    Elsewhere, IN lists within the parameter limit.
+    """
+    connection = connections[queryset.db]
+    model = queryset.model
+    if connection.vendor == "postgresql":
+        quote = connection.ops.quote_name
+        field = model._meta.pk if column == "pk" else model._meta.get_field(column)
+        qualified = f"{quote(model._meta.db_table)}.{quote(cast(Any, field).column)}"
+        return [queryset.extra(where=[f"{qualified} = ANY(%s)"], params=[values])]
+    size = max(1, max_params(connection) - 100)
+    return [
+        queryset.filter(**{f"{column}__in": values[start : start + size]})
+        for start in range(0, len(values), size)
+    ]
