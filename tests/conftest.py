@@ -10,6 +10,7 @@ from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import channel_layers, get_channel_layer
 from django.db import connections
 
+from channels_presence import broadcast, changes, sync
 from channels_presence.signals import presence_changed
 from tasks import app as celery_app
 
@@ -31,7 +32,12 @@ def _clean_channel_layer() -> Iterator[None]:
     different event loop" (django/channels#876, same remedy).
     """
     channel_layers.backends.clear()
+    # Rooms of the same name come and go from test to test.
+    sync.states.clear()
+    changes.known.clear()
     yield
+    # Discards retried against a layer that a test took down stay given up.
+    broadcast.retries.clear()
     layer: Any = get_channel_layer()
     if layer is not None and hasattr(layer, "flush"):
         async_to_sync(layer.flush)()

@@ -34,6 +34,7 @@ from channels.testing import WebsocketCommunicator
 
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.models import Presence, Room
+from channels_presence.testing import RoomView
 from tests.helpers import TIMEOUT
 
 #: The rooms the 1.0.0-style consumers join on connect.
@@ -327,7 +328,9 @@ class Client(WebsocketCommunicator):
     """A communicator that keeps every text frame it got and the consumer's notes.
 
     ``calls`` is the list the consumer notes in; ``texts`` holds every text
-    frame received, raw, in order. ``scope`` adds keys to the consumer's scope.
+    frame received, raw, in order; ``views`` each room as the client's reducer
+    sees it from the presence frames received (presence.js's rules).
+    ``scope`` adds keys to the consumer's scope.
     """
 
     def __init__(
@@ -340,6 +343,7 @@ class Client(WebsocketCommunicator):
         super().__init__(application, path)
         self.calls: list[tuple[Any, ...]] = []
         self.texts: list[str] = []
+        self.views: dict[str, RoomView] = {}
         self.scope["calls"] = self.calls
         if user is not None:
             self.scope["user"] = user
@@ -355,7 +359,25 @@ class Client(WebsocketCommunicator):
         text = await self.receive_from(TIMEOUT)
         assert isinstance(text, str), text
         self.texts.append(text)
+        frame = _parse(text)
+        if isinstance(frame, dict) and str(frame.get("type")).startswith("presence."):
+            room = frame.get("room")
+            if isinstance(room, str):
+                self.views.setdefault(room, RoomView(room)).receive(frame)
         return text
+
+    def sees(self, room: str = "lobby") -> tuple[list[str], int] | None:
+        """Who the client sees in ``room``: usernames, and how many visitors."""
+        view = self.views.get(room)
+        return who(view.members) if view is not None else None
+
+    async def until_sees(
+        self, *usernames: str, visitors: int = 0, room: str = "lobby"
+    ) -> None:
+        """Receive frames until the client sees exactly these users and visitors."""
+        wanted = (sorted(usernames), visitors)
+        while self.sees(room) != wanted:
+            await self.receive_text()
 
     async def receive_type(self, kind: str) -> dict[str, Any]:
         """The next JSON frame of type ``kind``, passing over frames of other types."""
@@ -429,11 +451,9 @@ def channel_of(client: Client) -> str:
     return str(name)
 
 
-def presence(*users: Any, anonymous: int = 0, room: str = "lobby") -> dict[str, Any]:
-    """What the client of a socket in ``room`` is told when these are present."""
-    return {
-        "type": "presence",
-        "room": room,
-        "members": [{"id": user.pk, "username": user.username} for user in users],
-        "anonymous": anonymous,
-    }
+def who(members: dict[str, Any] | None) -> tuple[list[str], int] | None:
+    """The usernames and the number of visitors of a view's members."""
+    if members is None:
+        return None
+    users = sorted(m["user"]["username"] for m in members.values() if m["user"])
+    return users, sum(1 for key in members if key.startswith("v:"))

@@ -198,6 +198,40 @@ async def adatabase_down() -> AsyncIterator[None]:
 
 
 @contextmanager
+def presence_writes_refused() -> Iterator[None]:
+    """The database refuses to insert presences (a trigger), until the block ends.
+
+    A real failure of a join's write, after its group add, on either database.
+    """
+    table = Presence._meta.db_table
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                "CREATE FUNCTION refuse_presence_writes() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN RAISE EXCEPTION 'write refused'; "
+                "END $$"
+            )
+            cursor.execute(
+                f"CREATE TRIGGER refuse_presence_writes BEFORE INSERT ON {table} "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_presence_writes()"
+            )
+        else:
+            cursor.execute(
+                f"CREATE TRIGGER refuse_presence_writes BEFORE INSERT ON {table} "
+                "BEGIN SELECT RAISE(ABORT, 'write refused'); END"
+            )
+    try:
+        yield
+    finally:
+        with connection.cursor() as cursor:
+            if connection.vendor == "postgresql":
+                cursor.execute(f"DROP TRIGGER refuse_presence_writes ON {table}")
+                cursor.execute("DROP FUNCTION refuse_presence_writes()")
+            else:
+                cursor.execute("DROP TRIGGER refuse_presence_writes")
+
+
+@contextmanager
 def layer_down() -> Iterator[Any]:
     """The default channel layer, pointed at a Redis that is not there."""
     dead = {

@@ -9,6 +9,10 @@ channel-layer prefix and Celery queue, and CHANNELS_PRESENCE_TEST_DATABASE
 names the test database they must use. CHANNELS_PRESENCE_TEST_BROKER_URL points
 a worker at another broker, CHANNELS_PRESENCE_TEST_VISIBILITY_TIMEOUT shortens
 the time after which the broker gives a dead worker's tasks to another.
+CHANNELS_PRESENCE_TEST_SENTINELS puts the channel layer, the broker and the
+leases behind Redis Sentinel; CHANNELS_PRESENCE_TEST_SERVER_LEASE and
+CHANNELS_PRESENCE_TEST_TOUCH_INTERVAL set those two settings;
+CHANNELS_PRESENCE_TEST_PGBOUNCER sets the database up for PgBouncer.
 """
 
 import os
@@ -89,6 +93,11 @@ DATABASES = {"default": _database(os.environ.get("DATABASE_URL"))}
 if os.environ.get("CHANNELS_PRESENCE_TEST_DATABASE"):
     # A worker started by a test: it uses the test's database, as it is.
     DATABASES["default"]["NAME"] = os.environ["CHANNELS_PRESENCE_TEST_DATABASE"]
+if os.environ.get("CHANNELS_PRESENCE_TEST_PGBOUNCER"):
+    # A worker behind PgBouncer in transaction mode, set up as the README says:
+    # a server-side cursor would outlive the transaction that holds its server
+    # connection. (Django's psycopg prepares no statement unless told to.)
+    DATABASES["default"]["DISABLE_SERVER_SIDE_CURSORS"] = True
 
 # One id per test run, inherited by the workers the run starts: each run keeps
 # to its own keys and queue on a Redis that other runs may share.
@@ -96,7 +105,7 @@ RUN = os.environ.setdefault("CHANNELS_PRESENCE_TEST_RUN", uuid.uuid4().hex[:12])
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
-CHANNEL_LAYERS = {
+CHANNEL_LAYERS: dict[str, Any] = {
     "default": {
         "BACKEND": "channels_redis.core.RedisChannelLayer",
         "CONFIG": {
@@ -110,6 +119,14 @@ CHANNEL_LAYERS = {
 # The operations run inline in this suite: Celery mode has its own tests, and a
 # daphne that a test starts (tests/asgi.py) is put in it from the environment.
 CHANNELS_PRESENCE_USE_CELERY = os.environ.get("CHANNELS_PRESENCE_TEST_CELERY") == "1"
+
+# In this process a room's diffs go out at once, so that a test sees each one
+# when the operation returns; the worker processes a test starts throttle them
+# as a deployment does (tests/workers.py sets the default, 0.1 s), and the
+# throttle's own tests override this.
+CHANNELS_PRESENCE_EVENT_INTERVAL = float(
+    os.environ.get("CHANNELS_PRESENCE_TEST_EVENT_INTERVAL", "0")
+)
 
 CELERY_BROKER_URL = os.environ.get("CHANNELS_PRESENCE_TEST_BROKER_URL", REDIS_URL)
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, Any] = {
@@ -126,6 +143,29 @@ if os.environ.get("CHANNELS_PRESENCE_TEST_VISIBILITY_TIMEOUT"):
         ),
         unacked_restore_interval=1,
         unacked_restore_throttle=1,
+    )
+if os.environ.get("CHANNELS_PRESENCE_TEST_SENTINELS"):
+    # A daphne, worker or beat of the Sentinel test (tests/test_sentinel.py):
+    # Redis is the master that these Sentinels name, "host:port,host:port".
+    _SENTINELS = [
+        (host, int(port))
+        for host, port in (
+            address.rsplit(":", 1)
+            for address in os.environ["CHANNELS_PRESENCE_TEST_SENTINELS"].split(",")
+        )
+    ]
+    CHANNEL_LAYERS["default"]["CONFIG"]["hosts"] = [
+        {"sentinels": _SENTINELS, "master_name": "mymaster"}
+    ]
+    CELERY_BROKER_URL = ";".join(f"sentinel://{h}:{p}" for h, p in _SENTINELS)
+    CELERY_BROKER_TRANSPORT_OPTIONS["master_name"] = "mymaster"
+if os.environ.get("CHANNELS_PRESENCE_TEST_SERVER_LEASE"):
+    CHANNELS_PRESENCE_SERVER_LEASE = float(
+        os.environ["CHANNELS_PRESENCE_TEST_SERVER_LEASE"]
+    )
+if os.environ.get("CHANNELS_PRESENCE_TEST_TOUCH_INTERVAL"):
+    CHANNELS_PRESENCE_TOUCH_INTERVAL = float(
+        os.environ["CHANNELS_PRESENCE_TEST_TOUCH_INTERVAL"]
     )
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = f"presence-{RUN}"

@@ -141,14 +141,21 @@ def test_room_changelist_shows_how_many_sockets_are_in_each_room(
 ) -> None:
     response = admin_client.get(reverse(ROOMS_URL))
     assert response.status_code == 200
-    counts = dict(
-        re.findall(
+    counts = {
+        name: (users, visitors, sockets)
+        for name, users, visitors, sockets in re.findall(
             r'<th class="field-channel_name"><a [^>]*>([^<]+)</a></th>'
+            r'<td class="field-users">(\d+)</td>'
+            r'<td class="field-visitors">(\d+)</td>'
             r'<td class="field-member_count">(\d+)</td>',
             response.content.decode(),
         )
-    )
-    assert counts == {"lobby": "3", "kitchen": "2", "empty": "0"}
+    }
+    assert counts == {
+        "lobby": ("2", "1", "3"),
+        "kitchen": ("1", "1", "2"),
+        "empty": ("0", "0", "0"),
+    }
     assert ">Sockets present</a>" in response.content.decode()
 
 
@@ -156,8 +163,8 @@ def test_room_changelist_shows_how_many_sockets_are_in_each_room(
 def test_room_changelist_sorts_by_member_count(
     admin_client: Client, scene: Scene
 ) -> None:
-    # member_count is the second column; "-2" sorts it descending.
-    response = admin_client.get(reverse(ROOMS_URL), {"o": "-2"})
+    # member_count is the fourth column; "-4" sorts it descending.
+    response = admin_client.get(reverse(ROOMS_URL), {"o": "-4"})
     names = [room.channel_name for room in response.context["cl"].result_list]
     assert names == ["lobby", "kitchen", "empty"]
 
@@ -350,6 +357,9 @@ def test_presence_change_form_shows_the_help_texts(
             "last_seen",
             "joined_at",
             "server",
+            "key",
+            "ref",
+            "events",
         )
     }
     assert ALICE in response.content.decode()
@@ -362,7 +372,18 @@ def test_room_change_form_shows_the_help_text(
     response = admin_client.get(
         reverse("admin:channels_presence_room_change", args=[scene.lobby.pk])
     )
-    assert help_texts(response) == {"channel_name": help_text(Room, "channel_name")}
+    assert help_texts(response) == {
+        name: help_text(Room, name)
+        for name in (
+            "channel_name",
+            "version",
+            "users",
+            "visitors",
+            "sockets",
+            "listed",
+            "changed_at",
+        )
+    }
 
 
 # Read only: rooms and presences are made by sockets, never by hand

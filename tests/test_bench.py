@@ -1,7 +1,8 @@
 """The benchmarks' smoke mode, run for real so that the scripts never rot.
 
 ``bench/run.py --smoke`` runs every section (ours on SQLite and PostgreSQL,
-1.0.0 in its own virtualenv, end to end on daphne) with tiny sizes. Only that
+1.0.0 in its own virtualenv, end to end on daphne, many daphnes and workers,
+the sizing figures) with tiny sizes. Only that
 it finishes and writes what it promises is checked: figures are never judged
 here (a benchmark prints them; no test asserts a time).
 """
@@ -64,6 +65,19 @@ def test_smoke_run_writes_the_table_with_ours_and_1_0_0_side_by_side(tmp_path):
         for kind in ("join", "leave"):
             assert result[side][f"{prefix}:{kind}.seen"]["value"] > 0, (side, kind)
             assert result[side][f"{prefix}:{kind}.missed"]["value"] >= 0
+    # Many servers and workers (bench/scale.py), and the sizing figures
+    # (bench/sizing.py): present, and the rows matched the sockets and the
+    # groups at the end of both deployments.
+    for setup in ("2 daphnes, 2 workers of 2", "1 daphne, 1 worker"):
+        assert f"scale [{setup}]: a join seen by a room of 10, p99" in figures
+        assert f"scale [{setup}]: a leave seen by the room of 1,000, p50" in figures
+        assert f"scale [{setup}]: burst, joins applied" in figures
+        consistent = by_figure[
+            f"scale [{setup}]: rows = sockets = groups at the end (1 = yes)"
+        ]
+        assert consistent["ours"] == 1, result["notes"]
+    assert "sizing: Redis, 10,000 sockets in rooms of 10" in figures
+    assert "sizing: database, 10,000 presences (rooms of 10)" in figures
     markdown = (tmp_path / "smoke.md").read_text()
     assert "| figure | budget | ours | 1.0.0 | ratio | holds |" in markdown
     assert "end to end: a join seen by the room, p99" in markdown

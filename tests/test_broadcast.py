@@ -1,4 +1,10 @@
-"""The built-in presence_changed receiver: each change, to the room's events group."""
+"""What a room's sockets are sent: states, diffs, beacons, notices (wire protocol 2).
+
+Each change set of a room sends one ``presence.diff`` to the room's events
+group, and each subscribed socket that joined gets the room's ``presence.state``;
+a prune tells the stale sockets (``presence.expired``) and its diff says why
+they left. Every frame is plain JSON and never holds a channel name.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,11 @@ from django.db import connection
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 
+from channels_presence import broadcast, operations, protocol
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
+from channels_presence.testing import RoomView, members_now
 from tests.consumers import (
     ROOMS,
     AsyncJsonEchoConsumer,
@@ -27,9 +35,6 @@ from tests.consumers import (
 from tests.helpers import TIMEOUT, make_user, set_last_seen_back
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-EVENT = "presence.changed"
-EXPIRED = "presence.expired"
 
 
 class WatchingConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
@@ -64,7 +69,7 @@ async def receive_until_marker(channel: str) -> list[dict[str, Any]]:
 
 
 def assert_plain(value: Any, where: str = "message") -> None:
-    """``value`` is made of dicts with str keys, lists, str, int, bool and None."""
+    """``value`` is made of dicts with str keys, lists, str, int, float, bool, None."""
     if isinstance(value, dict):
         for key, item in value.items():
             assert isinstance(key, str), f"{where} has key {key!r}"
@@ -73,102 +78,165 @@ def assert_plain(value: Any, where: str = "message") -> None:
         for index, item in enumerate(value):
             assert_plain(item, f"{where}[{index}]")
     else:
-        assert value is None or type(value) in (str, int, bool), (
+        assert value is None or type(value) in (str, int, float, bool), (
             f"{where} is {type(value).__name__}: {value!r}"
         )
 
 
-def described(channel_name: str, user: Any = None) -> dict[str, Any]:
-    return {
-        "channel_name": channel_name,
-        "user_id": user.pk if user is not None else None,
-        "username": user.username if user is not None else None,
+def assert_no_channel_names(frame: dict[str, Any], *names: str) -> None:
+    text = json.dumps(frame)
+    for name in names:
+        assert name not in text
+    assert "specific." not in text
+
+
+async def presence_of(socket: str, room: str = "lobby") -> Presence:
+    return await Presence.objects.aget(channel_name=socket, room__channel_name=room)
+
+
+def meta_of(presence: Presence, reason: str | None = None) -> dict[str, Any]:
+    meta = {
+        "ref": presence.ref,
+        "joined_at": presence.joined_at.timestamp(),
+        "meta": {},
     }
+    if reason is not None:
+        meta["reason"] = reason
+    return meta
 
 
-async def test_a_join_is_sent_as_plain_values():
+# Diffs.
+
+
+async def test_a_join_is_one_diff_of_plain_values_naming_its_key_and_ref():
     alice = await make_user("alice")
     watcher = await subscribe("lobby")
     socket = await layer().new_channel()
 
-    await Room.objects.aadd("lobby", socket, alice)
+    room = await Room.objects.aadd("lobby", socket, alice)
 
-    message = await receive(watcher)
-    json.dumps(message)
-    assert_plain(message)
-    assert message == {
-        "type": EVENT,
+    frame = await receive(watcher)
+    assert_plain(frame)
+    assert_no_channel_names(frame, socket)
+    presence = await presence_of(socket)
+    assert presence.key == f"u:{alice.pk}"
+    assert frame == {
+        "type": "presence.diff",
         "room": "lobby",
-        "added": described(socket, alice),
-        "removed": None,
-        "bulk_change": False,
-        "members": [{"id": alice.pk, "username": "alice"}],
-        "anonymous": 0,
+        "from": room.version - 1,
+        "version": room.version,
+        "joins": {
+            f"u:{alice.pk}": {
+                "user": {"id": alice.pk, "username": "alice"},
+                "metas": [meta_of(presence)],
+            }
+        },
+        "leaves": {},
+        "counts": {"users": 1, "visitors": 0, "sockets": 1},
     }
 
 
-async def test_a_leave_is_sent_as_plain_values():
+async def test_a_leave_is_one_diff_with_the_last_meta_and_its_reason():
     alice = await make_user("alice")
     sockets = [await layer().new_channel() for _ in range(2)]
     await Room.objects.aadd("lobby", sockets[0], alice)
     await Room.objects.aadd("lobby", sockets[1])
+    leaving = await presence_of(sockets[0])
     watcher = await subscribe("lobby")
 
     await Room.objects.aremove("lobby", sockets[0])
 
-    message = await receive(watcher)
-    json.dumps(message)
-    assert_plain(message)
-    assert message == {
-        "type": EVENT,
-        "room": "lobby",
-        "added": None,
-        "removed": described(sockets[0], alice),
-        "bulk_change": False,
-        "members": [],
-        "anonymous": 1,
+    frame = await receive(watcher)
+    assert_plain(frame)
+    assert frame["joins"] == {}
+    assert frame["leaves"] == {
+        f"u:{alice.pk}": {
+            "user": {"id": alice.pk, "username": "alice"},
+            "metas": [meta_of(leaving, "left")],
+        }
     }
+    assert frame["counts"] == {"users": 0, "visitors": 1, "sockets": 1}
+    assert frame["version"] == frame["from"] + 1
 
 
-async def test_a_prune_is_sent_as_one_notice_then_one_bulk_change_per_room():
+async def test_two_tabs_of_one_user_are_one_member_with_two_metas():
+    alice = await make_user("alice")
+    tabs = [await layer().new_channel() for _ in range(2)]
+    for tab in tabs:
+        await Room.objects.aadd("lobby", tab, alice)
+
+    state = await sync_to_async(operations.read_state)("lobby")
+    (member,) = state["members"].values()
+    assert len(member["metas"]) == 2
+    assert state["counts"] == {"users": 1, "visitors": 0, "sockets": 2}
+
+
+async def test_each_change_set_moves_the_version_by_one_and_a_touch_does_not():
+    socket = await layer().new_channel()
+    room = await Room.objects.aadd("lobby", socket)
+    first = room.version
+    await Presence.objects.atouch(socket)
+    await room.arefresh_from_db()
+    assert room.version == first
+    await Room.objects.aadd("lobby", await layer().new_channel())
+    await room.arefresh_from_db()
+    assert room.version == first + 1
+
+
+async def test_a_rooms_first_version_is_its_creation_time_so_a_new_room_never_repeats():
+    socket = await layer().new_channel()
+    room = await Room.objects.aadd("lobby", socket)
+    await Room.objects.aremove("lobby", socket)
+    await sync_to_async(operations.prune_rooms)()
+    again = await Room.objects.aadd("lobby", socket)
+    assert again.pk != room.pk
+    assert again.version > room.version + 1
+
+
+async def test_a_prune_tells_the_stale_sockets_then_sends_one_diff_per_room():
     alice = await make_user("alice")
     stale_everywhere, stale_in_lobby, fresh = [
         await layer().new_channel() for _ in range(3)
     ]
     for room in ROOMS:
-        await Room.objects.aadd(room, stale_everywhere)
+        await sync_to_async(operations.join)(room, stale_everywhere, subscribe=True)
         await Room.objects.aadd(room, fresh, alice)
-    await Room.objects.aadd("lobby", stale_in_lobby)
+    await sync_to_async(operations.join)("lobby", stale_in_lobby, subscribe=["diff"])
     await set_last_seen_back(stale_everywhere)
     await set_last_seen_back(stale_in_lobby)
+    stale_presences = {
+        p.ref: p async for p in Presence.objects.filter(last_seen__lt=_an_hour_ago())
+    }
     watcher = await subscribe(*ROOMS)
 
     await Room.objects.aprune_presences(age=60)
 
-    messages = await receive_until_marker(watcher)
-    json.dumps(messages)
-    assert_plain(messages)
-    stale = {
-        "lobby": sorted([stale_everywhere, stale_in_lobby]),
-        "news": [stale_everywhere],
-    }
-    for room, channel_names in stale.items():
-        notice, change = [m for m in messages if m["room"] == room]
-        # The notice names the room's stale sockets, in no particular order.
-        assert {**notice, "channel_names": sorted(notice["channel_names"])} == {
-            "type": EXPIRED,
-            "room": room,
-            "channel_names": channel_names,
-        }
-        assert change == {
-            "type": EVENT,
-            "room": room,
-            "added": None,
-            "removed": None,
-            "bulk_change": True,
-            "members": [{"id": alice.pk, "username": "alice"}],
-            "anonymous": 0,
-        }
+    # Only the socket that handles expiry notices is told, once per room.
+    notices = [
+        frame
+        for frame in await receive_until_marker(stale_everywhere)
+        if frame["type"] == "presence.expired"
+    ]
+    assert sorted(n["room"] for n in notices) == sorted(ROOMS)
+    assert all(n == {"type": "presence.expired", "room": n["room"]} for n in notices)
+    assert "presence.expired" not in [
+        frame["type"] for frame in await receive_until_marker(stale_in_lobby)
+    ]
+    frames = await receive_until_marker(watcher)
+    assert_plain(frames)
+    assert sorted(f["room"] for f in frames) == sorted(ROOMS)
+    for frame in frames:
+        assert frame["joins"] == {}
+        left = [meta for m in frame["leaves"].values() for meta in m["metas"]]
+        assert {meta["reason"] for meta in left} == {"expired"}
+        assert {meta["ref"] for meta in left} <= set(stale_presences)
+        assert frame["counts"]["users"] == 1
+
+
+def _an_hour_ago() -> Any:
+    from tests.helpers import ago
+
+    return ago(3000)
 
 
 async def test_nothing_is_sent_while_broadcast_is_off():
@@ -176,16 +244,19 @@ async def test_nothing_is_sent_while_broadcast_is_off():
     unheard, heard = await layer().new_channel(), await layer().new_channel()
 
     with override_settings(CHANNELS_PRESENCE_BROADCAST=False):
-        await Room.objects.aadd("lobby", unheard)
+        await sync_to_async(operations.join)("lobby", unheard, subscribe=True)
         await Room.objects.aremove("lobby", unheard)
-        await Room.objects.aadd("lobby", unheard)
-        room = await Room.objects.aget(channel_name="lobby")
-        await room.abroadcast_changed(bulk_change=True)
+        await sync_to_async(operations.join)("lobby", unheard, subscribe=True)
+        await sync_to_async(operations.send_beacons)(60)
+    assert await receive_until_marker(unheard) == []
     await Room.objects.aadd("lobby", heard)
 
-    # The first message the watcher gets is the one sent once it was back on.
-    message = await receive(watcher)
-    assert message["added"] == described(heard)
+    # The first frame the watcher gets is the one sent once it was back on.
+    frame = await receive(watcher)
+    assert frame["type"] == "presence.diff"
+    assert len(frame["joins"]) == 1
+    heard_presence = await presence_of(heard)
+    assert heard_presence.key in frame["joins"]
 
 
 @pytest.mark.parametrize("legacy", [LegacyConsumer, AsyncLegacyConsumer])
@@ -194,15 +265,14 @@ async def test_a_consumer_without_presence_handlers_hears_no_presence_events(leg
         await old.answer('"ping"')
         # Others come and go, and are pruned, in the old consumer's rooms.
         async with connected(WatchingConsumer.as_asgi()) as new:
-            await new.receive_type("presence")
+            await new.receive_type("presence.state")
             socket = await layer().new_channel()
             for room in ROOMS:
                 await Room.objects.aadd(room, socket)
             await Room.objects.aremove("lobby", socket)
         await set_last_seen_back(socket)
         await Room.objects.aprune_presences(age=60)
-        lobby = await Room.objects.aget(channel_name="lobby")
-        await lobby.abroadcast_changed(bulk_change=True)
+        await sync_to_async(operations.send_beacons)(60)
 
         # The room's group still reaches it, behind anything sent before: a
         # presence event would have closed it ("No handler for message type").
@@ -221,24 +291,17 @@ async def test_a_consumer_without_presence_handlers_hears_no_presence_events(leg
     ],
     ids=["broadcast_changed", "abroadcast_changed"],
 )
-async def test_broadcast_changed_called_directly_sends(call: Callable[[Room], Any]):
-    alice = await make_user("alice")
-    room = await Room.objects.aadd("lobby", await layer().new_channel(), alice)
+async def test_broadcast_changed_sends_the_signal_as_1_0_0_did_and_no_frame(
+    call: Callable[[Room], Any], signals: list[dict[str, Any]]
+):
+    room = await Room.objects.aadd("lobby", await layer().new_channel())
     watcher = await subscribe("lobby")
+    signals.clear()
 
     await call(room)
 
-    message = await receive(watcher)
-    assert_plain(message)
-    assert message == {
-        "type": EVENT,
-        "room": "lobby",
-        "added": None,
-        "removed": None,
-        "bulk_change": True,
-        "members": [{"id": alice.pk, "username": "alice"}],
-        "anonymous": 0,
-    }
+    assert [(s["room"], s["bulk_change"]) for s in signals] == [(room, True)]
+    assert await receive_until_marker(watcher) == []
 
 
 def leave_all_queries(channel_name: str) -> int:
@@ -247,7 +310,7 @@ def leave_all_queries(channel_name: str) -> int:
     return len(queries.captured_queries)
 
 
-async def test_leave_all_of_many_rooms_sends_one_message_per_room_in_few_queries():
+async def test_leave_all_of_many_rooms_sends_one_diff_per_room_in_few_queries():
     rooms = [f"room-{n}" for n in range(50)]
     few, many = await layer().new_channel(), await layer().new_channel()
     for room in rooms[:2]:
@@ -260,9 +323,129 @@ async def test_leave_all_of_many_rooms_sends_one_message_per_room_in_few_queries
     await receive_until_marker(watcher)
     queries_for_many = await sync_to_async(leave_all_queries)(many)
 
-    messages = await receive_until_marker(watcher)
-    assert sorted(m["room"] for m in messages) == sorted(rooms)
-    assert all(m["removed"] == described(many) for m in messages)
-    assert all(m["members"] == [] and m["anonymous"] == 0 for m in messages)
-    # Reading the members of 50 rooms costs what reading those of 2 does.
+    frames = await receive_until_marker(watcher)
+    assert sorted(f["room"] for f in frames) == sorted(rooms)
+    assert all(f["joins"] == {} and len(f["leaves"]) == 1 for f in frames)
+    assert all(f["counts"] == {"users": 0, "visitors": 0, "sockets": 0} for f in frames)
+    # Changing 50 rooms costs what changing 2 does.
     assert queries_for_many == queries_for_few
+
+
+# States.
+
+
+async def test_a_subscribed_socket_gets_the_rooms_state_once_its_join_is_applied():
+    alice = await make_user("alice")
+    await Room.objects.aadd("lobby", await layer().new_channel(), alice)
+    socket = await layer().new_channel()
+
+    await sync_to_async(operations.join)("lobby", socket, subscribe=["state"])
+
+    frames = await receive_until_marker(socket)
+    assert [f["type"] for f in frames] == ["presence.state"]
+    (state,) = frames
+    assert_plain(state)
+    room = await Room.objects.aget(channel_name="lobby")
+    assert state["version"] == room.version
+    assert state["members"] == await sync_to_async(members_now)("lobby")
+    assert state["counts"] == {"users": 1, "visitors": 1, "sockets": 2}
+    assert_no_channel_names(state, socket)
+
+
+async def test_a_socket_that_handles_no_state_gets_none():
+    socket = await layer().new_channel()
+    await sync_to_async(operations.join)("lobby", socket, subscribe=["diff"])
+    frames = await receive_until_marker(socket)
+    assert [f["type"] for f in frames] == ["presence.diff"]
+
+
+def _join_many(sockets: list[str]) -> int:
+    """Join the sockets to the lobby in one batch; return the queries it took."""
+    with CaptureQueriesContext(connection) as queries:
+        operations.apply(
+            [
+                operations.checked_join("lobby", s, None, None, True, "", None)
+                for s in sockets
+            ]
+        )
+    return len(queries.captured_queries)
+
+
+async def test_sockets_joining_in_one_batch_share_one_state_read():
+    sockets = [await layer().new_channel() for _ in range(5)]
+
+    few = await sync_to_async(_join_many)(sockets[:1])
+    await receive_until_marker(sockets[0])
+    await Room.objects.aremove("lobby", sockets[0])
+    many = await sync_to_async(_join_many)(sockets)
+
+    states = [(await receive_until_marker(s))[0] for s in sockets]
+    assert all(state == states[0] for state in states)
+    assert len(states[0]["members"]) == 5
+    # The room's state is built once, not once per joiner (and here not read
+    # at all: this process knew the room at the version the batch started).
+    assert many <= few
+
+
+# The throttle.
+
+
+@pytest.fixture
+def throttled() -> Any:
+    with override_settings(CHANNELS_PRESENCE_EVENT_INTERVAL=0.3):
+        yield
+    broadcast.throttle.flush()
+
+
+async def test_a_lone_change_is_sent_at_once_and_a_storm_merged(throttled):
+    watcher = await subscribe("lobby")
+    sockets = [await layer().new_channel() for _ in range(6)]
+    loop = asyncio.get_running_loop()
+
+    started = loop.time()
+    await Room.objects.aadd("lobby", sockets[0])
+    first = await receive(watcher)
+    assert loop.time() - started < 0.25, "a lone change waited for the throttle"
+    for socket in sockets[1:]:
+        await Room.objects.aadd("lobby", socket)
+    merged = await receive(watcher)
+
+    assert merged["from"] == first["version"]
+    assert merged["version"] == first["version"] + 5
+    assert len(merged["joins"]) == 5
+    view = RoomView("lobby")
+    view.receive(await sync_to_async(operations.read_state)("lobby"))
+    assert view.members is not None
+    assert len(view.members) == 6
+
+
+async def test_a_held_diff_is_flushed_at_exit(throttled):
+    watcher = await subscribe("lobby")
+    await Room.objects.aadd("lobby", await layer().new_channel())
+    await receive(watcher)
+    await Room.objects.aadd("lobby", await layer().new_channel())
+
+    await sync_to_async(broadcast.throttle.flush)()
+
+    async with asyncio.timeout(0.2):
+        frame = await layer().receive(watcher)
+    assert frame["type"] == "presence.diff"
+
+
+async def test_frames_hold_the_configured_member_fields_only():
+    carol = await make_user("carol", email="carol@example.com", first_name="Carol")
+    watcher = await subscribe("lobby")
+    with override_settings(CHANNELS_PRESENCE_MEMBER_FIELDS={"name": "first_name"}):
+        await Room.objects.aadd("lobby", await layer().new_channel(), carol)
+    frame = await receive(watcher)
+    assert frame["joins"][f"u:{carol.pk}"]["user"] == {"name": "Carol"}
+    assert "carol@example.com" not in json.dumps(frame)
+
+
+async def test_frame_types_are_the_protocols():
+    assert (protocol.STATE, protocol.DIFF, protocol.VERSION, protocol.EXPIRED) == (
+        "presence.state",
+        "presence.diff",
+        "presence.version",
+        "presence.expired",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -12,7 +13,9 @@ from django.core.checks import CheckMessage, Error, Warning, run_checks
 from django.test import override_settings
 from pytest_django import Settings
 
+from channels_presence import checks as checks_module
 from channels_presence.checks import IN_MEMORY_LAYER
+from channels_presence.schedule import ENTRIES
 from tasks import app as tasks_app
 
 # The settings of DESIGN.md's contract that hold seconds, and those that hold a flag.
@@ -299,10 +302,24 @@ def test_celery_mode_without_django_celery_beat_is_w002(settings: Settings) -> N
     assert "django_celery_beat" in message.msg
     for advice in (
         "Add 'django_celery_beat' to INSTALLED_APPS",
-        "beat -S django",
-        "channels_presence.tasks.prune_presences",
+        "'celery -A <your project> beat -S django'",
     ):
         assert advice in str(message.hint)
+
+
+def test_w002_names_every_beat_entry_and_its_task(settings: Settings) -> None:
+    settings.CHANNELS_PRESENCE_USE_CELERY = True
+    settings.INSTALLED_APPS = _without_beat(settings)
+    message = the_message("channels_presence.W002", Warning)
+    assert len(ENTRIES) == 3
+    for name, task, *_ in ENTRIES:
+        assert f"'{name}'" in str(message.hint)
+        assert task in message.msg
+
+
+def test_no_check_tells_a_project_to_run_this_repositorys_celery_app() -> None:
+    # tasks/ is this repository's own Celery app; a user's is their project's.
+    assert "-A tasks" not in inspect.getsource(checks_module)
 
 
 def test_no_django_celery_beat_without_celery_mode_is_fine(

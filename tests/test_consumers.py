@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 from typing import Any
 
 import pytest
+from celery import Celery
 from channels.consumer import SyncConsumer
 from channels.layers import get_channel_layer
 from channels.routing import URLRouter
@@ -15,9 +18,12 @@ from django.contrib.auth.models import AnonymousUser
 from django.test import override_settings
 from django.urls import path
 
+from channels_presence import outbox, sync
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
+from channels_presence.outbox import Outbox
+from channels_presence.sync import states as sync_state
 from tests.consumers import (
     ECHO_CONSUMERS,
     ROOMS,
@@ -31,7 +37,6 @@ from tests.consumers import (
     JsonLegacyConsumer,
     LegacyConsumer,
     connected,
-    presence,
     url_room,
 )
 from tests.helpers import (
@@ -39,6 +44,7 @@ from tests.helpers import (
     LONG_HEARTBEAT,
     TIMEOUT,
     adatabase_down,
+    closed_port,
     group_members,
     last_seen,
     make_user,
@@ -311,10 +317,10 @@ async def test_no_touch_within_the_touch_interval_of_the_join(base):
     consumer = with_presence(base, presence_rooms=ROOMS)
     with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=60):
         async with connected(consumer.as_asgi()) as client:
-            # Each join is announced once its row is written; no frame sent yet,
-            # so only the joins can have started the touch clock.
+            # Each join sends its state once its row is written; no frame
+            # sent yet, so only the joins can have started the touch clock.
             for _ in ROOMS:
-                await client.receive_type("presence")
+                await client.receive_type("presence.state")
             before = await set_last_seen_back()
 
             for n in range(5):
@@ -359,22 +365,25 @@ async def test_presence_changes_reach_every_client_in_the_room(base):
     consumer = with_presence(base, presence_rooms=("lobby",))
     application = consumer.as_asgi()
     async with connected(application, user=alice) as a:
-        assert await a.receive_type("presence") == presence(alice)
+        await a.until_sees("alice")
         async with connected(application, user=bob) as b:
-            assert await b.receive_type("presence") == presence(alice, bob)
-            assert await a.receive_type("presence") == presence(alice, bob)
+            await b.until_sees("alice", "bob")
+            await a.until_sees("alice", "bob")
             async with connected(application, user=AnonymousUser()) as c:
-                everyone = presence(alice, bob, anonymous=1)
-                assert await c.receive_type("presence") == everyone
-                assert await b.receive_type("presence") == everyone
-                assert await a.receive_type("presence") == everyone
+                await c.until_sees("alice", "bob", visitors=1)
+                await b.until_sees("alice", "bob", visitors=1)
+                await a.until_sees("alice", "bob", visitors=1)
                 channel_names = await sockets()
                 await c.disconnect()
-            assert await b.receive_type("presence") == presence(alice, bob)
-            assert await a.receive_type("presence") == presence(alice, bob)
+            await b.until_sees("alice", "bob")
+            await a.until_sees("alice", "bob")
             await b.disconnect()
-        assert await a.receive_type("presence") == presence(alice)
+        await a.until_sees("alice")
 
+    # Each client got one state, then one diff per change.
+    kinds = [json.loads(text)["type"] for text in a.texts]
+    assert kinds.count("presence.state") == 1
+    assert kinds.count("presence.diff") == 4
     # What reaches a browser names users, never sockets.
     assert len(channel_names) == 3
     for text in a.texts + b.texts + c.texts:
@@ -387,21 +396,183 @@ async def test_a_client_is_not_told_of_its_own_departure(base):
     layer: Any = get_channel_layer()
     consumer = with_presence(base, presence_rooms=("lobby",))
     async with connected(consumer.as_asgi()) as a:
-        assert await a.receive_type("presence") == presence(anonymous=1)
+        await a.until_sees(visitors=1)
         (a_socket,) = await sockets()
         async with connected(consumer.as_asgi()) as b:
-            assert await b.receive_type("presence") == presence(anonymous=2)
-            assert await a.receive_type("presence") == presence(anonymous=2)
+            await b.until_sees(visitors=2)
+            await a.until_sees(visitors=2)
             start = len(a.texts)
 
             await a.answer(json.dumps({"leave": "lobby"}))
-            assert await b.receive_type("presence") == presence(anonymous=1)
+            await b.until_sees(visitors=1)
 
             # Behind anything the layer had for a's socket when b was told.
             await layer.send(a_socket, {"type": "test.marker"})
             await a.receive_type("marker")
             assert [m["type"] for m in a.received_since(start)] == ["echo", "marker"]
             assert group_members(events_group("lobby")) == await sockets()
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_diffs_that_arrive_before_the_sockets_state_wait_for_it(base):
+    layer: Any = get_channel_layer()
+    consumer = with_presence(base, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        state = json.loads(await a.receive_text())
+        assert state["type"] == "presence.state"
+        (socket,) = await sockets()
+        room = await Room.objects.aget(channel_name="lobby")
+        # A diff sent to the socket before a (second) state, as another
+        # worker's may arrive first: held, then sent after the state, and one
+        # the state already covers is dropped.
+        await layer.send(socket, {"type": "presence.expired", "room": "lobby"})
+        await a.receive_type("presence.expired")
+        ahead = {
+            "type": "presence.diff",
+            "room": "lobby",
+            "from": room.version + 1,
+            "version": room.version + 2,
+            "joins": {},
+            "leaves": {},
+            "counts": state["counts"],
+        }
+        covered = {**ahead, "from": room.version - 1, "version": room.version}
+        await a.send_to(text_data='"heartbeat"')  # joins again
+        await layer.send(socket, ahead)
+        await layer.send(socket, covered)
+        await layer.send(socket, {"type": "test.marker"})
+        await a.receive_type("marker")
+        assert [m["type"] for m in a.received_since(2)] == ["marker"]
+
+        await layer.send(socket, {**state, "version": room.version})
+
+        assert json.loads(await a.receive_text())["type"] == "presence.state"
+        assert json.loads(await a.receive_text()) == ahead
+
+
+# Syncs.
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_sync_is_answered_with_the_rooms_state(base):
+    alice = await make_user("alice")
+    consumer = with_presence(base, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi(), user=alice) as a:
+        await a.until_sees("alice")
+        await Room.objects.aadd("lobby", "specific.other!1")
+        sync_state.clear()
+
+        await a.send_to(
+            text_data=json.dumps({"type": "presence.sync", "room": "lobby"})
+        )
+
+        state = await a.receive_type("presence.state")
+        room = await Room.objects.aget(channel_name="lobby")
+        assert state["version"] == room.version
+        assert state["counts"] == {"users": 1, "visitors": 1, "sockets": 2}
+        # The sync never reaches the consumer's own handler.
+        await a.answer('"ping"')
+        assert [m["type"] for m in a.received_since(0)].count("echo") == 1
+
+
+@pytest.mark.parametrize("base", [AsyncJsonEchoConsumer, EchoConsumer])
+async def test_a_sync_of_a_room_the_socket_is_not_in_is_refused(base):
+    await Room.objects.aadd("staff", "specific.other!1")
+    consumer = with_presence(base, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        await a.receive_type("presence.state")
+        for room in ("staff", "nowhere", "", 7):
+            await a.send_to(
+                text_data=json.dumps({"type": "presence.sync", "room": room})
+            )
+            error = await a.receive_type("presence.error")
+            assert error["error"] == "not_in_room"
+            assert "members" not in error
+        texts = " ".join(a.texts)
+        assert "specific.other" not in texts
+
+
+async def test_syncs_more_often_than_once_a_second_get_the_next_allowed_state():
+    consumer = with_presence(AsyncJsonEchoConsumer, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        await a.receive_type("presence.state")
+        sync = json.dumps({"type": "presence.sync", "room": "lobby"})
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(5):
+            await a.send_to(text_data=sync)
+        await a.receive_type("presence.state")
+        await a.receive_type("presence.state")
+        elapsed = loop.time() - started
+        await a.answer('"ping"')
+        states = [m for m in a.received_since(1) if m["type"] == "presence.state"]
+        assert len(states) == 2
+        assert elapsed >= 0.9
+
+
+@pytest.fixture
+def no_worker(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Celery mode, with joins kept in an outbox that never sends them."""
+    broker = f"redis://127.0.0.1:{closed_port()}/0"
+    box = Outbox(Celery("t", broker=broker, set_as_current=False), exit_timeout=0.5)
+    box.close()
+    monkeypatch.setattr(outbox, "default", box)
+    monkeypatch.setattr(sync, "JOIN_STATE_WAIT", 1.5)
+    with override_settings(CHANNELS_PRESENCE_USE_CELERY=True):
+        yield
+    atexit.unregister(box.close)
+
+
+async def test_a_sync_before_the_joins_state_is_answered_by_that_state(no_worker):
+    # A client with no state 2 s after joining asks; the worker's state for
+    # its join is on the way, and is the only copy of the room it gets.
+    layer: Any = get_channel_layer()
+    consumer = with_presence(AsyncJsonEchoConsumer, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        await a.answer('"ping"')
+        (socket,) = group_members(events_group("lobby"))
+        await a.send_to(
+            text_data=json.dumps({"type": "presence.sync", "room": "lobby"})
+        )
+        await a.answer('"ping"')
+        state = {
+            "type": "presence.state",
+            "room": "lobby",
+            "version": 7,
+            "members": {},
+            "counts": {"users": 0, "visitors": 1, "sockets": 1},
+        }
+        await layer.send(socket, state)
+        assert await a.receive_type("presence.state") == state
+
+        await asyncio.sleep(sync.JOIN_STATE_WAIT + 0.5)
+        await a.answer('"ping"')
+        states = [m for m in a.received_since(0) if m["type"] == "presence.state"]
+        assert states == [state]
+
+
+async def test_a_sync_whose_joins_state_never_comes_is_answered_from_the_rows(
+    no_worker,
+):
+    await Room.objects.aadd("lobby", "specific.other!1")
+    consumer = with_presence(AsyncJsonEchoConsumer, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        await a.answer('"ping"')
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        for _ in range(3):
+            await a.send_to(
+                text_data=json.dumps({"type": "presence.sync", "room": "lobby"})
+            )
+
+        state = await a.receive_type("presence.state")
+        assert loop.time() - asked >= sync.JOIN_STATE_WAIT - 0.5
+        room = await Room.objects.aget(channel_name="lobby")
+        assert state["version"] == room.version
+        assert state["counts"] == {"users": 0, "visitors": 1, "sockets": 1}
+        await a.answer('"ping"')
+        states = [m for m in a.received_since(0) if m["type"] == "presence.state"]
+        assert len(states) == 1
 
 
 # A socket a prune dropped is told, and joins again.
@@ -421,11 +592,11 @@ async def test_a_pruned_socket_is_told_and_joins_again_at_its_next_frame(base):
     bob = await make_user("bob")
     application = with_presence(base, presence_rooms=("lobby",)).as_asgi()
     async with connected(application, user=alice) as a:
-        assert await a.receive_type("presence") == presence(alice)
+        await a.until_sees("alice")
         (a_socket,) = await sockets()
         async with connected(application, user=bob) as b:
-            assert await b.receive_type("presence") == presence(alice, bob)
-            assert await a.receive_type("presence") == presence(alice, bob)
+            await b.until_sees("alice", "bob")
+            await a.until_sees("alice", "bob")
             (b_socket,) = await sockets() - {a_socket}
             a_start, b_start = len(a.texts), len(b.texts)
             await set_last_seen_back(a_socket)
@@ -435,30 +606,32 @@ async def test_a_pruned_socket_is_told_and_joins_again_at_its_next_frame(base):
             assert [p.channel_name for p in pruned] == [a_socket]
             expired = {"type": "presence.expired", "room": "lobby"}
             assert await a.receive_type("presence.expired") == expired
-            assert await b.receive_type("presence") == presence(bob)
+            await b.until_sees("bob")
+            (left,) = b.received_since(b_start)
+            assert left["leaves"][f"u:{alice.pk}"]["metas"][0]["reason"] == "expired"
             assert await rows() == {("lobby", b_socket, bob.pk)}
             assert_in_rooms(b_socket, {"lobby"}, among={"lobby"})
 
             # Any frame will do; a heartbeat goes no further than the mixin.
             await a.send_to(text_data='"heartbeat"')
 
-            assert await b.receive_type("presence") == presence(alice, bob)
-            assert await a.receive_type("presence") == presence(alice, bob)
+            await b.until_sees("alice", "bob")
+            await a.until_sees("alice", "bob")
             assert await rows() == {
                 ("lobby", a_socket, alice.pk),
                 ("lobby", b_socket, bob.pk),
             }
             assert group_members("lobby") == {a_socket, b_socket}
             assert group_members(events_group("lobby")) == {a_socket, b_socket}
-            # a was told of its expiry and of nothing else the prune sent; b,
-            # which stayed, only of the members.
+            # a was told of its expiry and of nothing else the prune sent,
+            # then of the room it joined again; b, which stayed, of each change.
             assert [m["type"] for m in a.received_since(a_start)] == [
                 "presence.expired",
-                "presence",
+                "presence.state",
             ]
             assert [m["type"] for m in b.received_since(b_start)] == [
-                "presence",
-                "presence",
+                "presence.diff",
+                "presence.diff",
             ]
 
     assert no_socket_names(a.texts + b.texts, {a_socket, b_socket})
@@ -476,7 +649,7 @@ async def test_a_pruned_consumer_without_presence_handlers_is_told_nothing(legac
         (old_socket,) = await sockets()
         async with connected(watching.as_asgi()) as new:
             for _ in ROOMS:
-                await new.receive_type("presence")
+                await new.receive_type("presence.state")
             (new_socket,) = await sockets() - {old_socket}
             await set_last_seen_back()
 
@@ -485,7 +658,7 @@ async def test_a_pruned_consumer_without_presence_handlers_is_told_nothing(legac
             assert sorted(p.channel_name for p in pruned) == sorted(
                 [old_socket, new_socket] * len(ROOMS)
             )
-            # The notices that told the mixin socket named the old one too.
+            # The mixin socket is told, once per room; the old one is not.
             for _ in ROOMS:
                 await new.receive_type("presence.expired")
             await old.assert_got_nothing_it_cannot_handle(layer, old_socket)
@@ -540,10 +713,9 @@ async def test_a_join_that_failed_while_the_database_was_down_is_retried(base):
             (socket,) = await sockets()
             assert await rows() == {("lobby", socket, None), ("news", socket, None)}
             assert_in_rooms(socket, {"lobby", "news"}, among={"lobby", "news"})
-            # The joins are announced, to the socket too, as any join is.
+            # The joins are applied, and the socket sent each room's state.
             for room in ("lobby", "news"):
-                expected = presence(anonymous=1, room=room)
-                assert await client.receive_type("presence") == expected
+                await client.until_sees(visitors=1, room=room)
             # Joined: nothing is left to try again.
             await client.answer('"again"')
             assert asked(client) == ["lobby", "news"] * 3
@@ -586,7 +758,7 @@ async def test_nothing_is_sent_after_the_consumer_closed_the_socket(base):
     layer: Any = get_channel_layer()
     application = with_presence(base, presence_rooms=("lobby",)).as_asgi()
     async with connected(application) as closing:
-        assert await closing.receive_type("presence") == presence(anonymous=1)
+        await closing.until_sees(visitors=1)
         (socket,) = await sockets()
         await closing.send_to(text_data=json.dumps({"close": 4000}))
         closed = await closing.receive_output(TIMEOUT)
@@ -595,11 +767,11 @@ async def test_nothing_is_sent_after_the_consumer_closed_the_socket(base):
         # Until the server says the socket is gone, it is still in the room and
         # hears its events: another socket joins, then a prune drops this one.
         async with connected(application) as other:
-            assert await other.receive_type("presence") == presence(anonymous=2)
+            await other.until_sees(visitors=2)
             assert socket in group_members(events_group("lobby"))
             await set_last_seen_back(socket)
             assert len(await Room.objects.aprune_presences()) == 1
-            assert await other.receive_type("presence") == presence(anonymous=1)
+            await other.until_sees(visitors=1)
 
             # Handled after both events, and answered by no frame of its own.
             await layer.send(socket, {"type": "test.note", "what": "events"})

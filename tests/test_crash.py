@@ -3,16 +3,15 @@
 Joins and leaves are acknowledged late, so the broker still holds the message of
 a batch whose worker died mid-way; kombu's Redis transport gives it to another
 worker once it has been unacknowledged for ``visibility_timeout`` (shortened
-here, see tests/settings.py). The second worker runs the whole batch again: the
-calls the first one applied change nothing the second time (each carries the
-time it happened on the socket), the others are applied, and
-``presence_changed`` fires once per real change, which a listener in every
-room's events group counts.
+here, see tests/settings.py). A batch is applied in one transaction, so the
+dead worker applied none of it, and the second worker applies it all, once:
+each socket's join is announced once, in the rooms' diffs, which a listener in
+every room's events group reduces.
 
-To kill the first worker mid-batch, and not before or after it, the test lets it
-apply a few calls and then holds the database's write lock (PostgreSQL: the
-advisory lock every socket's join waits on; SQLite: a write transaction), so
-that the worker blocks inside the batch until it is killed.
+To kill the first worker inside the batch, and not before or after it, the test
+holds what the batch's transaction waits for (PostgreSQL: the advisory lock
+every socket's lock is held under; SQLite: a write transaction), sends the
+batch, and kills the worker once it has taken it.
 """
 
 from __future__ import annotations
@@ -32,8 +31,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connection
 
-from channels_presence import operations
-from channels_presence.broadcast import EVENT_TYPE
+from channels_presence import locks, protocol
 from channels_presence.groups import events_group
 from channels_presence.outbox import BATCH_TASK
 from channels_presence.tasks import BATCHABLE
@@ -50,8 +48,6 @@ ROOMS = [f"crash-{n}" for n in range(5)]
 #: Sockets that join, and of them those that leave again, in one batch.
 JOINING = 300
 LEAVING = 50
-#: Calls the first worker applies before the test blocks it.
-BEFORE_KILL = 20
 #: Seconds the second worker waits before it takes a dead worker's batch.
 VISIBILITY_TIMEOUT = 2
 #: Seconds within which presence converges once the second worker starts.
@@ -102,7 +98,7 @@ def writers_blocked() -> Iterator[None]:
             port=params.get("port") or None,
             autocommit=True,
         ) as blocker:
-            blocker.execute("SELECT pg_advisory_lock(%s)", [operations.EVERY_SOCKET])
+            blocker.execute("SELECT pg_advisory_lock(%s)", [locks.EVERY_SOCKET])
             yield
         return
     writer = sqlite3.connect(connection.settings_dict["NAME"], timeout=20)
@@ -138,11 +134,20 @@ async def listening(rooms: list[str]) -> AsyncIterator[list[dict[str, Any]]]:
 
 
 def changes(events: list[dict[str, Any]], kind: str) -> Counter[str]:
-    """How many events announced each socket as ``kind`` ("added" or "removed")."""
+    """How many diffs announced each socket in ``kind`` ("joins" or "leaves")."""
+    sockets = {
+        protocol.presence_ref(
+            room, socket(n), protocol.visitor_key(room, socket(n))
+        ): socket(n)
+        for n in range(JOINING)
+        for room in ROOMS
+    }
     return Counter(
-        event[kind]["channel_name"]
+        sockets[meta["ref"]]
         for event in events
-        if event["type"] == EVENT_TYPE and event[kind] is not None
+        if event["type"] == protocol.DIFF
+        for member in event[kind].values()
+        for meta in member["metas"]
     )
 
 
@@ -152,21 +157,17 @@ async def test_a_batch_whose_worker_is_killed_midway_is_applied_once_in_effect()
     calls, expected = batch(time.time())
     with celery_mode():
         async with listening(ROOMS) as events:
-            with celery_worker("doomed") as doomed:
+            with celery_worker("doomed") as doomed, writers_blocked():
                 celery_app.send_task(BATCH_TASK, args=[calls])
                 await wait_until(
-                    lambda: _count_at_least(BEFORE_KILL), seconds=CONVERGENCE
+                    lambda: f"{BATCH_TASK}[" in doomed.output(),
+                    seconds=CONVERGENCE,
                 )
-                with writers_blocked():
-                    # Long enough for the call under way to finish and the
-                    # next one to wait for the lock.
-                    await asyncio.sleep(1)
-                    applied = len(await rows())
-                    doomed.kill()
-                    killed_at = time.monotonic()
-            assert BEFORE_KILL <= applied < JOINING, "not killed mid-batch"
-            assert len(await rows()) == applied
-            assert f"{BATCH_TASK}[" in doomed.output()
+                # Long enough for it to be waiting inside the batch.
+                await asyncio.sleep(1)
+                doomed.kill()
+                killed_at = time.monotonic()
+            assert await rows() == set(), "the killed worker's batch was committed"
             assert unacknowledged() == 1, "the batch was not kept for redelivery"
 
             with celery_worker(
@@ -181,26 +182,25 @@ async def test_a_batch_whose_worker_is_killed_midway_is_applied_once_in_effect()
                     ) from None
                 converged = time.monotonic() - killed_at
                 await drained()
-                # The events of the last changes are on their way.
+                # The diffs of the batch are on their way.
                 await wait_until(
-                    lambda: sum(changes(events, "added").values()) >= JOINING,
+                    lambda: sum(changes(events, "joins").values()) >= len(expected),
                     seconds=10,
                 )
                 await asyncio.sleep(0.5)
                 assert f"{BATCH_TASK}[" in heir.output()
-        print(f"converged {converged:.1f} s after the kill, {applied} calls applied")
+        print(f"converged {converged:.1f} s after the kill")
 
         assert await rows() == expected
-        # presence_changed fired once per real change, by one worker or the other.
-        assert changes(events, "added") == Counter(socket(n) for n in range(JOINING))
-        assert changes(events, "removed") == Counter(socket(n) for n in range(LEAVING))
+        # Each socket that stayed was announced once; those that joined and
+        # left within the batch never were (the room never had them).
+        assert changes(events, "joins") == Counter(
+            socket(n) for n in range(LEAVING, JOINING)
+        )
+        assert changes(events, "leaves") == Counter()
         # Every row's socket is in its room's groups, and nothing else is.
         for room in ROOMS:
             present = {name for where, name in expected if where == room}
             assert group_members(room) == present
             assert group_members(events_group(room)) == present
         assert unacknowledged() == 0
-
-
-async def _count_at_least(count: int) -> bool:
-    return len(await rows()) >= count

@@ -11,15 +11,16 @@ from typing import Any
 
 import pytest
 import redis
+from asgiref.sync import sync_to_async
 from celery import Celery
 from channels.exceptions import DenyConnection
 from django.conf import settings
 from django.test import override_settings
 
-from channels_presence import outbox
+from channels_presence import operations, outbox, protocol
 from channels_presence.decorators import add_presence
 from channels_presence.groups import events_group
-from channels_presence.models import Presence
+from channels_presence.models import Presence, Room
 from channels_presence.outbox import Outbox
 from tests.consumers import (
     ROOMS,
@@ -222,8 +223,8 @@ def joining(
     return type(name, (base,), attributes)
 
 
-async def _presence_changed(self: Any, event: Any) -> None:
-    pass
+async def _async_handler(self: Any, event: Any) -> None:
+    self.scope["calls"].append(("event", event["type"]))
 
 
 async def _presence_expired(self: Any, event: Any) -> None:
@@ -231,7 +232,7 @@ async def _presence_expired(self: Any, event: Any) -> None:
 
 
 def _sync_handler(self: Any, event: Any) -> None:
-    pass
+    self.scope["calls"].append(("event", event["type"]))
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -320,35 +321,51 @@ async def test_a_room_callable_that_returns_no_string_is_a_type_error(base, retu
 
 
 @pytest.mark.parametrize(
-    ("handlers", "subscribed"),
+    ("handlers", "events"),
     [
-        ({}, False),
-        ({"presence_changed": "handler"}, False),
-        ({"presence_expired": "handler"}, False),
-        ({"presence_changed": "handler", "presence_expired": "handler"}, True),
+        ({}, 0),
+        ({"presence_changed": "handler"}, 0),
+        ({"presence_state": "handler"}, protocol.STATE_EVENTS),
+        ({"presence_diff": "handler"}, protocol.DIFF_EVENTS),
+        ({"presence_expired": "handler"}, protocol.EXPIRED_EVENTS),
+        (
+            {"presence_state": "h", "presence_diff": "h", "presence_expired": "h"},
+            protocol.ALL_EVENTS,
+        ),
     ],
-    ids=["no handler", "changed only", "expired only", "both"],
+    ids=["no handler", "1.0.0's name only", "state", "diff", "expired", "all"],
 )
 @pytest.mark.parametrize("base", BASES)
-async def test_only_a_consumer_with_both_handlers_joins_the_events_group(
-    base, handlers, subscribed
+async def test_a_consumer_is_sent_only_the_events_it_has_handlers_for(
+    base, handlers, events
 ):
-    handler = _presence_changed if base in ASYNC_BASES else _sync_handler
+    handler = _async_handler if base in ASYNC_BASES else _sync_handler
     methods = {name: handler for name in handlers}
     async with connected(joining(base, "lobby", methods=methods).as_asgi()) as client:
         await client.answer('"ping"')
         (socket,) = await sockets()
+        presence = await Presence.objects.aget(channel_name=socket)
+        assert presence.events == events
         assert group_members("lobby") == {socket}
-        expected = {socket} if subscribed else set()
-        assert group_members(events_group("lobby")) == expected
+        subscribed = {socket} if events & protocol.DIFF_EVENTS else set()
+        assert group_members(events_group("lobby")) == subscribed
+        # Others come and go, and beat sends its beacon: the consumer gets
+        # what it handles, and nothing it cannot (that would close it).
+        await Room.objects.aadd("lobby", "specific.other!1")
+        await sync_to_async(operations.send_beacons)(60)
+        await client.answer('"pong"')
+        received = [call[1] for call in client.calls if call[0] == "event"]
+        expected = []
+        if events & protocol.STATE_EVENTS:
+            expected.append("presence.state")
+        if events & protocol.DIFF_EVENTS:
+            # Its own join's, then the other's.
+            expected += ["presence.diff", "presence.diff"]
+        assert received == expected
 
 
 async def test_a_subscribed_async_consumer_joins_the_events_group_of_its_room():
-    # The async handlers of the consumer mixin's kind, both present.
-    methods = {
-        "presence_changed": _presence_changed,
-        "presence_expired": _presence_expired,
-    }
+    methods = {"presence_diff": _async_handler, "presence_expired": _presence_expired}
     consumer = joining(AsyncJsonEchoConsumer, url_room, methods=methods)
     route = {"kwargs": {"room": "kitchen"}}
     async with connected(consumer.as_asgi(), url_route=route) as client:
@@ -427,8 +444,8 @@ def _queued_tasks() -> list[tuple[str, list[Any], dict[str, Any]]]:
 async def test_in_celery_mode_one_add_presence_task_reaches_the_broker(
     base, celery_queue, alice
 ):
-    handler = _sync_handler if base in SYNC_BASES else _presence_changed
-    methods = {"presence_changed": handler, "presence_expired": handler}
+    handler = _sync_handler if base in SYNC_BASES else _async_handler
+    methods = {"presence_diff": handler, "presence_expired": handler}
     consumer = joining(base, "lobby", methods=methods)
     async with connected(consumer.as_asgi(), user=alice) as client:
         await client.answer('"ping"')
@@ -437,6 +454,6 @@ async def test_in_celery_mode_one_add_presence_task_reaches_the_broker(
         ((name, args, kwargs),) = _queued_tasks()
         assert name == "channels_presence.tasks.add_presence"
         assert args == ["lobby", socket, alice.pk]
-        assert kwargs["subscribe"] is True
+        assert kwargs["subscribe"] == ["diff", "expired"]
         assert isinstance(kwargs["at"], float)
         assert await sockets() == set()

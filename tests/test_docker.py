@@ -1,22 +1,29 @@
 """docker/: what can be checked without a Docker engine, which CI does not have.
 
-The compose file parses and has every service of the deployment, wired to one
-Redis and one PostgreSQL, started in order; its commands are the Procfile's
-(which ``python3 dev.py demo`` runs, and the README shows); and what the
-Dockerfile copies, installs and runs exists in this repository.
+The compose file is valid against the Compose Specification's own JSON schema
+and has every service of the deployment, wired to one Redis and one
+PostgreSQL, started in order; its commands are the Procfile's (which ``python3
+dev.py demo`` runs, and the README shows); the scale example's nginx
+configuration passes ``nginx -t`` (Debian's nginx) and proxies to the daphnes
+that the compose file runs; and what the Dockerfile copies, installs and runs
+exists in this repository.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
@@ -24,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
 SERVICES = {"redis", "postgres", "migrate", "web", "worker", "beat"}
 APP_SERVICES = {"migrate", "web", "worker", "beat"}
+#: The scale example's services, which only its profile starts.
+SCALE = {"web-2", "worker-2", "proxy"}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,143 @@ def procfile() -> dict[str, list[str]]:
 
 
 def test_the_compose_file_names_every_service(services: dict[str, Any]) -> None:
-    assert set(services) == SERVICES
+    assert set(services) == SERVICES | SCALE
+
+
+def compose_schema() -> dict[str, Any]:
+    """The Compose Specification's JSON schema, as check-jsonschema ships it."""
+    schemas = resources.files("check_jsonschema.builtin_schemas.vendor")
+    loaded: dict[str, Any] = json.loads((schemas / "compose-spec.json").read_text())
+    return loaded
+
+
+def test_the_compose_file_is_valid_against_the_compose_specification(
+    compose: dict[str, Any],
+) -> None:
+    schema = compose_schema()
+    assert schema["title"] == "Compose Specification"
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    errors = [
+        f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(compose)
+    ]
+    assert errors == []
+
+
+def test_the_schema_check_finds_a_mistake(compose: dict[str, Any]) -> None:
+    schema = compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    broken = {
+        **compose,
+        "services": {
+            **compose["services"],
+            "web": {**compose["services"]["web"], "depends_on": {"redis": "healthy"}},
+            "worker": {**compose["services"]["worker"], "restart_policy": "always"},
+        },
+    }
+    found = {tuple(map(str, e.absolute_path)) for e in validator.iter_errors(broken)}
+    # A wrong depends_on, and a key that compose does not know.
+    assert ("services", "web", "depends_on") in found
+    assert ("services", "worker") in found
+    assert validator.is_valid(compose)
+
+
+def test_the_scale_example_adds_a_daphne_and_a_worker_behind_nginx(
+    services: dict[str, Any],
+) -> None:
+    in_scale = {name for name, service in services.items() if service.get("profiles")}
+    assert in_scale == SCALE
+    assert all(services[name]["profiles"] == ["scale"] for name in SCALE)
+    for second, first in (("web-2", "web"), ("worker-2", "worker")):
+        for key in ("command", "environment", "build", "depends_on", "healthcheck"):
+            assert services[second][key] == services[first][key], (second, key)
+        assert "ports" not in services[second]
+    proxy = services["proxy"]
+    assert proxy["image"].startswith("nginx:")
+    assert proxy["volumes"] == ["./nginx.conf:/etc/nginx/conf.d/default.conf:ro"]
+    assert proxy["ports"] == ["8080:80"]
+    assert proxy["depends_on"] == {
+        "web": {"condition": "service_healthy"},
+        "web-2": {"condition": "service_healthy"},
+    }
+    assert (
+        "docker compose -f docker/compose.yaml --profile scale up --build"
+        in (ROOT / "README.rst").read_text()
+    )
+
+
+def upstream_servers() -> list[str]:
+    """The ``host:port`` of each ``server`` of docker/nginx.conf's upstreams."""
+    text = re.sub(r"#.*", "", (DOCKER / "nginx.conf").read_text())
+    blocks = re.findall(r"upstream\s+\w+\s*\{([^}]*)\}", text)
+    return [m for block in blocks for m in re.findall(r"server\s+(\S+?)[\s;]", block)]
+
+
+def test_nginx_proxies_to_each_daphne_of_the_scale_example(
+    services: dict[str, Any],
+) -> None:
+    daphnes = [
+        name
+        for name, service in services.items()
+        if service.get("command", [None])[0] == "daphne"
+    ]
+    port = services["web"]["command"][services["web"]["command"].index("-p") + 1]
+    assert sorted(upstream_servers()) == sorted(f"{name}:{port}" for name in daphnes)
+    text = (DOCKER / "nginx.conf").read_text()
+    # Websockets pass: HTTP/1.1 and the upgrade headers.
+    for directive in (
+        "proxy_http_version 1.1;",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection $connection_upgrade;",
+    ):
+        assert directive in text
+
+
+def test_nginx_accepts_the_scale_examples_configuration(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx is None:
+        pytest.skip(
+            "Debian's nginx is not installed (python3 dev.py test installs it "
+            "under CI=true): the configuration cannot be tested"
+        )
+    # Inside the image's http block, as the nginx image includes conf.d/, with
+    # nothing written outside tmp_path.
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\n"
+        "error_log stderr;\n"
+        "events {}\n"
+        "http {\n"
+        "    access_log off;\n"
+        + "".join(
+            f"    {kind}_temp_path {tmp_path}/{kind};\n"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        + f"    include {DOCKER / 'nginx.conf'};\n"
+        "}\n"
+    )
+    # nginx -t resolves the upstreams' host names, which only compose's
+    # network knows: in a mount namespace of its own, a hosts file names them.
+    hosts = tmp_path / "hosts"
+    names = sorted({server.rsplit(":", 1)[0] for server in upstream_servers()})
+    hosts.write_text(f"127.0.0.1 localhost {' '.join(names)}\n")
+    unshare = ["unshare", "--mount"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    # sh -c SCRIPT sh HOSTS NGINX ARGS...: $1 is the hosts file, the rest nginx -t.
+    script = 'mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    test = [nginx, "-t", "-p", str(tmp_path), "-c", str(main)]
+    done = subprocess.run(
+        [*unshare, "sh", "-c", script, "sh", str(hosts), *test],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0 and "nginx:" not in done.stderr:
+        pytest.skip(f"no mount namespace to run nginx -t in: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert "syntax is ok" in done.stderr
+    assert "test is successful" in done.stderr
 
 
 def test_web_worker_and_beat_run_the_procfiles_commands(

@@ -115,6 +115,27 @@ def test_a_room_page_lists_its_users_and_counts_its_visitors(
     assert "/static/channels_presence/presence.js" in page
 
 
+def test_a_room_page_shows_a_users_tabs_and_the_rooms_counts(
+    client: Client, alice: Any, bob: Any
+) -> None:
+    Room.objects.add("kitchen", "test.x!a1", alice)
+    Room.objects.add("kitchen", "test.x!a2", alice)
+    Room.objects.add("kitchen", "test.x!b", bob)
+    Room.objects.add("hall", "test.x!a3", alice)
+    Room.objects.add("kitchen", "test.x!c")
+
+    page = client.get("/rooms/kitchen/").content.decode()
+
+    members = page.split('id="members"')[1].split("</ul>")[0]
+    # Her socket in another room is not a tab here.
+    assert 'alice<span class="tabs"> (2 tabs)</span>' in members
+    assert "bob</li>" in members
+    assert '<dd id="count-users">2</dd>' in page
+    assert '<dd id="count-visitors">1</dd>' in page
+    assert '<dd id="count-sockets">4</dd>' in page
+    assert 'data-room="kitchen"' in page
+
+
 def test_a_room_nobody_is_in_is_an_empty_page_not_an_error(client: Client) -> None:
     page = client.get("/rooms/empty-room/").content.decode()
     assert 'data-count="0"' in page
@@ -226,7 +247,7 @@ async def test_a_chat_message_reaches_the_room_with_its_author(alice: Any) -> No
     listener = await _connected(AnonymousUser())
     try:
         # The listener is in the room once it is told who is.
-        assert (await _next(listener, "presence"))["anonymous"] == 1
+        assert (await _next(listener, "presence.state"))["counts"]["visitors"] == 1
         await sender.send_json_to({"message": "  hello  "})
         assert await _next(listener) == {
             "type": "chat",
@@ -248,7 +269,7 @@ async def test_a_chat_message_reaches_the_room_with_its_author(alice: Any) -> No
 async def test_a_message_that_is_not_chat_is_ignored(alice: Any, content: Any) -> None:
     sender = await _connected(alice)
     try:
-        await _next(sender, "presence")
+        await _next(sender, "presence.state")
         await sender.send_json_to(content)
         await sender.send_json_to({"message": "after"})
         assert (await _next(sender))["message"] == "after"
@@ -271,7 +292,7 @@ async def test_a_frame_that_is_not_json_is_ignored_and_the_socket_stays(
 ) -> None:
     sender = await _connected(alice)
     try:
-        await _next(sender, "presence")
+        await _next(sender, "presence.state")
         await sender.send_to(**frame)
         await sender.send_json_to({"message": "after"})
         assert (await _next(sender))["message"] == "after"

@@ -106,3 +106,32 @@ async def test_a_send_to_a_group_without_members_does_nothing(
 
     received = await _received(layer, [socket])
     assert [m["type"] for m in received[socket]] == ["kept"]
+
+
+def test_channels_are_mapped_to_keys_as_channels_redis_maps_them() -> None:
+    # The same keys, shards, messages and capacities as channels_redis's own
+    # mapping, for names of several processes, with and without a "!".
+    layer = RedisChannelLayer(
+        hosts=[settings.REDIS_URL] * 3,
+        prefix="mapping",
+        capacity=50,
+        channel_capacity={"specific.b!*": 7, "plain-*": 3},
+    )
+    names = [
+        *(f"specific.a!{n}" for n in range(5)),
+        *(f"specific.b!{n}" for n in range(4)),
+        "plain-one",
+        "plain-two",
+        "other",
+        "specific.a!last",
+    ]
+    message = {"type": "presence.diff", "version": 3}
+
+    ours = groups._by_key(layer, names, message)
+    theirs = layer._map_channel_keys_to_connection(names, message)
+
+    assert ours[0] == dict(theirs[0])
+    assert {key: layer.deserialize(value) for key, value in ours[1].items()} == {
+        key: layer.deserialize(value) for key, value in theirs[1].items()
+    }
+    assert ours[2] == theirs[2]

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,16 +23,15 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 from django.urls import path
-from websockets.asyncio.client import connect
 
 from channels_presence import leases
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.tasks import add_presence
 from example.consumers import RoomConsumer
-from tests.helpers import closed_port, group_members, wait_until
-from tests.servers import ThrowawayRedis
-from tests.workers import ROOT, celery_beat, celery_worker, environment, purge_queue
+from tests.helpers import group_members, wait_until
+from tests.servers import Daphne, ThrowawayRedis
+from tests.workers import celery_beat, celery_worker, purge_queue
 
 
 @pytest.fixture(autouse=True)
@@ -67,7 +61,7 @@ def _hold(server: str, seconds: float = 60) -> None:
 
 
 def test_leases_live_in_the_channel_layers_redis_under_its_prefix() -> None:
-    assert leases.redis_url() == settings.REDIS_URL
+    assert leases.redis_config() == settings.REDIS_URL
     prefix = f"cp-test-{settings.RUN}"
     assert leases.lease_key("a") == f"channels-presence:{prefix}:lease:a"
 
@@ -85,12 +79,12 @@ def test_the_lease_redis_is_read_from_each_form_of_channel_layer_host(
 ) -> None:
     layers = {"default": {"BACKEND": "x", "CONFIG": {"hosts": hosts}}}
     with override_settings(CHANNEL_LAYERS=layers):
-        assert leases.redis_url() == url
+        assert leases.redis_config() == url
 
 
 def test_the_lease_redis_setting_wins() -> None:
     with override_settings(CHANNELS_PRESENCE_REDIS_URL="redis://elsewhere:1/0"):
-        assert leases.redis_url() == "redis://elsewhere:1/0"
+        assert leases.redis_config() == "redis://elsewhere:1/0"
 
 
 def test_a_host_it_cannot_read_says_to_set_the_lease_redis() -> None:
@@ -99,7 +93,7 @@ def test_a_host_it_cannot_read_says_to_set_the_lease_redis() -> None:
         override_settings(CHANNEL_LAYERS=layers),
         pytest.raises(ImproperlyConfigured, match="CHANNELS_PRESENCE_REDIS_URL"),
     ):
-        leases.redis_url()
+        leases.redis_config()
 
 
 # Which servers are dead.
@@ -220,8 +214,16 @@ async def test_prune_servers_removes_only_a_dead_servers_presences(signals) -> N
         while True:
             frame = await watcher.receive_json_from(timeout=3)
             layer_messages.append(frame)
-            if frame["type"] == "presence" and frame["anonymous"] == 2:
+            if frame["type"] == "presence.diff" and frame["leaves"]:
                 break
+        assert frame["counts"]["sockets"] == 2
+        # The diff says why they left, and names no socket.
+        reasons = {
+            meta["reason"]
+            for member in frame["leaves"].values()
+            for meta in member["metas"]
+        }
+        assert reasons == {"server_lost"}
         assert "test.x!dead1" not in json.dumps(layer_messages)
     finally:
         await watcher.disconnect()
@@ -250,53 +252,6 @@ SOCKETS = 100
 ROOMS = [f"room{i}" for i in range(5)]
 #: Seconds within which a killed server's presences must be gone.
 PURGE_TIMEOUT = 30
-
-
-class Daphne:
-    """A ``daphne`` subprocess serving tests/asgi.py on a port of its own."""
-
-    def __init__(self) -> None:
-        self.port = closed_port()
-        self.log = open(  # noqa: SIM115
-            os.path.join(
-                tempfile.gettempdir(), f"cp-daphne-{os.getpid()}-{self.port}.log"
-            ),
-            "w+",
-        )
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "tests.asgi:application",
-            ],
-            cwd=ROOT,
-            env=environment(CHANNELS_PRESENCE_TEST_CELERY="1"),
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-    def url(self, room: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/rooms/{room}/"
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(15)
-
-    def close(self) -> None:
-        self.kill()
-        self.log.close()
-        os.unlink(self.log.name)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -348,7 +303,7 @@ async def test_a_killed_daphnes_presences_go_and_the_other_servers_hear_it(
             # And its socket in room0 was told they left.
             while True:
                 frame = await watcher.receive_json_from(timeout=10)
-                if frame["type"] == "presence" and frame["anonymous"] == 1:
+                if frame["type"] == "presence.diff" and frame["counts"]["sockets"] == 1:
                     break
             with capsys.disabled():
                 print(
@@ -377,15 +332,7 @@ async def _until(check: Any, seconds: float = PURGE_TIMEOUT) -> None:
 
 
 async def _connect(daphne: Daphne, room: str) -> Any:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return await connect(daphne.url(room), open_timeout=10)
-        except OSError:
-            # Not listening yet.
-            if time.monotonic() > deadline or daphne.process.poll() is not None:
-                raise
-            await asyncio.sleep(0.1)
+    return await daphne.connect(room)
 
 
 def _grouped() -> set[tuple[str, frozenset[str]]]:

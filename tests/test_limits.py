@@ -70,7 +70,9 @@ class AsyncTwoDecoratedRooms(AsyncJsonDecoratedConsumer):
 async def refusal(client: Client) -> tuple[dict[str, Any], int]:
     """The error frame the socket got, and the code it was closed with."""
     frame = await client.receive_output(3)
-    while frame["type"] == "websocket.send" and '"presence"' in frame.get("text", ""):
+    while frame["type"] == "websocket.send" and '"presence.state"' in frame.get(
+        "text", ""
+    ):
         frame = await client.receive_output(3)
     assert frame["type"] == "websocket.send", frame
     close = await client.receive_output(3)
@@ -105,7 +107,7 @@ async def test_a_socket_asking_for_too_many_rooms_is_told_closed_and_joins_none(
 async def test_a_socket_within_the_limit_joins_every_room(consumer) -> None:
     with override_settings(CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION=3):
         async with connected(consumer.as_asgi()) as client:
-            await client.receive_type("presence")
+            await client.receive_type("presence.state")
             assert len(await sockets()) == 1
             for room in ROOMS:
                 assert len(group_members(room)) == 1
@@ -114,7 +116,7 @@ async def test_a_socket_within_the_limit_joins_every_room(consumer) -> None:
 async def test_no_limit_with_none() -> None:
     with override_settings(CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION=None):
         async with connected(ThreeRooms.as_asgi()) as client:
-            await client.receive_type("presence")
+            await client.receive_type("presence.state")
             assert await Presence.objects.acount() == len(ROOMS)
 
 
@@ -192,7 +194,7 @@ async def test_a_heartbeat_flood_writes_once_per_touch_interval_inline(
     monkeypatch.setattr(operations, "touch", counted)
     with override_settings(CHANNELS_PRESENCE_TOUCH_INTERVAL=INTERVAL):
         async with connected(Lobby.as_asgi()) as client:
-            await client.receive_type("presence")
+            await client.receive_type("presence.state")
             sent, took = await flood(client)
 
     with capsys.disabled():
@@ -283,7 +285,7 @@ CRAFTED = [
 async def test_no_frame_puts_a_socket_in_a_room_can_join_refused() -> None:
     asked: list[str] = []
     async with connected(guarded(), "/ws/rooms/lobby/", asked=asked) as client:
-        await client.receive_type("presence")
+        await client.receive_type("presence.state")
         (channel,) = group_members("lobby")
         for frame in CRAFTED:
             for _ in range(2):

@@ -29,7 +29,7 @@ from django.db.migrations.operations import (
 from django.db.migrations.recorder import MigrationRecorder
 from django.utils import timezone
 
-from channels_presence import operations
+from channels_presence import operations, protocol
 from channels_presence.models import Presence, Room
 
 APP = "channels_presence"
@@ -287,11 +287,33 @@ def test_a_1_0_0_database_upgrades_with_its_rows_intact(at_1_0_0: None) -> None:
     assert new_room.pk > max(pk for pk, _ in rooms_before)
     new_presence = Presence.objects.create(room=new_room, channel_name="specific.c!1")
     assert new_presence.pk > max(row[0] for row in presences_before)
+    # 0009 gave each presence the key and ref a join would, and each room its
+    # counts, a listing and a version.
+    keys = dict(Presence.objects.values_list("channel_name", "key"))
+    assert keys["specific.a!alice"] == f"u:{alice.pk}"
+    assert keys["specific.b!bob"] == f"u:{bob.pk}"
+    assert keys["specific.a!anon"].startswith("v:")
+    for presence in Presence.objects.exclude(room__channel_name="new"):
+        assert presence.ref == protocol.presence_ref(
+            presence.room.channel_name, presence.channel_name, presence.key
+        )
+        assert presence.key == protocol.member_key(
+            presence.room.channel_name, presence.channel_name, presence.user_id
+        )
+    assert Room.objects.get(pk=lobby.pk).counts() == (1, 1, 2)
+    assert Room.objects.get(pk=kitchen.pk).counts() == (1, 1, 2)
+    assert Room.objects.get(pk=empty.pk).counts() == (0, 0, 0)
+    versions = set(Room.objects.values_list("version", flat=True))
+    assert all(version > 1_700_000_000_000_000 for version in versions)
     # And the whole join path works on the upgraded tables.
+    version = Room.objects.get(pk=lobby.pk).version
     operations.join("lobby", "specific.c!2", alice)
     joined = Presence.objects.get(channel_name="specific.c!2")
     assert joined.room_id == lobby.pk
     assert joined.user_id == alice.pk
+    lobby_now = Room.objects.get(pk=lobby.pk)
+    assert lobby_now.version == version + 1
+    assert lobby_now.counts() == (1, 1, 3)
     assert_a_socket_is_unique_per_room()
 
 

@@ -17,8 +17,55 @@ def concrete_field_names(model: type[models.Model]) -> set[str]:
     return {field.name for field in model._meta.concrete_fields}
 
 
-def test_room_has_exactly_the_fields_of_1_0_0() -> None:
-    assert concrete_field_names(Room) == {"id", "channel_name"}
+def test_room_has_the_fields_of_1_0_0_its_version_and_its_counts() -> None:
+    assert concrete_field_names(Room) == {
+        "id",
+        "channel_name",
+        "version",
+        "users",
+        "visitors",
+        "sockets",
+        "listed",
+        "changed_at",
+    }
+
+
+def test_a_new_rooms_version_starts_at_its_creation_time_in_microseconds() -> None:
+    before = int(timezone.now().timestamp() * 1_000_000)
+    version = Room._meta.get_field("version").get_default()
+    after = int(timezone.now().timestamp() * 1_000_000)
+    assert before <= version <= after
+
+
+@pytest.mark.django_db
+def test_a_rooms_counts_are_one_query_on_its_row(django_assert_num_queries) -> None:
+    room = Room.objects.create(channel_name="lobby", users=2, visitors=3, sockets=7)
+    with django_assert_num_queries(1):
+        counts = room.counts()
+    assert counts == (2, 3, 7)
+    assert (counts.users, counts.visitors, counts.sockets) == (2, 3, 7)
+    assert Room.objects.counts("lobby") == counts
+    assert Room.objects.counts("nowhere") == (0, 0, 0)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_rooms_counts_async() -> None:
+    room = await Room.objects.acreate(channel_name="lobby", users=1, sockets=2)
+    assert await room.acounts() == (1, 0, 2)
+    assert await Room.objects.acounts("lobby") == (1, 0, 2)
+
+
+@pytest.mark.django_db
+def test_occupied_rooms_are_the_fullest_first() -> None:
+    Room.objects.create(channel_name="empty")
+    Room.objects.create(channel_name="few", users=1, sockets=1)
+    Room.objects.create(channel_name="many", users=2, visitors=5, sockets=9)
+    Room.objects.create(channel_name="also-few", users=1, sockets=3)
+    assert [room.channel_name for room in Room.objects.occupied()] == [
+        "many",
+        "also-few",
+        "few",
+    ]
 
 
 def test_room_channel_name_is_a_unique_255_char_field() -> None:
@@ -29,7 +76,7 @@ def test_room_channel_name_is_a_unique_255_char_field() -> None:
     assert not field.null
 
 
-def test_presence_has_the_fields_of_1_0_0_when_it_joined_and_its_server() -> None:
+def test_presence_has_the_fields_of_1_0_0_and_those_of_its_events() -> None:
     assert concrete_field_names(Presence) == {
         "id",
         "room",
@@ -38,7 +85,18 @@ def test_presence_has_the_fields_of_1_0_0_when_it_joined_and_its_server() -> Non
         "last_seen",
         "joined_at",
         "server",
+        "key",
+        "ref",
+        "events",
     }
+
+
+@pytest.mark.django_db
+def test_a_presence_made_by_hand_gets_the_key_and_ref_a_join_gives() -> None:
+    room = Room.objects.create(channel_name="lobby")
+    presence = Presence.objects.create(room=room, channel_name="specific.a!1")
+    assert presence.key.startswith("v:")
+    assert presence.ref.startswith("r:")
 
 
 def test_presence_server_is_an_indexed_optional_string() -> None:

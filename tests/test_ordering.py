@@ -32,7 +32,7 @@ from django.db import connection, transaction
 from django.db.migrations.executor import MigrationExecutor
 from django.db.migrations.loader import MigrationLoader
 
-from channels_presence import operations, tasks
+from channels_presence import locks, tasks
 from channels_presence.groups import events_group
 from channels_presence.models import Departure, Presence, Room
 from channels_presence.signals import presence_changed
@@ -376,7 +376,7 @@ def test_a_join_and_a_leave_two_workers_run_at_once_end_as_ordered_by_at(
     presence_changed.connect(slow_on_leave, dispatch_uid="tests.slow_on_leave")
     try:
         with transaction.atomic():
-            operations._lock_socket(SOCKET)
+            locks.lock_sockets([SOCKET])
             running = []
             for step in racers:
                 future = _start_blocked_by_us(partial(_apply, step, start, {}))

@@ -372,6 +372,35 @@ def test_joins_and_leaves_pending_together_go_as_one_message(
     assert box.sent == 4
 
 
+def test_while_joins_keep_coming_they_gather_and_a_lone_one_goes_at_once(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox(busy_linger=5.0)
+    # A lone join, then a leave once the join is out: neither waits for the
+    # busy linger (5 s), since only one went out before each.
+    box.send(ADD, "lobby", "specific.lone!0", None, at=0.0)
+    assert box.flush(10)
+    start = time.monotonic()
+    box.send(LEAVE_ALL, "specific.lone!0", at=1.0)
+    while box.pending() != (0, 0) and time.monotonic() - start < 4:
+        time.sleep(0.01)
+    assert box.pending() == (0, 0)
+    assert [m.task for m in broker.raw_messages()] == [ADD, LEAVE_ALL]
+
+    # A storm: 100 joins 5 ms apart. Once more than one went out in the
+    # busy linger, the rest gather into a few batches.
+    box.busy_linger = 0.3
+    for n in range(100):
+        box.send(ADD, "lobby", f"specific.storm!{n}", None, at=2.0 + n)
+        time.sleep(0.005)
+    assert box.flush(10)
+    storm = broker.raw_messages()[2:]
+    assert len(storm) < 15
+    assert [m.args[1] for m in broker.messages()[2:]] == [
+        f"specific.storm!{n}" for n in range(100)
+    ]
+
+
 # 3. The broker goes down, and comes back.
 
 

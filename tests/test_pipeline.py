@@ -46,7 +46,6 @@ from tests.consumers import (
     channel_of,
     connected,
     note_channel,
-    presence,
     url_room,
 )
 from tests.helpers import (
@@ -137,28 +136,23 @@ async def count(expected: int) -> bool:
 # What the clients are told.
 
 
-async def until_told(client: Client, expected: dict[str, dict[str, Any]]) -> None:
-    """Read the client's presence events until the last of each room is expected."""
-    last: dict[str, dict[str, Any]] = {}
-    while last != expected:
-        message = await client.receive_type("presence")
-        last[message["room"]] = message
+Seen = tuple[list[str], int]
+
+
+def seen(*users: Any, visitors: int = 0) -> Seen:
+    """What a client sees of a room where these users and visitors are."""
+    return sorted(user.username for user in users), visitors
+
+
+async def until_told(client: Client, expected: dict[str, Seen]) -> None:
+    """Read the client's frames until it sees each room as ``expected``."""
+    while {room: client.sees(room) for room in expected} != expected:
+        await client.receive_text()
 
 
 # Consumers. Those a test follows by socket note their channel name when they
 # accept (tests.consumers.note_channel), so that it knows its sockets without
 # asking the database the workers write to.
-
-
-def _payload(consumer: Any, event: dict[str, Any]) -> dict[str, Any] | None:
-    """What a decorated consumer with presence handlers sends its client.
-
-    What the mixin sends; a prune's notice only to the sockets it names.
-    """
-    expired = event["type"] == "presence.expired"
-    if expired and consumer.channel_name not in event["channel_names"]:
-        return None
-    return PresenceConsumerMixin.presence_payload(consumer, event)
 
 
 class LobbyConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
@@ -170,27 +164,30 @@ class SyncLobbyConsumer(PresenceConsumerMixin, JsonEchoConsumer):
 
 
 class DecoratedLobbyConsumer(JsonJoiningConsumer):
-    """Joins the lobby with ``add_presence``, and handles its presence events."""
+    """Joins the lobby with ``add_presence``, and sends its client each presence
+    frame, as the mixin does (without holding diffs back for the state)."""
 
-    def presence_changed(self, event):
-        self.send_json(_payload(self, event))
+    def presence_state(self, event):
+        self.send_json(event)
+
+    def presence_diff(self, event):
+        self.send_json(event)
 
     def presence_expired(self, event):
-        message = _payload(self, event)
-        if message is not None:
-            self.send_json(message)
+        self.send_json(event)
 
 
 class AsyncDecoratedLobbyConsumer(AsyncJsonJoiningConsumer):
     """:class:`DecoratedLobbyConsumer`, async."""
 
-    async def presence_changed(self, event):
-        await self.send_json(_payload(self, event))
+    async def presence_state(self, event):
+        await self.send_json(event)
+
+    async def presence_diff(self, event):
+        await self.send_json(event)
 
     async def presence_expired(self, event):
-        message = _payload(self, event)
-        if message is not None:
-            await self.send_json(message)
+        await self.send_json(event)
 
 
 #: add_presence, with presence handlers: sync and async.
@@ -237,15 +234,12 @@ async def test_a_join_reaches_the_other_clients_from_the_worker(
     worker: CeleryProcess, alice, bob, consumer
 ) -> None:
     async with connected(consumer.as_asgi(), user=alice) as a:
-        event = await a.receive_type("presence")
-        assert [m["username"] for m in event["members"]] == ["alice"]
+        await a.until_sees("alice")
         async with connected(consumer.as_asgi(), user=bob):
-            event = await a.receive_type("presence")
-            assert [m["username"] for m in event["members"]] == ["alice", "bob"]
+            await a.until_sees("alice", "bob")
             assert len(await sockets()) == 2
             assert len(group_members("lobby")) == 2
-        event = await a.receive_type("presence")
-        assert [m["username"] for m in event["members"]] == ["alice"]
+        await a.until_sees("alice")
     await eventually(lambda: count(0))
     assert group_members("lobby") == set()
 
@@ -257,9 +251,9 @@ async def alice_then_bob(
     """alice's client, then bob's, in the lobby; each told who is there as it joins."""
     application = consumer.as_asgi()
     async with connected(application, user=alice) as a:
-        assert await a.receive_type("presence") == presence(alice)
+        await a.until_sees("alice")
         async with connected(application, user=bob) as b:
-            assert await b.receive_type("presence") == presence(alice, bob)
+            await b.until_sees("alice", "bob")
             yield a, b
 
 
@@ -268,14 +262,14 @@ async def test_add_presence_with_presence_handlers_hears_the_worker(
     worker: CeleryProcess, alice, bob, consumer
 ) -> None:
     async with alice_then_bob(consumer, alice, bob) as (a, b):
-        assert await a.receive_type("presence") == presence(alice, bob)
+        await a.until_sees("alice", "bob")
         assert await sockets() == {channel_of(a), channel_of(b)}
         assert group_members("lobby") == {channel_of(a), channel_of(b)}
         assert group_members(events_group("lobby")) == group_members("lobby")
         await b.answer('"ping"')
         await b.disconnect()
 
-        assert await a.receive_type("presence") == presence(alice)
+        await a.until_sees("alice")
         assert await sockets() == {channel_of(a)}
         assert group_members(events_group("lobby")) == {channel_of(a)}
     await eventually(lambda: count(0))
@@ -325,7 +319,7 @@ async def test_heartbeats_alone_reach_the_database_within_the_flush_interval(
     worker: CeleryProcess, consumer
 ) -> None:
     async with connected(consumer.as_asgi()) as client:
-        await client.receive_type("presence")
+        await client.receive_type("presence.state")
         # The join is sent: the outbox's sender is idle from here on.
         await drained()
         before = await set_last_seen_back()
@@ -340,10 +334,10 @@ async def test_heartbeats_alone_reach_the_database_within_the_flush_interval(
 
 
 async def receive_changes(layer: Any, channel: str, changes: int) -> list[Any]:
-    """What ``channel`` receives, up to and including its ``changes``-th change."""
+    """What ``channel`` receives, up to and including its ``changes``-th diff."""
     received: list[dict[str, Any]] = []
     async with asyncio.timeout(WORKER_TIMEOUT):
-        while sum(m["type"] == "presence.changed" for m in received) < changes:
+        while sum(m["type"] == "presence.diff" for m in received) < changes:
             received.append(await layer.receive(channel))
     return received
 
@@ -381,21 +375,20 @@ async def test_a_stale_mixin_socket_is_told_once_per_room_and_joins_again(
             assert sorted(told, key=lambda m: m["room"]) == [
                 {"type": "presence.expired", "room": room} for room in sorted(ROOMS)
             ]
-        # Per room, one notice naming both stale sockets, before any change.
+        # Per room, one diff, whose leaves say why; the notices went to the
+        # stale sockets alone.
         messages = await receive_changes(layer, watcher, len(ROOMS))
-        notices = messages[: len(ROOMS)]
-        assert [m["type"] for m in notices] == ["presence.expired"] * len(ROOMS)
-        assert sorted(m["room"] for m in notices) == sorted(ROOMS), messages
-        for notice in notices:
-            assert sorted(notice["channel_names"]) == sorted(stale)
-        assert [m["type"] for m in messages[len(ROOMS) :]] == (
-            ["presence.changed"] * len(ROOMS)
-        )
+        assert [m["type"] for m in messages] == ["presence.diff"] * len(ROOMS)
+        assert sorted(m["room"] for m in messages) == sorted(ROOMS), messages
+        for diff in messages:
+            assert sorted(diff["leaves"]) == sorted([f"u:{alice.pk}", f"u:{carol.pk}"])
+            reasons = {m["reason"] for v in diff["leaves"].values() for m in v["metas"]}
+            assert reasons == {"expired"}
         assert await rows() == {(room, b_socket) for room in ROOMS}
         for room in ROOMS:
             assert group_members(room) == {b_socket}
             assert group_members(events_group(room)) == {b_socket, watcher}
-        await until_told(b, {room: presence(bob, room=room) for room in ROOMS})
+        await until_told(b, {room: seen(bob) for room in ROOMS})
 
         # a is alive: its next frame, a heartbeat even, joins it again; c is not.
         await a.send_to(text_data='"heartbeat"')
@@ -406,7 +399,7 @@ async def test_a_stale_mixin_socket_is_told_once_per_room_and_joins_again(
         for room in ROOMS:
             assert group_members(room) == back | {b_socket}
             assert group_members(events_group(room)) == back | {b_socket, watcher}
-        await until_told(b, {room: presence(alice, bob, room=room) for room in ROOMS})
+        await until_told(b, {room: seen(alice, bob) for room in ROOMS})
         assert all(m["type"] != "presence.expired" for m in b.received_since(0))
         await c.answer('"still connected"')
 
@@ -423,7 +416,7 @@ async def test_a_stale_decorated_socket_with_handlers_is_told(
 
         expired = {"type": "presence.expired", "room": "lobby"}
         assert await a.receive_type("presence.expired") == expired
-        assert await b.receive_type("presence") == presence(bob)
+        await b.until_sees("bob")
         assert await sockets() == {channel_of(b)}
         assert group_members("lobby") == {channel_of(b)}
         # b's handler was called too, and stayed quiet: it is not stale.
@@ -451,7 +444,7 @@ async def test_a_stale_1_0_0_style_socket_loses_its_rows_and_nothing_else(
             celery_app.send_task(PRUNE_PRESENCES)
 
             # The prune's change reaches the rooms after its group discards.
-            await until_told(new, {r: presence(anonymous=1, room=r) for r in ROOMS})
+            await until_told(new, {r: seen(visitors=1) for r in ROOMS})
             assert await rows() == {(r, new_socket) for r in ROOMS}
             for room in ROOMS:
                 assert group_members(room) == {new_socket}
@@ -498,9 +491,7 @@ async def test_sockets_work_without_a_worker_and_presence_follows_once_one_runs(
                 assert group_members(events_group(room)) == live
             # Each live client hears, last, that both are in each room.
             for client in (a, b):
-                await until_told(
-                    client, {r: presence(anonymous=2, room=r) for r in ROOMS}
-                )
+                await until_told(client, {r: seen(visitors=2) for r in ROOMS})
             await a.answer('"ping"')
 
 

@@ -53,8 +53,8 @@ def test_a_username_that_is_an_email_is_not_sent_by_default() -> None:
 async def test_members_who_log_in_by_email_are_sent_without_it() -> None:
     alice = await make_user("alice", email=EMAIL)
     async with connected(app(), "/ws/rooms/lobby/", user=alice) as client:
-        frame = await client.receive_type("presence")
-    assert frame["members"] == [{"id": alice.pk}]
+        frame = await client.receive_type("presence.state")
+    assert [m["user"] for m in frame["members"].values()] == [{"id": alice.pk}]
     assert EMAIL not in "".join(client.texts)
 
 
@@ -63,8 +63,10 @@ async def test_the_member_fields_setting_chooses_what_is_sent() -> None:
     fields = {"id": "pk", "name": "first_name"}
     with override_settings(CHANNELS_PRESENCE_MEMBER_FIELDS=fields):
         async with connected(app(), "/ws/rooms/lobby/", user=alice) as client:
-            frame = await client.receive_type("presence")
-    assert frame["members"] == [{"id": alice.pk, "name": "Alice"}]
+            frame = await client.receive_type("presence.state")
+    assert [m["user"] for m in frame["members"].values()] == [
+        {"id": alice.pk, "name": "Alice"}
+    ]
     assert EMAIL not in "".join(client.texts)
 
 
@@ -95,7 +97,7 @@ async def test_no_frame_a_browser_gets_holds_a_channel_name() -> None:
         client = Client(app(), "/ws/rooms/lobby/", user)
         assert (await client.connect(3))[0]
         clients.append(client)
-        await client.receive_type("presence")
+        await client.receive_type("presence.state")
         (channel,) = await asyncio.to_thread(group_members, "lobby") - before
         channels.add(channel)
         return client, channel
@@ -114,7 +116,7 @@ async def test_no_frame_a_browser_gets_holds_a_channel_name() -> None:
     await asyncio.to_thread(Room.objects.prune_presences)
     await c.receive_type("presence.expired")
     for client in (a, b, d):
-        await client.receive_type("presence")
+        await client.receive_type("presence.diff")
     # A crashed server's prune.
     await Presence.objects.filter(channel_name=d_channel).aupdate(server="gone")
     with override_settings(CHANNELS_PRESENCE_SERVER_LEASE=0.4):
@@ -122,17 +124,20 @@ async def test_no_frame_a_browser_gets_holds_a_channel_name() -> None:
         await asyncio.sleep(0.25)
         assert len(await asyncio.to_thread(leases.prune_servers)) == 1
     await d.receive_type("presence.expired")
-    await a.receive_type("presence")
-    # A leave.
+    await a.receive_type("presence.diff")
+    # A leave, and a sync.
     await b.disconnect()
-    await a.receive_type("presence")
+    await a.receive_type("presence.diff")
+    await a.send_to(text_data=json.dumps({"type": "presence.sync", "room": "lobby"}))
+    await a.receive_type("presence.state")
     for client in (a, c, d):
         await client.disconnect()
 
     texts = [text for client in clients for text in client.texts]
     assert len(texts) >= 12
     assert {json.loads(text)["type"] for text in texts} == {
-        "presence",
+        "presence.state",
+        "presence.diff",
         "presence.expired",
         "chat",
     }

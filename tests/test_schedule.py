@@ -7,6 +7,7 @@ from then on the admin owns them. The last test runs them for real, with a
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ from django.test import Client, override_settings
 from django_celery_beat.models import IntervalSchedule, PeriodicTask
 
 from channels_presence.models import Presence, Room
-from channels_presence.schedule import create_schedule
+from channels_presence.schedule import ENTRIES, create_schedule
 from tests.helpers import set_last_seen_back
 from tests.workers import celery_beat, celery_worker, purge_queue
 
@@ -216,6 +217,55 @@ def test_nothing_is_made_without_django_celery_beat_installed() -> None:
 
     # The same call with it installed does make them.
     create_schedule(sender=apps.get_app_config("channels_presence"))
+    assert [e.task for e in entries()] == [PRUNE_PRESENCES, PRUNE_ROOMS]
+
+
+SERVERS_ENTRY = "channels_presence: prune crashed servers"
+
+
+def migrate_output(verbosity: int = 1) -> str:
+    out = io.StringIO()
+    call_command("migrate", verbosity=verbosity, stdout=out)
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_migrate_says_which_entries_it_created_and_their_intervals() -> None:
+    delete_entries()
+
+    output = migrate_output()
+
+    assert (
+        "Celery beat entries created by channels_presence (edit them in the "
+        "admin, under Presence schedule):\n"
+        f"  {PRESENCES_ENTRY}, every 10 s\n"
+        f"  {ROOMS_ENTRY}, every 600 s\n"
+    ) in output
+    # The servers entry was there already: it is not said to be created.
+    assert SERVERS_ENTRY not in output
+
+
+@pytest.mark.django_db
+def test_migrate_names_all_three_entries_when_it_creates_them_all() -> None:
+    PeriodicTask.objects.filter(name__in=[name for name, *_ in ENTRIES]).delete()
+
+    output = migrate_output()
+
+    assert len(ENTRIES) == 3
+    for name, *_ in ENTRIES:
+        assert f"  {name}, every " in output
+
+
+@pytest.mark.django_db
+def test_migrate_says_nothing_of_entries_that_exist() -> None:
+    assert "beat entries" not in migrate_output()
+
+
+@pytest.mark.django_db
+def test_migrate_at_verbosity_0_creates_the_entries_silently() -> None:
+    delete_entries()
+
+    assert migrate_output(verbosity=0) == ""
     assert [e.task for e in entries()] == [PRUNE_PRESENCES, PRUNE_ROOMS]
 
 

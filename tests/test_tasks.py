@@ -553,13 +553,14 @@ def test_joins_and_leaves_retry_while_the_channel_layer_is_down(name):
 ADD_PRESENCE = "channels_presence.tasks.add_presence"
 
 
-def test_apply_batch_runs_its_calls_in_order(alice, signals):
+def test_apply_batch_runs_its_calls_in_order_as_one_change_set_per_room(alice, signals):
     at = time.time()
     add, leave_all = ADD_PRESENCE, "channels_presence.tasks.leave_all"
     tasks.apply_batch(
         [
             [add, [ROOM, SOCKET, alice.pk], {"at": at}],
             [add, [ROOM, OTHER_SOCKET], {"at": at}],
+            [add, [OTHER_ROOM, OTHER_SOCKET], {"at": at}],
             [leave_all, [OTHER_SOCKET], {"at": at + 1}],
         ]
     )
@@ -568,9 +569,12 @@ def test_apply_batch_runs_its_calls_in_order(alice, signals):
         (SOCKET, alice.pk)
     ]
     assert group_members(ROOM) == {SOCKET}
+    # OTHER_SOCKET joined and left within the batch: the rooms never had it.
     added = [s["added"].channel_name for s in signals if s["added"] is not None]
-    removed = [s["removed"].channel_name for s in signals if s["removed"] is not None]
-    assert (added, removed) == ([SOCKET, OTHER_SOCKET], [OTHER_SOCKET])
+    removed = [s["removed"] for s in signals if s["removed"] is not None]
+    assert (added, removed) == ([SOCKET], [])
+    room = Room.objects.get(channel_name=ROOM)
+    assert room.counts() == (1, 0, 1)
 
 
 def test_apply_batch_logs_a_bad_or_unknown_call_and_runs_the_others(caplog):
@@ -580,10 +584,12 @@ def test_apply_batch_logs_a_bad_or_unknown_call_and_runs_the_others(caplog):
             [ADD_PRESENCE, ["a b", SOCKET], {"at": at}],
             ["channels_presence.tasks.prune_rooms", [], {}],
             [ADD_PRESENCE, [ROOM, SOCKET], {"at": at}],
+            [ADD_PRESENCE, [ROOM, OTHER_SOCKET], {"subscribe": "diff"}],
         ]
     )
 
     assert list(Presence.objects.values_list("channel_name", flat=True)) == [SOCKET]
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert any("failed" in message and "'a b'" in message for message in errors)
+    assert any("bad; skipped" in message and "'a b'" in message for message in errors)
     assert any("cannot be batched" in message for message in errors)
+    assert any("subscribe" in message for message in errors)

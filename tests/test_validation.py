@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 
 import pytest
@@ -10,8 +11,12 @@ from channels.layers import BaseChannelLayer
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AnonymousUser
 from django.test import override_settings
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from channels_presence import validation
+from tests.helpers import sqlite_pass_only
 
 ALLOWED = "ASCII alphanumerics, hyphens, underscores, or periods"
 
@@ -189,3 +194,52 @@ def test_a_max_age_of_the_wrong_type_is_a_type_error_too() -> None:
 def test_a_room_name_in_the_events_group_namespace_is_refused() -> None:
     with pytest.raises(ValueError, match="reserved for channels_presence's events"):
         validation.room_name("presence_events.lobby")
+
+
+# ROOM_NAME_PATTERN: the same rule, for URL patterns.
+
+
+def _pattern_admits(name: str) -> bool:
+    return re.fullmatch(validation.ROOM_NAME_PATTERN, name) is not None
+
+
+def _room_name_accepts(name: str) -> bool:
+    try:
+        validation.room_name(name)
+    except ValueError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *VALID_NAMES,
+        *INVALID_NAMES.values(),
+        "presence_events.lobby",
+        "presence_events",
+        "presence_events-lobby",
+        "\N{ARABIC-INDIC DIGIT ONE}",
+        "lobby\n",
+    ],
+)
+def test_the_url_pattern_admits_exactly_the_room_names_room_name_accepts(
+    name: str,
+) -> None:
+    assert _pattern_admits(name) == _room_name_accepts(name)
+
+
+@sqlite_pass_only
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=110))
+@hypothesis_settings(max_examples=500, deadline=None)
+def test_any_text_is_admitted_by_the_url_pattern_iff_room_name_accepts_it(
+    name: str,
+) -> None:
+    assert _pattern_admits(name) == _room_name_accepts(name)
+
+
+@sqlite_pass_only
+@given(st.from_regex(r"[-a-zA-Z0-9_.]{1,110}", fullmatch=True))
+@hypothesis_settings(max_examples=500, deadline=None)
+def test_names_of_the_allowed_characters_agree_too(name: str) -> None:
+    assert _pattern_admits(name) == _room_name_accepts(name)

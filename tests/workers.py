@@ -36,11 +36,13 @@ STOP_TIMEOUT = 15
 class OutputProcess:
     """A subprocess, in a session of its own, and the lines it has printed."""
 
-    def __init__(self, command: list[str], env: dict[str, str], **popen: Any) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str], cwd: Path = ROOT, **popen: Any
+    ) -> None:
         self.lines: list[str] = []
         self.process = subprocess.Popen(
             command,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -118,6 +120,8 @@ def environment(**extra: str) -> dict[str, str]:
         "DJANGO_SETTINGS_MODULE": "tests.settings",
         "CHANNELS_PRESENCE_TEST_DATABASE": str(connection.settings_dict["NAME"]),
         "PYTHONUNBUFFERED": "1",
+        # Workers throttle a room's diffs as a deployment's do.
+        "CHANNELS_PRESENCE_TEST_EVENT_INTERVAL": "0.1",
         **extra,
     }
 
@@ -137,12 +141,21 @@ def purge_queue() -> None:
 
 @contextmanager
 def celery_worker(
-    name: str = "worker", *, concurrency: int = 1, **env: str
+    name: str = "worker",
+    *,
+    concurrency: int = 1,
+    queues: str | None = None,
+    **env: str,
 ) -> Iterator[CeleryProcess]:
-    """A running ``celery -A tasks worker`` (solo pool unless ``concurrency`` > 1)."""
+    """A running ``celery -A tasks worker`` (solo pool unless ``concurrency`` > 1).
+
+    ``queues``: what it consumes (``-Q``), instead of the run's default queue.
+    """
     pool = ["-P", "solo"]
     if concurrency > 1:
         pool = ["-P", "prefork", "-c", str(concurrency)]
+    if queues is not None:
+        pool += ["-Q", queues]
     worker = CeleryProcess(
         name,
         [
