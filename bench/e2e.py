@@ -102,12 +102,17 @@ def summary(rows: dict[str, dict[str, Any]]) -> str:
 
 
 class Client:
-    """One websocket, the events it received, and when."""
+    """One websocket, the events it received, and when.
+
+    A client is named by its presence's ref (ours: ``presence.diff`` frames
+    name refs) or its channel name (1.0.0's events name channels).
+    """
 
     def __init__(self, index: int, room: str) -> None:
         self.index = index
         self.room = room
         self.channel = ""
+        self.bytes = 0
         self.socket: ClientConnection | None = None
         self.events: list[tuple[float, str, str]] = []  # (when, kind, channel)
         self.reader: asyncio.Task[None] | None = None
@@ -119,7 +124,7 @@ class Client:
             max_queue=None,
         )
         hello = json.loads(await self.socket.recv())
-        self.channel = hello["channel"]
+        self.channel = hello.get("ref") or hello["channel"]
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -127,13 +132,19 @@ class Client:
         try:
             async for frame in self.socket:
                 now = time.monotonic()
+                self.bytes += len(frame)
                 event = json.loads(frame)
-                if event.get("type") != "presence":
-                    continue
-                if event.get("added"):
-                    self.events.append((now, "join", event["added"]))
-                if event.get("removed"):
-                    self.events.append((now, "leave", event["removed"]))
+                if event.get("type") == "presence.diff":
+                    for kind in ("joins", "leaves"):
+                        for member in (event[kind] or {}).values():
+                            for meta in member["metas"]:
+                                name = "join" if kind == "joins" else "leave"
+                                self.events.append((now, name, meta["ref"]))
+                elif event.get("type") == "presence":
+                    if event.get("added"):
+                        self.events.append((now, "join", event["added"]))
+                    if event.get("removed"):
+                        self.events.append((now, "leave", event["removed"]))
         except Exception:
             return
 
@@ -379,11 +390,13 @@ def delete_keys(prefix: str) -> None:
 
 
 @contextmanager
-def ours_server(url: str) -> Iterator[int]:
+def ours_server(url: str, **extra: str) -> Iterator[int]:
+    """Our daphne and one worker on a database of their own; yields the port."""
     run = uuid.uuid4().hex[:12]
     name = f"channels_presence_bench_{run}"
     env = {
         **os.environ,
+        **extra,
         "DATABASE_URL": url,
         "PYTHONPATH": str(ROOT),
         "PYTHONUNBUFFERED": "1",
@@ -443,11 +456,13 @@ def ours_server(url: str) -> Iterator[int]:
 
 
 @contextmanager
-def baseline_server(url: str, python: str) -> Iterator[int]:
+def baseline_server(url: str, python: str, **extra: str) -> Iterator[int]:
+    """1.0.0's documented consumer on daphne 3, on a database of its own."""
     run = uuid.uuid4().hex[:12]
     name = f"cp_baseline_{run}"
     env = {
         **os.environ,
+        **extra,
         "DATABASE_URL": url,
         "PYTHONUNBUFFERED": "1",
         "DJANGO_SETTINGS_MODULE": "baseline_settings",

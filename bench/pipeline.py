@@ -54,6 +54,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class Sizes:
     seconds: float
     presences: list[int]
     worker_joins: int  # joins per apply_batch task sent to the worker
+    batches: int  # apply_batch tasks of joins and leaves, in rooms of 1,000
     prune: int  # presences for the prune, half of them stale
     prune_rooms: int
 
@@ -151,7 +153,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     os.environ["DJANGO_SETTINGS_MODULE"] = "bench.settings"
     sizes = (
-        Sizes(2_000, 50, 20, min(args.sockets, 100), 2, [1_000], 100, 2_000, 20)
+        Sizes(2_000, 50, 20, min(args.sockets, 100), 2, [1_000], 100, 2, 2_000, 20)
         if args.smoke
         else Sizes(
             100_000,
@@ -161,6 +163,7 @@ def main() -> None:
             args.seconds,
             args.presences,
             500,
+            args.batches,
             args.prune_presences,
             1_000,
         )
@@ -216,6 +219,12 @@ def _arguments() -> argparse.Namespace:
         help="comma-separated presence counts for the worker (default %(default)s)",
     )
     parser.add_argument("--prune-presences", type=int, default=100_000)
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=20,
+        help="apply_batch tasks of joins and leaves in rooms of 1,000",
+    )
     parser.add_argument(
         "--sections",
         default="socket,broker,worker,prune",
@@ -632,14 +641,16 @@ def worker_rows(sizes: Sizes, database: Database) -> list[Row]:
                 ).figure_of(f"worker.touch.{count}", count / runtime, "/s")
             )
             rows.append(_worker_joins(worker, count, sizes.worker_joins))
+        rows += worker_batch_rows(worker, sizes.batches)
     return rows
 
 
 def _worker_joins(worker: Worker, present: int, count: int) -> Row:
     """``count`` joins in one ``apply_batch`` task, as an outbox sends them.
 
-    Each join is its own transaction, group add and broadcast (the room's
-    members, read once per join), into rooms of ``present / 100`` presences.
+    Applied as one change set per room (of the 100), into rooms of
+    ``present / 100`` presences: one transaction, one group add pipeline,
+    each room's state read once for its joiners, one diff per room.
     """
     from channels_presence.models import Presence
 
@@ -662,9 +673,148 @@ def _worker_joins(worker: Worker, present: int, count: int) -> Row:
     return Row(
         f"  {count:,} joins into rooms of {present // 100:,}: via celery worker",
         "",
-        f"{rate:,.0f}/s (worker's task {runtime * 1e3:.0f} ms; "
-        "each: transaction, group add, members read, broadcast)",
+        f"{rate:,.0f}/s (worker's task {runtime * 1e3:.0f} ms; one change set "
+        "per room: transaction, group adds, states, diffs)",
     ).figure_of(f"worker.joins.{present}", rate, "/s")
+
+
+#: Rooms, and presences in each, for the joins and leaves applied in batches.
+BATCH_ROOMS = 10
+BATCH_ROOM_SIZE = 1_000
+#: Calls in one apply_batch task: the outbox's most.
+BATCH_CALLS = outbox.BATCH_SIZE
+
+
+def worker_batch_rows(worker: Worker, batches: int) -> list[Row]:
+    """Joins and leaves applied per second, in batches, in rooms of 1,000.
+
+    ``batches`` apply_batch tasks of BATCH_CALLS calls each, half joins of new
+    sockets and half leaves of present ones, over BATCH_ROOMS rooms of
+    BATCH_ROOM_SIZE subscribed presences (so each batch reads each room's
+    state once for its joiners, and sends each room one diff). The rate is
+    per worker process: calls over the sum of the tasks' run times.
+    """
+    from channels_presence import operations
+    from channels_presence.models import Presence
+
+    rooms = [f"bench-big-{n}" for n in range(BATCH_ROOMS)]
+    present: deque[str] = deque()
+    for start in range(0, BATCH_ROOMS * BATCH_ROOM_SIZE, 1_000):
+        joins = []
+        for n in range(start, start + 1_000):
+            socket = f"specific.bench-big!{n}"
+            joins.append(
+                operations.checked_join(
+                    rooms[n % BATCH_ROOMS], socket, None, None, True, "", None
+                )
+            )
+            present.append(socket)
+        operations.apply(joins)
+    # The first socket is in the first room.
+    rows = room_cost_rows(rooms[0], present.popleft())
+    at = time.time()
+    sent: list[str] = []
+    began = time.perf_counter()
+    for batch in range(batches):
+        calls: list[list[Any]] = []
+        for n in range(BATCH_CALLS // 2):
+            socket = f"specific.bench-new!{batch}-{n}"
+            room = rooms[(batch + n) % BATCH_ROOMS]
+            calls.append(
+                [
+                    "channels_presence.tasks.add_presence",
+                    [room, socket, None],
+                    {"at": at + batch, "subscribe": True},
+                ]
+            )
+            # The oldest socket leaves as the new one joins: rooms stay at
+            # their size, however many batches.
+            calls.append(
+                [
+                    "channels_presence.tasks.leave_all",
+                    [present.popleft()],
+                    {"at": at + batch},
+                ]
+            )
+            present.append(socket)
+        result = worker.app.send_task(outbox.BATCH_TASK, args=(calls,), kwargs={})
+        sent.append(result.id)
+    done = [worker.wait_for(task_id) for task_id in sent]
+    wall = max(seen for seen, _, _ in done) - began
+    busy = sum(runtime for _, runtime, _ in done)
+    count = batches * BATCH_CALLS
+    kept = Presence.objects.filter(room__channel_name__in=rooms).count()
+    if kept != BATCH_ROOMS * BATCH_ROOM_SIZE:
+        raise RuntimeError(f"{kept} presences in the rooms after the batches")
+    rate = count / busy
+    return [
+        *rows,
+        Row(
+            f"  joins and leaves in batches of {BATCH_CALLS}, rooms of "
+            f"{BATCH_ROOM_SIZE:,}: via celery worker",
+            f"≥ {BATCH_BUDGET_PER_S:,}/s",
+            f"{rate:,.0f}/s ({count:,} calls in {batches} tasks: "
+            f"{busy * 1e3:,.0f} ms of task time, {wall * 1e3:,.0f} ms wall)",
+            rate >= BATCH_BUDGET_PER_S,
+        ).figure_of(f"worker.batch.{BATCH_ROOM_SIZE}", rate, "/s"),
+    ]
+
+
+def room_cost_rows(room: str, leaving: str) -> list[Row]:
+    """What one join, and one leave, cost a room of BATCH_ROOM_SIZE sockets.
+
+    Applied in this process; a channel in the room's events group stands for
+    its sockets (those of one server process share one Redis message). The
+    joiner gets the state; every socket of the room gets the diff.
+    """
+    from asgiref.sync import async_to_sync
+    from channels.layers import get_channel_layer
+
+    from channels_presence import broadcast, operations
+    from channels_presence.groups import events_group
+    from channels_presence.testing import channel_messages
+
+    layer: Any = get_channel_layer()
+    watcher = async_to_sync(layer.new_channel)()
+    joiner = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(events_group(room), watcher)
+
+    def received(channel: str) -> list[dict[str, Any]]:
+        # Diffs held by the throttle (the setup's joins were just sent) go now.
+        broadcast.throttle.flush()
+        return channel_messages(channel, layer)
+
+    # Leave first, so that the join brings the room back to its size.
+    operations.leave(room, leaving)
+    (leave,) = received(watcher)
+    operations.join(room, joiner, subscribe=True)
+    (diff,) = received(watcher)
+    (state, _) = received(joiner)
+    async_to_sync(layer.group_discard)(events_group(room), watcher)
+    diff_bytes = len(json.dumps(diff))
+    leave_bytes = len(json.dumps(leave))
+    state_bytes = len(json.dumps(state))
+    sockets = state["counts"]["sockets"]
+    return [
+        Row(
+            f"  a join in a room of {sockets:,}: frames and bytes",
+            "",
+            f"1 diff of {diff_bytes:,} B to each of the {sockets:,} sockets "
+            f"({diff_bytes * sockets / 1e3:,.0f} kB in all, one Redis message "
+            f"per server process) + 1 state of {state_bytes / 1e3:,.0f} kB to "
+            "the joiner",
+        ).figure_of("room1000.join.diff_bytes", diff_bytes, "B"),
+        Row(
+            f"  a leave in a room of {sockets:,}: frames and bytes",
+            "",
+            f"1 diff of {leave_bytes:,} B to each of the {sockets - 1:,} sockets "
+            f"({leave_bytes * (sockets - 1) / 1e3:,.0f} kB in all)",
+        ).figure_of("room1000.leave.diff_bytes", leave_bytes, "B"),
+    ]
+
+
+#: DESIGN's budget: joins and leaves applied per second per worker process.
+BATCH_BUDGET_PER_S = 5_000
 
 
 def worker_row(figure: str, count: int, seconds: float, detail: str) -> Row:

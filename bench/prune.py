@@ -1,4 +1,8 @@
-"""Prune, measured: ``Room.objects.prune_presences()`` on many presences.
+"""Prune, measured: the prune beat's task runs, on many presences.
+
+That is ``operations.prune_stale()``: ``Room.objects.prune_presences()``
+without building model instances of the presences it removes, which the
+task only counts (1.0.0's task called ``Room.objects.prune_presences()``).
 
 DESIGN.md's budget: 100,000 presences, half of them stale, across 1,000 rooms,
 pruned in at most 2 s including the group discards and the ``presence.expired``
@@ -23,7 +27,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from bench.pipeline import Row
-from channels_presence import groups
+from channels_presence import groups, operations, protocol
 
 PRUNE_BUDGET_S = 2.0
 
@@ -40,8 +44,13 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
     with connection.cursor() as cursor:
         # The run's own database: only this section's presences, from here on.
         cursor.execute(f"DELETE FROM {Presence._meta.db_table}")
+    per_room = count // rooms
+    # With the counts their joins would have left (one visitor per socket).
     Room.objects.bulk_create(
-        [Room(channel_name=f"bench-prune-{i}") for i in range(rooms)]
+        [
+            Room(channel_name=f"bench-prune-{i}", visitors=per_room, sockets=per_room)
+            for i in range(rooms)
+        ]
     )
     room_objects = list(Room.objects.filter(channel_name__startswith="bench-prune-"))
     now = timezone.now()
@@ -49,19 +58,24 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
     # As daphne names them: each server process has one prefix for all its
     # sockets, and a group message is stored once per process, not per socket.
     names = [f"specific.server{i % SERVERS}!socket{i}" for i in range(count)]
-    Presence.objects.bulk_create(
-        [
+    presences = []
+    for i, name in enumerate(names):
+        room = room_objects[i % rooms]
+        key = protocol.member_key(room.channel_name, name)
+        presences.append(
             Presence(
-                room=room_objects[i % rooms],
+                room=room,
                 channel_name=name,
                 # Fresh ones an hour ahead: none goes stale during a slow run.
                 last_seen=stale if i % 2 else now + timedelta(hours=1),
                 joined_at=stale,
+                # As a mixin's join writes them: every presence event handled.
+                key=key,
+                ref=protocol.presence_ref(room.channel_name, name, key),
+                events=protocol.ALL_EVENTS,
             )
-            for i, name in enumerate(names)
-        ],
-        batch_size=5_000,
-    )
+        )
+    Presence.objects.bulk_create(presences, batch_size=5_000)
     # What count joins with subscribe=True leave in the layer, pipelined.
     calls = [
         (group, name)
@@ -77,10 +91,10 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
             cursor.execute(f"ANALYZE {Presence._meta.db_table}")
     with CaptureQueriesContext(connection) as queries:
         began = time.perf_counter()
-        Room.objects.prune_presences()
+        removed = operations.prune_stale()
         seconds = time.perf_counter() - began
     left = Presence.objects.count()
-    if left != count - count // 2:
+    if left != count - count // 2 or removed != count // 2:
         raise RuntimeError(f"the prune left {left} of {count} presences")
     what = f"{count:,} presences, half stale, {rooms:,} rooms"
     return [

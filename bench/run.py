@@ -7,7 +7,8 @@ or, with the project's virtualenv and services already there,
 ``.venv/bin/python -m bench.run [--smoke] [--out DIR]``.
 
 Each section runs as a subprocess with its own database, Redis keys and Celery
-queue: ours with this virtualenv (``bench/pipeline.py``, ``bench/e2e.py``), and
+queue: ours with this virtualenv (``bench/pipeline.py``, ``bench/e2e.py``, and
+``bench/scale.py`` and ``bench/sizing.py``, which have no 1.0.0 side), and
 1.0.0 with the baseline virtualenv ``bench/.baseline-venv`` (Django 3.2.25,
 channels 3.0.5, channels-redis 3.4.1, celery 5.3.6, psycopg2-binary; made on
 first use) running ``bench/baseline/run.py``. All of them run in this one
@@ -15,6 +16,8 @@ invocation, so each ratio compares figures taken minutes apart on the same
 machine. The table is printed and written to ``DIR/latest.json`` and
 ``DIR/latest.md`` (``bench/results/`` by default; ``smoke.json`` and
 ``smoke.md`` under ``--smoke``, so a smoke run never replaces a full one).
+``--only scale,sizing`` runs some parts (of pipeline, e2e, scale, sizing) and
+writes the files named for them, ``scale-sizing.json`` and ``scale-sizing.md``.
 
 Figures, not assertions: nothing here fails because a budget is missed.
 """
@@ -56,6 +59,9 @@ BASELINE_PACKAGES = [
 ]
 DEFAULT_DATABASE_URL = "postgres://root@127.0.0.1:5432/test"
 LOWER, HIGHER = "lower", "higher"
+#: What a run is made of: bench/pipeline.py (and 1.0.0's run.py), bench/e2e.py,
+#: bench/scale.py and bench/sizing.py.
+PARTS = ("pipeline", "e2e", "scale", "sizing")
 
 
 @dataclass
@@ -186,6 +192,25 @@ def lines() -> list[Line]:
         )
     found += [
         Line(
+            "a join in a room of 1,000: the diff each socket gets",
+            "postgresql:room1000.join.diff_bytes",
+        ),
+        Line(
+            "a leave in a room of 1,000: the diff each socket gets",
+            "postgresql:room1000.leave.diff_bytes",
+        ),
+    ]
+    found.append(
+        Line(
+            "worker: joins and leaves applied, batches of 500, rooms of 1,000",
+            "postgresql:worker.batch.1000",
+            budget="≥ 5,000/s",
+            limit=5_000,
+            better=HIGHER,
+        )
+    )
+    found += [
+        Line(
             "prune, wall time (half stale)",
             "postgresql:prune.seconds",
             "postgresql:prune.seconds",
@@ -212,17 +237,162 @@ def lines() -> list[Line]:
         ),
     ]
     for what in ("join", "leave"):
-        for stat, limit in (("p50", None), ("p99", 100.0), ("max", None)):
+        for stat in ("p50", "p99", "max"):
+            limit = 50.0 if (what, stat) == ("join", "p99") else None
             found.append(
                 Line(
                     f"end to end: a {what} seen by the room, {stat}",
                     f"e2e:{what}.{stat}",
                     f"e2e-baseline:{what}.{stat}",
-                    "≤ 100 ms" if limit else "",
+                    "≤ 50 ms, and ≤ 1.0.0's" if limit else "",
                     limit,
                 )
             )
+    found += [
+        Line(
+            "join storm (1,000 into one room, 200/s): every view complete after",
+            "storm:converge.seconds",
+            "storm-baseline:converge.seconds",
+            "≤ 5 s",
+            5,
+        ),
+        Line(
+            "join storm: bytes per client / the room's final state, worst client",
+            "storm:bytes.ratio",
+            "storm-baseline:bytes.ratio",
+            "≤ 1.5",
+            1.5,
+        ),
+        Line(
+            "join storm: frames per client, median",
+            "storm:frames.median",
+            "storm-baseline:frames.median",
+        ),
+    ]
+    found += scale_lines() + sizing_lines()
     return found
+
+
+#: bench/scale.py's deployments: 2 daphnes and 2 workers (prefork, 2 each),
+#: and 1 daphne and 1 worker (solo), the baseline.
+SCALE_SETUPS = {"multi": "2 daphnes, 2 workers of 2", "single": "1 daphne, 1 worker"}
+
+
+def scale_lines() -> list[Line]:
+    """bench/scale.py's figures, each deployment's on a line of its own."""
+    found: list[Line] = []
+    for setup, label in SCALE_SETUPS.items():
+        at = f"scale [{label}]"
+        found.append(
+            Line(f"{at}: ramp, until every socket's row", f"scale.{setup}:ramp.seconds")
+        )
+        for what, room in (("", "a room of 10"), ("big.", "the room of 1,000")):
+            for kind in ("join", "leave"):
+                for stat in ("p50", "p99"):
+                    found.append(
+                        Line(
+                            f"{at}: a {kind} seen by {room}, {stat}",
+                            f"scale.{setup}:{what}{kind}.{stat}",
+                        )
+                    )
+        found += [
+            Line(f"{at}: presence frames missed", f"scale.{setup}:missed"),
+            Line(
+                f"{at}: rows = sockets = groups at the end (1 = yes)",
+                f"scale.{setup}:end.consistent",
+                better=HIGHER,
+            ),
+            Line(
+                f"{at}: burst, joins applied",
+                f"scale.{setup}:burst.joins_per_s",
+                better=HIGHER,
+            ),
+            Line(
+                f"{at}: burst, leaves applied",
+                f"scale.{setup}:burst.leaves_per_s",
+                better=HIGHER,
+            ),
+            Line(
+                f"{at}: worker CPU time per join",
+                f"scale.{setup}:worker.cpu_ms_per_join",
+            ),
+            Line(
+                f"{at}: daphne memory per socket",
+                f"scale.{setup}:daphne.kib_per_socket",
+            ),
+            Line(
+                f"{at}: daphne CPU time per heartbeat",
+                f"scale.{setup}:daphne.cpu_us_per_heartbeat",
+            ),
+            Line(
+                f"{at}: daphne CPU time per presence frame",
+                f"scale.{setup}:daphne.cpu_us_per_frame",
+            ),
+        ]
+    return found
+
+
+def sizing_lines() -> list[Line]:
+    """bench/sizing.py's figures, per 10,000 sockets."""
+    return [
+        Line(
+            "sizing: Redis, 10,000 sockets in rooms of 10",
+            "sizing:redis.rooms.bytes_per_10k_sockets",
+        ),
+        Line(
+            "sizing: Redis, 10,000 sockets in one room",
+            "sizing:redis.one_room.bytes_per_10k_sockets",
+        ),
+        Line(
+            "sizing: database, 10,000 presences (rooms of 10)",
+            "sizing:database.present.kib_per_10k",
+        ),
+        Line(
+            "sizing: database, once those 10,000 left",
+            "sizing:database.left.kib_per_10k",
+        ),
+        Line(
+            "sizing: add_presence as a worker runs it, one process",
+            "sizing:database.joins_per_s",
+            better=HIGHER,
+        ),
+    ]
+
+
+#: The units of bench/scale.py's and bench/sizing.py's figures, by their key's end.
+UNITS = {
+    "seconds": "s",
+    "p50": "ms",
+    "p99": "ms",
+    "missed": "frames",
+    "consistent": "",
+    "joins_per_s": "/s",
+    "leaves_per_s": "/s",
+    "cpu_ms_per_join": "ms",
+    "kib_per_socket": "KiB",
+    "cpu_us_per_heartbeat": "µs",
+    "cpu_us_per_frame": "µs",
+    "bytes_per_10k_sockets": "bytes",
+    "kib_per_10k": "KiB",
+}
+
+
+def as_rows(prefix: str, figures: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Plain figures as the table's rows, keyed ``prefix:key``; text becomes detail."""
+    rows = {}
+    for key, value in figures.items():
+        unit = UNITS.get(key.rsplit(".", 1)[-1])
+        if unit is None or not isinstance(value, int | float):
+            continue
+        rows[f"{prefix}:{key}"] = {
+            "key": key,
+            "value": float(value),
+            "p99": None,
+            "unit": unit,
+            "n": None,
+            "detail": "",
+        }
+    return rows
 
 
 def main() -> None:
@@ -232,16 +402,27 @@ def main() -> None:
     parser.add_argument(
         "--skip-baseline", action="store_true", help="ours only, no 1.0.0"
     )
+    parser.add_argument(
+        "--only",
+        default=",".join(PARTS),
+        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)",
+    )
     args = parser.parse_args()
+    parts = set(args.only.split(","))
+    if parts - set(PARTS):
+        parser.error(f"--only: no such part {', '.join(sorted(parts - set(PARTS)))}")
     database_url = os.environ.get("DATABASE_URL") or DEFAULT_DATABASE_URL
     started = time.monotonic()
     ours: dict[str, dict[str, Any]] = {}
     baseline: dict[str, dict[str, Any]] = {}
     baseline_versions: dict[str, str] = {}
     smoke = ["--smoke"] if args.smoke else []
+    e2e: dict[str, Any] = {"ours": {}, "baseline": {}, "notes": []}
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cp-bench-") as scratch:
         out = Path(scratch)
-        for db, url in (("sqlite", "sqlite"), ("postgresql", database_url)):
+        pipelines = (("sqlite", "sqlite"), ("postgresql", database_url))
+        for db, url in pipelines if "pipeline" in parts else ():
             sections = "socket" if db == "sqlite" else "socket,broker,worker,prune"
             found = ours_run(out / f"ours-{db}.json", url, sections, smoke)
             ours.update({f"{db}:{key}": row for key, row in found.items()})
@@ -252,11 +433,38 @@ def main() -> None:
                 )
                 baseline_versions = versions or baseline_versions
                 baseline.update({f"{db}:{key}": row for key, row in found.items()})
-        e2e = e2e_run(out / "e2e.json", database_url, smoke, args.skip_baseline)
+        if "e2e" in parts:
+            e2e = e2e_run(out / "e2e.json", database_url, smoke, args.skip_baseline)
         ours.update({f"e2e:{key}": row for key, row in e2e["ours"].items()})
         baseline.update(
             {f"e2e-baseline:{key}": row for key, row in e2e["baseline"].items()}
         )
+        storm = e2e_run(
+            out / "storm.json", database_url, smoke, args.skip_baseline, "bench.storm"
+        )
+        ours.update({f"storm:{key}": row for key, row in storm["ours"].items()})
+        baseline.update(
+            {f"storm-baseline:{key}": row for key, row in storm["baseline"].items()}
+        )
+        e2e["notes"] = [*e2e.get("notes", []), *storm.get("notes", [])]
+        if "scale" in parts:
+            found = part_run("bench.scale", out / "scale.json", database_url, smoke)
+            for setup, figures in found.get("setups", {}).items():
+                ours.update(as_rows(f"scale.{setup}", figures))
+                if figures.get("end.wrong"):
+                    notes.append(
+                        f"scale, {setup}: differed at the end: {figures['end.wrong']}"
+                    )
+            if found:
+                notes += [f"scale: {found['shape']}", *found["notes"]]
+        if "sizing" in parts:
+            found = part_run("bench.sizing", out / "sizing.json", database_url, smoke)
+            ours.update(as_rows("sizing", found.get("rows", {})))
+            notes += [
+                f"sizing, {key}: {value}"
+                for key, value in found.get("rows", {}).items()
+                if isinstance(value, str)
+            ]
     table = compare(ours, baseline)
     result = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -264,12 +472,14 @@ def main() -> None:
         "seconds": round(time.monotonic() - started),
         "machine": machine(),
         "versions": {"ours": our_versions(), "1.0.0": baseline_versions},
-        "notes": [*FAILURES, *e2e.get("notes", [])],
+        "notes": [*FAILURES, *e2e.get("notes", []), *notes],
         "table": table,
         "ours": ours,
         "1.0.0": baseline,
     }
-    name = "smoke" if args.smoke else "latest"
+    # A run of some parts only never replaces a whole one: it is named for them.
+    name = "-".join(part for part in PARTS if part in parts)
+    name = "smoke" if args.smoke else "latest" if parts == set(PARTS) else name
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     markdown = render(result)
@@ -343,11 +553,28 @@ def baseline_run(
     return {row["key"]: row for row in found["rows"]}, found["versions"]
 
 
-def e2e_run(
-    out: Path, url: str, smoke: list[str], skip_baseline: bool
-) -> dict[str, Any]:
+def part_run(module: str, out: Path, url: str, smoke: list[str]) -> dict[str, Any]:
+    """Run ``python -m module --json out``; what it wrote, or {} if it failed."""
     env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, "-m", "bench.e2e", "--json", str(out), *smoke]
+    env.pop("CHANNELS_PRESENCE_BENCH_RUN", None)
+    if not run_logged(
+        [sys.executable, "-m", module, "--json", str(out), *smoke], env, ROOT
+    ):
+        return {}
+    found: dict[str, Any] = json.loads(out.read_text())
+    return found
+
+
+def e2e_run(
+    out: Path,
+    url: str,
+    smoke: list[str],
+    skip_baseline: bool,
+    module: str = "bench.e2e",
+) -> dict[str, Any]:
+    """Run a websocket section (bench.e2e, bench.storm), ours and 1.0.0's."""
+    env = {**os.environ, "DATABASE_URL": url, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", module, "--json", str(out), *smoke]
     if not skip_baseline:
         ensure_baseline_venv()
         command += ["--baseline-python", str(BASELINE_PYTHON)]

@@ -93,6 +93,9 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"global_keyprefix": f"{KEY_PREFIX}:"}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = f"presence-{RUN}"
 CELERY_TASK_IGNORE_RESULT = True
+# Celery's Django fix-up closes the database connection around every task
+# unless this is set: a lone join's task would open a connection each time.
+CELERY_DB_REUSE_MAX = 1_000
 
 LOGGING = {
     "version": 1,

@@ -5,7 +5,11 @@ A sync consumer: ``connect`` adds the socket to the room of its URL
 ``disconnect`` is ``remove_presence``-decorated, and a ``presence_changed``
 receiver sends each change to the room's group (the documentation's
 ``broadcast_to_room``, on channels 3). Like ours in bench/asgi.py, it tells
-each client its channel name, and each event names who joined or left.
+each client its channel name, and each event names who joined or left; with
+``BASELINE_BROADCAST=members`` (bench/storm.py), each event carries the room's
+whole member list instead, the documentation's other form
+(``{'presence': [p.channel_name for p in room.presence_set.all()]}``), which
+is what lets a client that joins late know who is there.
 """
 
 import os
@@ -26,17 +30,23 @@ from channels_presence.decorators import remove_presence, touch_presence  # noqa
 from channels_presence.models import Room  # noqa: E402
 from channels_presence.signals import presence_changed  # noqa: E402
 
+MEMBERS = os.environ.get("BASELINE_BROADCAST") == "members"
+
 
 @receiver(presence_changed)
 def broadcast_to_room(sender, room, added, removed, bulk_change, **kwargs):
-    async_to_sync(get_channel_layer().group_send)(
-        room.channel_name,
-        {
+    if MEMBERS:
+        event = {
+            "type": "presence.event",
+            "presence": [p.channel_name for p in room.presence_set.all()],
+        }
+    else:
+        event = {
             "type": "presence.event",
             "added": added.channel_name if added else None,
             "removed": removed.channel_name if removed else None,
-        },
-    )
+        }
+    async_to_sync(get_channel_layer().group_send)(room.channel_name, event)
 
 
 class BaselineConsumer(WebsocketConsumer):
@@ -55,7 +65,7 @@ class BaselineConsumer(WebsocketConsumer):
 
     def presence_event(self, event):
         self.send_json(
-            {"type": "presence", "added": event["added"], "removed": event["removed"]}
+            {"type": "presence", **{k: v for k, v in event.items() if k != "type"}}
         )
 
     def send_json(self, content):
