@@ -11,8 +11,8 @@ PostgreSQL (DATABASE_URL, else postgres://root@127.0.0.1:5432/test), then runs
 ruff, the format check, mypy, ``makemigrations --check`` and the test suite on
 SQLite and on PostgreSQL. PostgreSQL is skipped, with the reason, when it cannot
 be reached, except under CI=true, where that is a failure. Under CI=true it also
-installs Debian's Chromium for the real-browser test when /usr/bin/chromium is
-missing.
+installs the Debian packages that tests run and that are missing: Chromium for
+the real-browser test, redis-sentinel, pgbouncer and nginx.
 
 ``demo`` runs the example site on http://127.0.0.1:8000/ (PORT to change it):
 the same virtualenv and Redis, SQLite in example/db.sqlite3 (SQLITE_PATH) unless
@@ -220,25 +220,47 @@ def run_side_by_side(
     return results
 
 
-def ensure_chromium() -> None:
-    """Under CI=true, install Debian's chromium for the browser test if missing."""
-    if not IN_CI or CHROMIUM.exists() or not shutil.which("apt-get"):
+#: Debian packages that tests run as real servers: package -> (the program it
+#: installs, what needs it). Tests that need one skip, saying why, without it.
+DEBIAN_PACKAGES = {
+    "chromium": (str(CHROMIUM), "the real-browser test"),
+    "redis-sentinel": ("redis-sentinel", "the Redis Sentinel failover test"),
+    "pgbouncer": ("pgbouncer", "the PgBouncer test"),
+    "nginx": ("nginx", "the check of docker/'s nginx configuration"),
+}
+
+
+def ensure_debian_packages() -> None:
+    """Under CI=true, install the Debian packages the tests run, if missing.
+
+    Installing a server package starts no server where policy-rc.d forbids it
+    (containers); the tests start their own, on free ports, in any case.
+    """
+    if not IN_CI or not shutil.which("apt-get"):
         return
-    say("installing Debian's chromium for the browser test (apt-get, non-interactive)")
+    missing = {
+        package: needed_by
+        for package, (program, needed_by) in DEBIAN_PACKAGES.items()
+        if not (Path(program).exists() or shutil.which(program))
+    }
+    if not missing:
+        return
+    for package, needed_by in missing.items():
+        say(f"installing Debian's {package} for {needed_by} (apt-get, non-interactive)")
     quiet = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (
         ["apt-get", "update", "-qq"],
-        ["apt-get", "install", "-y", "-qq", "chromium"],
+        ["apt-get", "install", "-y", "-qq", *missing],
     ):
         done = subprocess.run(command, env=quiet, stdout=subprocess.DEVNULL)
         if done.returncode != 0:
-            say(f"FAILED: {' '.join(command)}; the browser test will fail")
+            say(f"FAILED: {' '.join(command)}; {', '.join(missing.values())} will fail")
             return
 
 
 def test(pytest_args: list[str]) -> int:
     ensure_venv()
-    ensure_chromium()
+    ensure_debian_packages()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("DATABASE_URL", None)
     database, skipped = postgres_url()

@@ -98,6 +98,9 @@ CELERY_BROKER_URL = REDIS_URL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 CELERY_TASK_IGNORE_RESULT = True
+# Celery's Django fix-up closes the database connection around every task
+# unless this is set (see the README's set-up).
+CELERY_DB_REUSE_MAX = 1000
 
 LOGGING = {
     "version": 1,

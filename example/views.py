@@ -1,6 +1,6 @@
 """Pages of the example site: the lobby, and a room with its live members."""
 
-from django.db.models import Count, Q
+from django.db.models import Count
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
@@ -12,22 +12,23 @@ SUGGESTED_ROOMS = ("lobby", "kitchen", "garden")
 
 
 def lobby(request: HttpRequest, error: str = "", status: int = 200) -> HttpResponse:
-    """The rooms with people in them, with how many, and a way into any room."""
-    rooms = Room.objects.annotate(
-        users=Count("presence__user", distinct=True),
-        visitors=Count("presence", filter=Q(presence__user__isnull=True)),
-    ).order_by("channel_name")
+    """The rooms with people in them, with how many, and a way into any room.
+
+    The counts are each room's own (``Room.objects.occupied()``): one row per
+    room, however many are in it.
+    """
+    occupied = [
+        (room.channel_name, room.users, room.visitors)
+        for room in Room.objects.occupied()
+    ]
+    names = {name for name, _, _ in occupied}
+    empty = [(name, 0, 0) for name in SUGGESTED_ROOMS if name not in names]
     listed = [
-        {"name": room.channel_name, "users": room.users, "visitors": room.visitors}
-        for room in rooms
+        {"name": name, "users": users, "visitors": visitors}
+        for name, users, visitors in sorted(
+            occupied + empty, key=lambda room: (-(room[1] + room[2]), room[0])
+        )
     ]
-    names = {room["name"] for room in listed}
-    listed += [
-        {"name": name, "users": 0, "visitors": 0}
-        for name in SUGGESTED_ROOMS
-        if name not in names
-    ]
-    listed.sort(key=lambda room: (-(room["users"] + room["visitors"]), room["name"]))
     context = {"rooms": listed, "error": error}
     return render(request, "example/lobby.html", context, status=status)
 
@@ -49,10 +50,18 @@ def room(request: HttpRequest, room: str) -> HttpResponse:
     except (TypeError, ValueError) as error:
         raise Http404(_reason(error, room)) from error
     found = Room.objects.filter(channel_name=room).first()
+    # Each user with ``tabs``, their sockets here: get_users() filters on this
+    # room's presences, so the count over that join counts only those.
+    users = found.get_users().annotate(tabs=Count("presence")) if found else None
+    # The counts are the room's own: one row, kept with its presences.
+    counts = Room.objects.counts(room)
     context = {
         "room": room,
-        "users": list(found.get_users().order_by("username")) if found else [],
-        "anonymous": found.get_anonymous_count() if found else 0,
+        "users": list(users.order_by("username")) if users is not None else [],
+        "counts": counts,
+        # Visitors are counted per browser session, as presence.js shows them.
+        "anonymous": counts.visitors,
+        "sockets": counts.sockets,
     }
     return render(request, "example/room.html", context)
 
