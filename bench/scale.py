@@ -24,7 +24,10 @@ Measured, for each deployment:
   after the probe began to open (to close) its socket. Presence frames are
   those of type ``presence`` (wire protocol 1) or ``presence.diff`` /
   ``presence.state`` (protocol 2), so that the figure does not depend on what
-  the frames say. Bounded by ``--settle`` seconds; not seen by then: missed;
+  the frames say. Bounded by ``--settle`` seconds; not seen by then: missed.
+  Like presence.js, a client asks for a room's state (``presence.sync``) when
+  it has had none 2 s after opening: the mixin holds a room's diffs back until
+  the socket's state, and a state sent to a channel at capacity is dropped;
 * the end: the rows equal the sockets (each client's rooms) and each room's
   group and events group in Redis hold exactly its rows' sockets;
 * worker throughput: ``--burst`` more sockets, in rooms of ``--room-size``,
@@ -137,7 +140,8 @@ def summary(name: str, rows: dict[str, Any]) -> str:
         f"{rows['big.join.p50']:.0f}/{rows['big.join.p99']:.0f} ms), leaves "
         f"{rows['leave.p50']:.0f}/{rows['leave.p99']:.0f} ms (big room "
         f"{rows['big.leave.p50']:.0f}/{rows['big.leave.p99']:.0f} ms); missed "
-        f"{rows['missed']:.0f}; burst {rows['burst.joins_per_s']:.0f} joins/s, "
+        f"{rows['missed']:.0f}; {rows['syncs']} syncs asked for; burst "
+        f"{rows['burst.joins_per_s']:.0f} joins/s, "
         f"{rows['burst.leaves_per_s']:.0f} leaves/s; rows = sockets = groups at "
         f"the end: {rows['end.consistent']}"
     )
@@ -232,6 +236,10 @@ class Client:
     #: When it received each presence frame, and the room the frame was for.
     times: list[float] = field(default_factory=list)
     about: list[str] = field(default_factory=list)
+    #: The rooms it has had a ``presence.state`` of, and the syncs it asked for.
+    stated: set[str] = field(default_factory=set)
+    syncs: int = 0
+    watchdog: asyncio.Task[None] | None = None
 
     def path(self) -> str:
         return f"/ws/scale/{'+'.join(self.rooms)}/"
@@ -243,6 +251,24 @@ class Client:
         hello = json.loads(await self.socket.recv())
         self.channel = hello["channel"]
         self.reader = asyncio.create_task(self._read())
+        self.watchdog = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """presence.js's sync when a room has sent no state 2 s after opening,
+        one a second at most: the mixin holds a room's diffs back until its
+        state, and a state can be dropped on a channel at capacity."""
+        assert self.socket is not None
+        try:
+            await asyncio.sleep(2)
+            while missing := [r for r in self.rooms if r not in self.stated]:
+                for room in missing:
+                    self.syncs += 1
+                    await self.socket.send(
+                        json.dumps({"type": "presence.sync", "room": room})
+                    )
+                await asyncio.sleep(1)
+        except Exception:
+            return
 
     async def _read(self) -> None:
         assert self.socket is not None
@@ -253,6 +279,8 @@ class Client:
                 if isinstance(event, dict) and event.get("type") in PRESENCE_FRAMES:
                     self.times.append(now)
                     self.about.append(str(event.get("room", "")))
+                    if event["type"] == "presence.state":
+                        self.stated.add(str(event.get("room", "")))
         except Exception:
             return
 
@@ -266,8 +294,9 @@ class Client:
     async def close(self) -> None:
         if self.socket is not None:
             await self.socket.close()
-        if self.reader is not None:
-            self.reader.cancel()
+        for task in (self.reader, self.watchdog):
+            if task is not None:
+                task.cancel()
 
 
 def population(args: argparse.Namespace) -> list[Client]:
@@ -505,6 +534,7 @@ async def measure(servers: Servers, args: argparse.Namespace) -> dict[str, Any]:
         for stat in ("p50", "p99", "max"):
             rows.setdefault(f"{name}.{stat}", float("nan"))
     rows["missed"] = missed
+    rows["syncs"] = sum(c.syncs for c in open_clients)
     rows["daphne.frames_delivered"] = frames
     rows["daphne.cpu_us_per_frame"] = probe_cpu / max(frames, 1) * 1e6
 
