@@ -53,7 +53,12 @@ MAX_HELD = 1_000
 
 @dataclass
 class _View:
-    """What the socket was sent of one room: the version of its last state."""
+    """What the socket was sent of one room.
+
+    ``version``: the version its client is at, reducing what it was sent as
+    DESIGN.md's client does (its last state, then the diffs that followed it
+    without a gap); None before its first state.
+    """
 
     version: int | None = None
     held: list[dict[str, Any]] = field(default_factory=list)
@@ -206,12 +211,23 @@ class PresenceConsumerMixin:
 
     # Presence frames, from the workers or from a sync.
 
-    async def _on_state(self, event: dict[str, Any]) -> None:
+    async def _on_state(self, event: dict[str, Any], *, asked: bool = False) -> None:
+        """A state: the join's own from the worker, or (``asked``) a sync's.
+
+        The client drops a state older than its view. A join's state that is
+        not newer than what the socket was sent since (a sync answered while
+        it was on its way, and the diffs after it) is not sent at all: in a
+        storm it is the room's whole member list, again. A sync's answer at
+        the client's own version is sent, since the client asked for it.
+        """
         view = self._presence_views.get(event["room"])
         if view is None:
             return
         version = event["version"]
-        if view.version is not None and version < view.version:
+        if view.version is not None and (
+            version < view.version or (version == view.version and not asked)
+        ):
+            view.stated.set()
             return
         view.version = version
         view.stated.set()
@@ -231,6 +247,8 @@ class PresenceConsumerMixin:
                 # The client finds the gap and syncs.
                 del view.held[0]
         elif event["version"] > view.version:
+            if event["from"] <= view.version:
+                view.version = event["version"]
             await self._forward(event)
 
     async def _on_beacon(self, event: dict[str, Any]) -> None:
@@ -311,7 +329,7 @@ class PresenceConsumerMixin:
         except dispatch.UNAVAILABLE as error:
             outage.failed("sync", error)
             return
-        await self._on_state(state)
+        await self._on_state(state, asked=True)
 
     async def _forward(self, event: dict[str, Any]) -> None:
         payload = self.presence_payload(event)

@@ -575,6 +575,47 @@ async def test_a_sync_whose_joins_state_never_comes_is_answered_from_the_rows(
         assert len(states) == 1
 
 
+async def test_a_joins_state_after_a_sync_was_answered_is_sent_only_if_newer(
+    no_worker,
+):
+    # In a storm, the join's state can come after the deferred sync was
+    # answered from the rows: the client has the room then, and the diffs
+    # after it; the room's whole list again is bytes for nothing.
+    layer: Any = get_channel_layer()
+    await Room.objects.aadd("lobby", "specific.other!1")
+    consumer = with_presence(AsyncJsonEchoConsumer, presence_rooms=("lobby",))
+    async with connected(consumer.as_asgi()) as a:
+        await a.answer('"ping"')
+        (socket,) = group_members(events_group("lobby"))
+        await a.send_to(
+            text_data=json.dumps({"type": "presence.sync", "room": "lobby"})
+        )
+        answered = await a.receive_type("presence.state")
+        v = answered["version"]
+        counts = {"users": 0, "visitors": 1, "sockets": 1}
+        diff = {
+            "type": "presence.diff",
+            "room": "lobby",
+            "from": v,
+            "version": v + 1,
+            "joins": None,
+            "leaves": None,
+            "counts": counts,
+        }
+        await layer.send(socket, diff)
+        assert await a.receive_type("presence.diff") == diff
+
+        def state(version: int) -> dict[str, Any]:
+            return {**answered, "version": version, "counts": counts}
+
+        for late in (state(v), state(v + 1), state(v + 2)):
+            await layer.send(socket, late)
+        assert await a.receive_type("presence.state") == state(v + 2)
+        await a.answer('"ping"')
+        sent = [m for m in a.received_since(0) if m["type"] == "presence.state"]
+        assert sent == [answered, state(v + 2)]
+
+
 # A socket a prune dropped is told, and joins again.
 
 
