@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -74,6 +75,7 @@ class Line:
     budget: str = ""
     limit: float | None = None  # the budget's number, in the figure's unit
     better: str = LOWER  # which way is better, for the ratio and the budget
+    no_worse: bool = False  # the budget also asks for 1.0.0's figure or better
 
 
 def lines() -> list[Line]:
@@ -246,6 +248,7 @@ def lines() -> list[Line]:
                     f"e2e-baseline:{what}.{stat}",
                     "≤ 50 ms, and ≤ 1.0.0's" if limit else "",
                     limit,
+                    no_worse=limit is not None,
                 )
             )
     found += [
@@ -611,12 +614,16 @@ def compare(
         theirs = baseline.get(line.baseline) if line.baseline else None
         value = float(mine["value"])
         other = float(theirs["value"]) if theirs and theirs["value"] else None
+        if other is not None and math.isnan(other):
+            other = None  # not reached (1.0.0's storm never converges): see the notes
         ratio = None
         if other is not None and value > 0:
             ratio = other / value if line.better == LOWER else value / other
         holds = None
         if line.limit is not None:
             holds = value <= line.limit if line.better == LOWER else value >= line.limit
+            if line.no_worse and ratio is not None:
+                holds = holds and ratio >= 1
         table.append(
             {
                 "figure": line.label,

@@ -19,12 +19,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
+needs_postgres = pytest.mark.skipif(
     not os.environ.get("DATABASE_URL", "").startswith("postgres"),
     reason="the benchmarks need PostgreSQL; they run in the PostgreSQL pass",
 )
 
 
+@needs_postgres
 def test_smoke_run_writes_the_table_with_ours_and_1_0_0_side_by_side(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(
@@ -81,3 +82,26 @@ def test_smoke_run_writes_the_table_with_ours_and_1_0_0_side_by_side(tmp_path):
     markdown = (tmp_path / "smoke.md").read_text()
     assert "| figure | budget | ours | 1.0.0 | ratio | holds |" in markdown
     assert "end to end: a join seen by the room, p99" in markdown
+
+
+def test_the_end_to_end_budget_holds_only_when_no_worse_than_1_0_0():
+    # "p99 ≤ 50 ms, and no worse than 1.0.0's in the same run".
+    sys.path.insert(0, str(ROOT))
+    from bench.run import compare
+
+    def row(value: float) -> dict[str, object]:
+        return {"value": value, "unit": "ms"}
+
+    def holds(ours: float, theirs: float) -> bool:
+        (line,) = [
+            line
+            for line in compare(
+                {"e2e:join.p99": row(ours)}, {"e2e-baseline:join.p99": row(theirs)}
+            )
+            if line["figure"].endswith("join seen by the room, p99")
+        ]
+        return bool(line["holds"])
+
+    assert holds(30, 40)
+    assert not holds(30, 20)
+    assert not holds(60, 80)
