@@ -22,6 +22,7 @@ NUMBER_SETTINGS = (
     "ROOM_PRUNE_INTERVAL",
     "SERVER_PRUNE_INTERVAL",
     "EVENT_INTERVAL",
+    "WORKER_TIMEOUT",
 )
 FLAG_SETTINGS = ("USE_CELERY", "BROADCAST")
 
@@ -71,6 +72,12 @@ class Settings:
     def SERVER_PRUNE_INTERVAL(self) -> float:
         """Initial interval of the prune_servers beat entry, in seconds."""
         return cast(float, getattr(settings, PREFIX + "SERVER_PRUNE_INTERVAL", 5))
+
+    @property
+    def WORKER_TIMEOUT(self) -> float | None:
+        """Seconds a published presence task may wait unapplied before the web
+        process logs that no worker applies it; None turns the watch off."""
+        return cast("float | None", getattr(settings, PREFIX + "WORKER_TIMEOUT", 30))
 
     @property
     def REDIS_URL(self) -> str | dict[str, Any] | None:

@@ -22,6 +22,13 @@ ends, not once per task. It holds at most ``limit`` items: past that, touches
 are dropped first (a socket touches again within TOUCH_INTERVAL), and only then
 the oldest joins and leaves, each drop logged. Whatever is pending when the
 process exits is sent then, on a best-effort basis, and logged if it could not be.
+Every line about the broker names it, its password masked.
+
+Each message is stamped with the time it was published, and the sender thread
+watches whether a worker applies them (``channels_presence.heartbeat``): tasks
+that wait longer than CHANNELS_PRESENCE_WORKER_TIMEOUT are logged as an
+outage of the workers, once. Tasks sent with Celery's fallback application
+(the project's was never imported) are logged at the first send.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ from celery.app import app_or_default
 from kombu.exceptions import OperationalError as BrokerError
 from redis.exceptions import RedisError
 
+from . import broker, heartbeat
 from .conf import conf, task_queue
 from .tasks import BATCHABLE
 
@@ -107,6 +115,8 @@ class Outbox:
         self._connection_app: Celery | None = None
         self._failing = False
         self._dropping = False
+        self._told_fallback = False
+        self._watch = heartbeat.Watch()
         self.sent = 0
         self.dropped = 0
 
@@ -171,10 +181,11 @@ class Outbox:
             tasks, touches = self.pending()
             logger.error(
                 "presence outbox: %d joins and leaves and %d touches could not be "
-                "sent at exit, the broker is unavailable (%s); prune_presences "
-                "will catch up",
+                "sent at exit, the broker at %s is unavailable (%s); "
+                "prune_presences will catch up",
                 tasks,
                 touches,
+                self._broker(),
                 error,
             )
         finally:
@@ -217,13 +228,17 @@ class Outbox:
                 self._stop.wait(self.retry_interval)
                 continue
             self._recovered()
+            self._check_workers()
+            # While a publish is not known applied, wake to look again.
+            watching = heartbeat.CHECK_INTERVAL if self._watch.waiting() else None
             with self._lock:
                 touches = bool(self._touches)
             if touches:
                 wait = self._last_touch_flush + conf.FLUSH_INTERVAL - time.monotonic()
-                self._wake.wait(max(wait, 0.001))
+                wait = max(wait, 0.001)
+                self._wake.wait(min(wait, watching) if watching else wait)
             else:
-                self._wake.wait()
+                self._wake.wait(watching)
 
     def _gather(self) -> None:
         """While joins and leaves keep coming, let them gather a while longer.
@@ -311,6 +326,10 @@ class Outbox:
         # The app itself, not Celery's current_app proxy: the producer below
         # is kept for one app, and is made again when another is current.
         app = app_or_default(self.app)
+        if not self._told_fallback and broker.is_fallback_app(app):
+            self._told_fallback = True
+            logger.error(broker.fallback_app_error(app))
+        stamp = time.time()
         try:
             app.send_task(
                 name,
@@ -319,11 +338,30 @@ class Outbox:
                 retry=False,
                 producer=self._producer_for(app),
                 queue=task_queue(),
+                headers={heartbeat.HEADER: stamp},
             )
         except UNREACHABLE:
             self._disconnect()
             raise
+        self._watch.published(stamp)
         self.sent += carrying
+
+    def _check_workers(self) -> None:
+        # In the sender thread, at most every CHECK_INTERVAL while a publish
+        # is not known applied: a Redis read, never on the socket path.
+        if not self._watch.due():
+            return
+        try:
+            self._watch.check(app_or_default(self.app))
+        except Exception:
+            logger.exception("presence outbox: the worker watch failed")
+
+    def _broker(self) -> str:
+        try:
+            return broker.broker_location(app_or_default(self.app))
+        except Exception:
+            # A log line must not fail for a broker URL kombu cannot read.
+            return "(unreadable broker URL)"
 
     def _producer_for(self, app: Celery) -> Any:
         # A connection of our own, that fails at once when the broker is down:
@@ -365,9 +403,10 @@ class Outbox:
             return
         self._dropping = True
         logger.error(
-            "presence outbox is full (%d items, the broker is unavailable?): "
+            "presence outbox is full (%d items, the broker at %s is unavailable?): "
             "dropping %s; more drops are not logged until it empties",
             self.limit,
+            self._broker(),
             what,
         )
 
@@ -378,8 +417,9 @@ class Outbox:
         self._failing = True
         tasks, touches = self.pending()
         logger.error(
-            "presence outbox: the broker is unavailable (%s); %d tasks and %d "
-            "touches are kept and sent when it answers",
+            "presence outbox: the broker at %s is unavailable (%s); %d tasks and "
+            "%d touches are kept and sent when it answers",
+            self._broker(),
             error,
             tasks,
             touches,
@@ -388,7 +428,9 @@ class Outbox:
     def _recovered(self) -> None:
         if self._failing:
             self._failing = False
-            logger.warning("presence outbox: the broker answers again")
+            logger.warning(
+                "presence outbox: the broker at %s answers again", self._broker()
+            )
         with self._lock:
             if self._dropping and not self._tasks and not self._touches:
                 self._dropping = False

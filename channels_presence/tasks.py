@@ -20,11 +20,20 @@ import logging
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import task_success, worker_process_init, worker_process_shutdown
 from django.db import InterfaceError, OperationalError
 from redis.exceptions import RedisError
 
-from . import broadcast, clock, groups, leases, operations, schedule, validation
+from . import (
+    broadcast,
+    clock,
+    groups,
+    heartbeat,
+    leases,
+    operations,
+    schedule,
+    validation,
+)
 from .changes import Call, Join, Leave, LeaveAll
 
 logger = logging.getLogger("channels_presence")
@@ -261,6 +270,18 @@ def _keep_event_loops(**kwargs: Any) -> None:
     """In a process that runs a worker's tasks (solo, or a prefork child),
     channel-layer calls reuse one event loop, and its Redis connections."""
     groups.keep_loops()
+
+
+@task_success.connect
+def _beat(sender: Any = None, **kwargs: Any) -> None:
+    """A presence task was applied: the worker heartbeat says so, and which
+    publish it applied (see ``channels_presence.heartbeat``)."""
+    name = getattr(sender, "name", None) or ""
+    if name.startswith(PREFIX):
+        heartbeat.beat.applied(getattr(sender.request, heartbeat.HEADER, None))
+
+
+PREFIX = "channels_presence.tasks."
 
 
 @worker_process_shutdown.connect

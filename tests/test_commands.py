@@ -1,17 +1,23 @@
-"""The management commands: prune_presences and prune_rooms, and their --dry-run."""
+"""The management commands: prune_presences and prune_rooms, and their --dry-run;
+presence_status, a health check."""
 
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
+from django.test import override_settings
 from django.utils import timezone
+from django_celery_beat.models import PeriodicTask
 
-from channels_presence import operations
+from channels_presence import heartbeat, leases, operations
 from channels_presence.models import Presence, Room
+from channels_presence.tasks import PRUNE_PRESENCES
 from tests.helpers import group_members
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -225,3 +231,93 @@ def test_prune_rooms_dry_run_changes_nothing_and_says_which_by_name(
         "Would delete room garret",
         "Would delete 4 empty rooms.",
     ]
+
+
+# presence_status: a health check.
+
+
+@pytest.fixture
+def heartbeat_key() -> Iterator[str]:
+    """The worker heartbeat's key, empty before and after the test."""
+    key = heartbeat.key()
+    with leases.client() as client:
+        client.delete(key)
+    yield key
+    with leases.client() as client:
+        client.delete(key)
+
+
+def status() -> tuple[int, str]:
+    """presence_status's exit status and output."""
+    out = io.StringIO()
+    try:
+        call_command("presence_status", stdout=out)
+    except CommandError as error:
+        return error.returncode, f"{out.getvalue()}{error}"
+    return 0, out.getvalue()
+
+
+@override_settings(CHANNELS_PRESENCE_USE_CELERY=True)
+def test_presence_status_prints_what_is_present_and_when_beat_ran(
+    presences: None, heartbeat_key: str
+) -> None:
+    Presence.objects.filter(channel_name=FRESH).update(server="web-live")
+    Presence.objects.filter(channel_name=OLD).update(server="web-dead")
+    ran = timezone.now() - timedelta(seconds=42)
+    PeriodicTask.objects.filter(task=PRUNE_PRESENCES).update(last_run_at=ran)
+    heartbeat.Beat().applied(None)
+    with leases.client() as client:
+        client.set(leases.lease_key("web-live"), "web-live", ex=30)
+        try:
+            code, out = status()
+        finally:
+            client.delete(leases.lease_key("web-live"))
+    assert code == 0, out
+    assert out.splitlines() == [
+        "Rooms: 2",
+        "Presences: 4",
+        "Servers with a live lease: 1 (of 2 with presences)",
+        "Oldest waiting presence task: none waiting",
+        "Worker heartbeat: a worker applied a presence task 0 s ago",
+        "Beat entries, last run:",
+        f"  channels_presence: prune stale presences: "
+        f"{ran.isoformat(timespec='seconds')} (42 s ago)",
+        "  channels_presence: prune empty rooms: never",
+        "  channels_presence: prune crashed servers: never",
+        "Presence is being applied.",
+    ]
+
+
+@override_settings(CHANNELS_PRESENCE_USE_CELERY=True)
+def test_presence_status_fails_when_no_worker_heartbeat_was_ever_seen(
+    heartbeat_key: str,
+) -> None:
+    code, out = status()
+    assert code == 1
+    assert "Worker heartbeat: none seen" in out
+    assert "presence is not being applied: no worker heartbeat was ever seen" in out
+
+
+@override_settings(
+    CHANNELS_PRESENCE_USE_CELERY=True, CHANNELS_PRESENCE_WORKER_TIMEOUT=30
+)
+def test_presence_status_fails_when_a_task_waited_longer_than_the_worker_timeout(
+    heartbeat_key: str,
+) -> None:
+    now = time.time()
+    heartbeat.Beat().applied(now - 100)  # the last task applied, 100 s ago
+    with leases.client() as client:
+        client.hset(heartbeat_key, "waiting:web-1", repr(now - 40))
+        code, out = status()
+        assert code == 1
+        assert "Oldest waiting presence task: published 40 s ago" in out
+        assert "has waited longer than CHANNELS_PRESENCE_WORKER_TIMEOUT (30 s)" in out
+        # Waiting less than the timeout: a worker may be on its way to it.
+        client.hset(heartbeat_key, "waiting:web-1", repr(now - 10))
+        assert status()[0] == 0
+
+
+def test_presence_status_needs_no_worker_in_inline_mode(heartbeat_key: str) -> None:
+    code, out = status()
+    assert code == 0
+    assert "Workers: none needed, presence runs inline" in out

@@ -269,6 +269,16 @@ def test_the_long_running_services_have_health_checks(
     assert services["web"]["ports"] == ["8000:8000"]
 
 
+def test_the_workers_health_check_asks_presence_status_whether_presence_is_applied(
+    services: dict[str, Any],
+) -> None:
+    for name in ("worker", "worker-2"):
+        kind, command = services[name]["healthcheck"]["test"]
+        assert kind == "CMD-SHELL"
+        assert command.endswith("&& python manage.py presence_status"), command
+        assert "inspect ping" in command
+
+
 def dockerfile() -> list[tuple[str, str]]:
     """The Dockerfile's instructions, continuation lines joined."""
     text = (DOCKER / "Dockerfile").read_text().replace("\\\n", " ")

@@ -35,7 +35,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.test import override_settings
 
-from channels_presence import dispatch, outbox
+from channels_presence import broker as broker_module
+from channels_presence import dispatch, heartbeat, outbox
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.outbox import BATCH_TASK, TOUCH_TASK, Outbox
@@ -433,7 +434,7 @@ def test_an_outage_is_logged_once_and_what_was_kept_is_delivered_in_order(
     assert len(retries) >= 5, "too few attempts failed to show anything"
     errors = _records(caplog, logging.ERROR)
     assert len(errors) == 1, errors
-    assert "the broker is unavailable" in errors[0]
+    assert f"the broker at {broker.url} is unavailable" in errors[0]
     assert _records(caplog, logging.WARNING) == []
 
     broker.start()  # empty: what the first server held is gone
@@ -442,7 +443,7 @@ def test_an_outage_is_logged_once_and_what_was_kept_is_delivered_in_order(
     while not _records(caplog, logging.WARNING) and time.monotonic() < deadline:
         time.sleep(0.01)
     warnings = _records(caplog, logging.WARNING)
-    assert warnings == ["presence outbox: the broker answers again"]
+    assert warnings == [f"presence outbox: the broker at {broker.url} answers again"]
     assert len(_records(caplog, logging.ERROR)) == 1
     messages = broker.messages()
     tasks = [m.kwargs["at"] for m in messages if m.task == ADD]
@@ -455,6 +456,76 @@ def test_an_outage_is_logged_once_and_what_was_kept_is_delivered_in_order(
     box.send(LEAVE_ALL, "specific.during!1", at=101.0)
     time.sleep(0.3)
     assert len(_records(caplog, logging.ERROR)) == 2
+
+
+def test_broker_log_lines_name_the_broker_without_its_password(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="channels_presence")
+    port = closed_port()
+    app = fail_fast_app(f"redis://:s3cret@127.0.0.1:{port}/0")
+    box = Outbox(app, limit=1, retry_interval=0.05, exit_timeout=0.5)
+    try:
+        box.send(LEAVE_ALL, "specific.secret!1", at=1.0)
+        box.send(LEAVE_ALL, "specific.secret!2", at=2.0)  # full: a drop
+        time.sleep(0.3)
+    finally:
+        box.close()  # and what could not be sent at exit
+        atexit.unregister(box.close)
+    errors = _records(caplog, logging.ERROR)
+    assert [m.split(" at ")[0].split(":")[0] for m in errors] == [
+        "presence outbox is full (1 items, the broker",
+        "presence outbox",
+        "presence outbox",
+    ], errors
+    for message in errors:
+        assert f"redis://:**@127.0.0.1:{port}/0" in message, message
+        assert "s3cret" not in message, message
+
+
+def test_each_message_is_stamped_with_the_time_it_was_published(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox()
+    before = time.time()
+    box.send(LEAVE_ALL, "specific.stamp!1", at=1.0)
+    box.touch("specific.stamp!1")
+    assert box.flush(5)
+    with broker.client() as client:
+        raw = [json.loads(body) for body in client.lrange("celery", 0, -1)]
+    stamps = [message["headers"][heartbeat.HEADER] for message in raw]
+    assert len(stamps) == 2
+    assert all(before <= stamp <= time.time() for stamp in stamps)
+
+
+DEFAULT_APP_SCRIPT = """
+import django
+django.setup()
+from channels_presence.outbox import Outbox
+
+box = Outbox(exit_timeout=0.5)  # Celery's current app: nobody imported one
+box.send("channels_presence.tasks.leave_all", "specific.default!1", at=1.0)
+box.flush(1)
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_that_never_imported_its_celery_app_says_so_at_first_send() -> None:
+    done = _run_until_exit(DEFAULT_APP_SCRIPT)
+    assert done.code == 0, done.stderr
+    told = [
+        line
+        for line in done.stderr.splitlines()
+        if "sent with Celery's default app" in line
+    ]
+    assert len(told) == 1, done.stderr
+    assert "its broker is amqp://guest:**@localhost:5672//" in told[0]
+    assert "add 'from .celery import app as celery_app' to tests/__init__.py" in told[0]
+
+
+def test_the_projects_own_app_is_not_taken_for_celerys_default() -> None:
+    assert not broker_module.is_fallback_app(celery_app)
+    assert not broker_module.is_fallback_app(Celery("default"))
 
 
 def test_a_full_outbox_drops_touches_first_then_the_oldest_joins_and_leaves(
