@@ -272,16 +272,17 @@ def _keep_event_loops(**kwargs: Any) -> None:
     groups.keep_loops()
 
 
+#: The names of this module's tasks begin so.
+PREFIX = "channels_presence.tasks."
+
+
 @task_success.connect
-def _beat(sender: Any = None, **kwargs: Any) -> None:
+def _heartbeat(sender: Any = None, **kwargs: Any) -> None:
     """A presence task was applied: the worker heartbeat says so, and which
     publish it applied (see ``channels_presence.heartbeat``)."""
     name = getattr(sender, "name", None) or ""
     if name.startswith(PREFIX):
         heartbeat.beat.applied(getattr(sender.request, heartbeat.HEADER, None))
-
-
-PREFIX = "channels_presence.tasks."
 
 
 @worker_process_shutdown.connect
