@@ -7,12 +7,16 @@ JSON::
         def get_presence_rooms(self):
             return [self.scope["url_route"]["kwargs"]["room"]]
 
-Once ``connect()`` has accepted the socket, it joins each room that
-``can_join`` allows (a socket asking for more than
+The rooms are named and checked before ``connect()`` runs: a name Channels
+cannot use refuses the socket (a ``bad_room`` error frame, then close code
+4400; neither ``connect()`` nor ``disconnect()`` runs). Once ``connect()`` has
+accepted the socket, it joins each room that ``can_join`` allows, and is sent
+a ``forbidden`` error frame for each it refuses (and closed with code 4403 if
+the consumer sets ``close_on_refusal``). A socket asking for more than
 CHANNELS_PRESENCE_MAX_ROOMS_PER_CONNECTION rooms joins none: it is sent
 ``{"type": "presence.error", "error": "too_many_rooms", ...}`` and closed with
-code 4429); every received message touches it (heartbeats stop there);
-on disconnect it leaves every room before ``disconnect()`` runs.
+code 4429. Every received message touches it (heartbeats stop there); on
+disconnect it leaves every room before ``disconnect()`` runs.
 
 The rooms' presence reaches the client as wire protocol 2 (DESIGN.md; the
 README shows each frame): a ``presence.state`` once its join is applied, then
@@ -22,8 +26,9 @@ message. Diffs that arrive before the socket's first state are held back until
 that state is sent. A client's ``{"type": "presence.sync", "room": ...}`` is
 answered with the room's state (at most once a second per socket), or with a
 ``presence.error`` (``not_in_room``) for a room this socket is not in. A join
-that failed because the database or the channel layer was down is retried at
-the next message, so presence converges once they are back.
+that failed because the database or the channel layer was down is told to the
+client once (an ``unavailable`` error frame) and retried at the next message,
+so presence converges once they are back.
 
 The mixin works at the level of ASGI messages (``dispatch``), which sync and
 async consumers share, so one implementation serves both.
@@ -34,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -42,10 +48,13 @@ from typing import Any
 
 from asgiref.sync import iscoroutinefunction
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 
 from . import dispatch, protocol, sync, validation
 from .conf import conf
 from .outages import outage
+
+logger = logging.getLogger("channels_presence")
 
 #: Diffs held back for a room until the socket's first state, at most.
 MAX_HELD = 1_000
@@ -82,6 +91,11 @@ class PresenceConsumerMixin:
     #: The rooms every socket of this consumer joins.
     presence_rooms: Iterable[str] = ()
 
+    #: Whether a socket that ``can_join`` refuses a room is closed (code
+    #: 4403) after its ``forbidden`` error frame; by default it stays open,
+    #: in the rooms it may join.
+    close_on_refusal: bool = False
+
     channel_name: str
     channel_layer: Any
     scope: dict[str, Any]
@@ -106,6 +120,10 @@ class PresenceConsumerMixin:
         self._presence_open = False
         self._presence_accepted = False
         self._presence_left = False
+        # Refused at connect for a bad room name: its consumer never ran.
+        self._presence_refused = False
+        # Rooms the client was told are unavailable, until they are joined.
+        self._presence_told: set[str] = set()
         self._presence_send = send
         # Rooms to join at the next message: dropped by a prune, or not joined
         # because the database or the channel layer was down.
@@ -161,27 +179,59 @@ class PresenceConsumerMixin:
             if room is not None:
                 await self._presence_sync(room)
                 return
+        elif kind == "websocket.connect":
+            # The rooms are named and checked before the consumer's connect()
+            # can accept: a name Channels cannot use is refused first.
+            try:
+                rooms = _checked(await _call(self.get_presence_rooms))
+            except BadRoom as error:
+                await self._presence_refuse(error)
+                return
+            await super().dispatch(message)  # type: ignore[misc]
+            if self._presence_open:
+                await self._join(rooms)
+            return
         elif kind == "websocket.disconnect":
             self._presence_open = False
             self._presence_left = True
+            if self._presence_refused:
+                # connect() never ran: neither does disconnect().
+                raise StopConsumer()
             await dispatch.aleave_all(self)
         await super().dispatch(message)  # type: ignore[misc]
-        if kind == "websocket.connect" and self._presence_open:
-            rooms = await _call(self.get_presence_rooms)
-            await self._join(rooms)
 
-    async def _join(self, rooms: str | Iterable[str]) -> None:
-        # Every name is checked before the first join: a bad one joins nothing.
-        names = [
-            validation.room_name(room)
-            for room in ([rooms] if isinstance(rooms, str) else rooms)
-        ]
-        allowed = []
+    async def _presence_refuse(self, error: BadRoom) -> None:
+        """Tell the client its room name is unusable, and close (4400)."""
+        logger.warning("presence: a socket was refused: %s", error.message)
+        self._presence_refused = True
+        await self._presence_send({"type": "websocket.accept"})
+        await self._presence_send(
+            {"type": "websocket.send", "text": json.dumps(error.frame())}
+        )
+        await self._presence_send({"type": "websocket.close", "code": BAD_ROOM})
+
+    async def _join(self, names: list[str]) -> None:
+        allowed, refused = [], []
         for room in names:
             if await _call(self.can_join, room):
                 allowed.append(room)
             else:
                 self._presence_pending.discard(room)
+                refused.append(room)
+        for room in refused:
+            await self._send_frame(
+                {
+                    "type": "presence.error",
+                    "error": "forbidden",
+                    "room": room,
+                    "message": f"This socket may not join room {room!r}.",
+                }
+            )
+        if refused and self.close_on_refusal and self._presence_open:
+            self._presence_open = False
+            self._presence_pending.clear()
+            await self._presence_send({"type": "websocket.close", "code": FORBIDDEN})
+            return
         try:
             # Too many rooms joins none of them.
             dispatch.check_room_limit(self, allowed)
@@ -200,10 +250,25 @@ class PresenceConsumerMixin:
         self._presence_views[room] = _View()
         if await dispatch.ajoin(self, room, user, subscribe=True):
             self._presence_pending.discard(room)
-        else:
-            self._presence_views.pop(room, None)
-            self._presence_pending.add(room)
-            self._presence_retry_at = time.monotonic() + conf.TOUCH_INTERVAL
+            self._presence_told.discard(room)
+            return
+        self._presence_views.pop(room, None)
+        self._presence_pending.add(room)
+        self._presence_retry_at = time.monotonic() + conf.TOUCH_INTERVAL
+        if room not in self._presence_told:
+            # Once per room until it is joined: the retries are silent.
+            self._presence_told.add(room)
+            await self._send_frame(
+                {
+                    "type": "presence.error",
+                    "error": "unavailable",
+                    "room": room,
+                    "message": (
+                        "Presence is unavailable for now; this socket joins the "
+                        "room at its next message once it is back."
+                    ),
+                }
+            )
 
     async def _join_pending(self) -> None:
         if self._presence_pending and time.monotonic() >= self._presence_retry_at:
@@ -363,6 +428,49 @@ def _encoded(frame: dict[str, Any]) -> str:
         if len(_TEXTS) > _TEXTS_SIZE:
             _TEXTS.popitem(last=False)
     return text
+
+
+#: The close code of a socket refused for a room name Channels cannot use,
+#: after its ``bad_room`` error frame.
+BAD_ROOM = 4400
+#: The close code of a socket that ``can_join`` refused, after its
+#: ``forbidden`` error frame, when the consumer sets ``close_on_refusal``.
+FORBIDDEN = 4403
+
+
+class BadRoom(Exception):
+    """A room named by ``get_presence_rooms`` that Channels cannot use."""
+
+    def __init__(self, room: object, message: str) -> None:
+        self.room = room
+        self.message = message
+        super().__init__(message)
+
+    def frame(self) -> dict[str, Any]:
+        """The ``presence.error`` frame that tells the client."""
+        frame: dict[str, Any] = {"type": "presence.error", "error": "bad_room"}
+        if isinstance(self.room, str):
+            frame["room"] = self.room
+        frame["message"] = self.message
+        return frame
+
+
+def _checked(rooms: object) -> list[str]:
+    """The rooms as a list of names Channels can use, else :class:`BadRoom`."""
+    if isinstance(rooms, str):
+        rooms = [rooms]
+    if not isinstance(rooms, Iterable):
+        raise BadRoom(
+            rooms,
+            f"get_presence_rooms() must return room names, not {type(rooms).__name__}",
+        )
+    names = []
+    for room in rooms:
+        try:
+            names.append(validation.room_name(room))
+        except (TypeError, ValueError) as error:
+            raise BadRoom(room, str(error)) from None
+    return names
 
 
 async def _call(hook: Callable[..., Any], *args: Any) -> Any:

@@ -919,6 +919,22 @@ async def test_presence_js_reconnects_with_backoff_until_closed(page: Any) -> No
     assert await page.evaluate("room.status") == "closed"
 
 
+@pytest.mark.parametrize("code", [4400, 4403, 4429])
+async def test_presence_js_does_not_reconnect_after_a_refusal(
+    page: Any, code: int
+) -> None:
+    await _connect(page, minDelay=0.05, maxDelay=0.1)
+    await _open(page)
+    error = {"type": "presence.error", "error": "bad_room", "message": "no"}
+    await _send(page, error)
+    await page.server.sockets[-1].close(code=code)
+    await wait_until(lambda: _is_closed(page))
+    await asyncio.sleep(0.5)
+    assert len(page.server.sockets) == 1, "reconnected after a refusal"
+    assert await _calls(page, "error") == [[error]]
+    assert await _calls(page, "status") == [["connecting"], ["open"], ["closed"]]
+
+
 async def test_presence_js_backs_off_while_connections_do_not_hold(
     page: Any,
 ) -> None:

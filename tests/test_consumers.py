@@ -189,6 +189,42 @@ async def test_can_join_refusing_a_room_keeps_the_socket_out_of_it(consumer):
             }
 
 
+@pytest.mark.parametrize("consumer", [GatedConsumer, AsyncGatedConsumer])
+async def test_a_refused_room_is_told_to_the_client_which_stays_open(consumer):
+    alice = await make_user("alice")
+    async with connected(consumer.as_asgi(), user=alice) as client:
+        await client.answer('"ping"')
+        errors = [m for m in client.received_since(0) if m["type"] == "presence.error"]
+        assert errors == [
+            {
+                "type": "presence.error",
+                "error": "forbidden",
+                "room": "staff",
+                "message": "This socket may not join room 'staff'.",
+            }
+        ]
+        assert len(await sockets()) == 1
+        assert {room for room, _, _ in await rows()} == {"lobby", "news"}
+
+
+@pytest.mark.parametrize("consumer", [GatedConsumer, AsyncGatedConsumer])
+async def test_close_on_refusal_closes_a_refused_socket_with_4403(consumer, signals):
+    alice = await make_user("alice")
+    closing: Any = type("Closing", (consumer,), {"close_on_refusal": True})
+    client = Client(closing.as_asgi(), user=alice)
+    accepted, _ = await client.connect(TIMEOUT)
+    assert accepted
+    error = json.loads(await client.receive_text())
+    assert (error["error"], error["room"]) == ("forbidden", "staff")
+    output = await client.receive_output(TIMEOUT)
+    assert output == {"type": "websocket.close", "code": 4403}
+    await client.disconnect()
+    # Closed before its first join: no room was joined.
+    assert signals == []
+    assert await sockets() == set()
+    assert group_members("lobby") == set()
+
+
 @pytest.mark.parametrize("base", ECHO_CONSUMERS)
 async def test_a_rejected_connection_joins_nothing(base, signals):
     connect = reject if issubclass(base, SyncConsumer) else areject
@@ -230,20 +266,45 @@ async def test_a_connection_closed_during_connect_joins_nothing(base, signals):
 
 
 @pytest.mark.parametrize("base", ECHO_CONSUMERS)
-async def test_a_room_name_channels_cannot_use_joins_no_room_at_all(base, signals):
+async def test_a_room_name_channels_cannot_use_is_refused_before_connect(base, signals):
     consumer = with_presence(base, presence_rooms=("lobby", "no spaces"))
     client = Client(consumer.as_asgi())
     accepted, _ = await client.connect(TIMEOUT)
+    # Accepted only to be told why, then closed with 4400.
     assert accepted
-    # The consumer stops with the error: there is nothing left to disconnect.
-    with pytest.raises(ValueError, match="'no spaces' is not a valid Channels"):
-        await client.wait(TIMEOUT)
+    error = json.loads(await client.receive_text())
+    assert error["type"] == "presence.error"
+    assert error["error"] == "bad_room"
+    assert error["room"] == "no spaces"
+    assert "not a valid Channels group name" in error["message"]
+    assert await client.receive_output(TIMEOUT) == {
+        "type": "websocket.close",
+        "code": 4400,
+    }
+    await client.disconnect()
+    await client.wait(TIMEOUT)
+    # The consumer's own connect() and disconnect() never ran.
+    assert client.calls == []
 
     # Checked before the first join: "lobby" was not joined and left behind.
     assert signals == []
     assert await sockets() == set()
     assert group_members("lobby") == set()
     assert group_members(events_group("lobby")) == set()
+
+
+@pytest.mark.parametrize("rooms", [7, ["lobby", None], ["presence_events.x"]])
+async def test_rooms_that_are_not_room_names_are_refused_with_4400(rooms):
+    consumer = with_presence(AsyncJsonEchoConsumer, get_presence_rooms=lambda _: rooms)
+    client = Client(consumer.as_asgi())
+    await client.connect(TIMEOUT)
+    error = json.loads(await client.receive_text())
+    assert error["error"] == "bad_room"
+    assert error["message"]
+    output = await client.receive_output(TIMEOUT)
+    assert output == {"type": "websocket.close", "code": 4400}
+    await client.disconnect()
+    assert await sockets() == set()
 
 
 # Touches and heartbeats.
@@ -743,6 +804,13 @@ async def test_a_join_that_failed_while_the_database_was_down_is_retried(base):
                 # The socket works; each frame tries the joins again, in vain.
                 await client.answer('"ping"')
                 assert asked(client) == ["lobby", "news", "lobby", "news"]
+                # The client is told once per room, not at every retry.
+                told = [
+                    (m["error"], m["room"])
+                    for m in client.received_since(0)
+                    if m["type"] == "presence.error"
+                ]
+                assert told == [("unavailable", "lobby"), ("unavailable", "news")]
                 for room in ("lobby", "news"):
                     assert group_members(room) == set()
                     assert group_members(events_group(room)) == set()

@@ -15,7 +15,7 @@
  *       onSync(members, counts, room) { ... },     // after every state or diff
  *       onJoin(key, member, newMetas, room) { ... },  // a key came: absent -> present
  *       onLeave(key, member, leftMetas, room) { ... }, // a key went: present -> absent
- *       onError(frame) { ... },                    // presence.error frames
+ *       onError(frame) { ... },                    // presence.error frames, below
  *       onMessage(data) { ... },                   // your own messages
  *       onStatus(status) { ... },  // "connecting", "open", "reconnecting", "closed"
  *     });
@@ -56,6 +56,20 @@
  * opened, and 0-2 s (at random) after a listed diff reaches a view whose
  * members are null.
  *
+ * Errors (onError gets the whole frame: {type: "presence.error", error, room,
+ * message}):
+ *   bad_room        the socket's room name is one Channels cannot use; the
+ *                   server then closes it with code 4400
+ *   forbidden       can_join refused `room`; the socket stays open in its other
+ *                   rooms, unless the consumer sets close_on_refusal: code 4403
+ *   too_many_rooms  more rooms than the server allows; closed with code 4429
+ *   unavailable     the server could not join `room` for now (its database or
+ *                   channel layer is down); it joins at the socket's next
+ *                   message, the heartbeat included
+ *   not_in_room     a sync named a room this socket is not in
+ * A socket closed with 4400, 4403 or 4429 is not opened again: the same
+ * request would be refused again. onStatus then gets "closed".
+ *
  * It also sends the heartbeat ("heartbeat", as JSON) every heartbeatInterval
  * seconds; reconnects after a lost connection with exponential backoff and
  * full jitter (minDelay * 2^attempt seconds at most, capped at maxDelay);
@@ -78,6 +92,9 @@
   "use strict";
 
   var HEARTBEAT = JSON.stringify("heartbeat");
+  // The close codes of a refusal: a bad room name, can_join's refusal with
+  // close_on_refusal, too many rooms.
+  var REFUSED = [4400, 4403, 4429];
   // Seconds a connection must stay open before reconnections back off from
   // the start again.
   var STABLE_AFTER = 10;
@@ -741,10 +758,13 @@
           settings.onMessage(data);
         }
       };
-      socket.onclose = function () {
+      socket.onclose = function (event) {
         clearTimeout(held);
         stopTimers();
         socket = null;
+        if (REFUSED.indexOf(event.code) !== -1) {
+          closed = true; // refused: asking again would be refused again
+        }
         if (closed) {
           setStatus("closed");
           return;
