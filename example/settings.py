@@ -106,5 +106,12 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"channels_presence": {"handlers": ["console"], "level": "INFO"}},
+    # One line each: daphne also logs through the root logger.
+    "loggers": {
+        "channels_presence": {
+            "handlers": ["console"],
+            "level": "INFO",
+            "propagate": False,
+        }
+    },
 }
