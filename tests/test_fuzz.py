@@ -441,31 +441,51 @@ def test_a_room_name_a_consumer_gives_joins_or_fails_the_connect_cleanly(
     before = state()
     joined = async_to_sync(_connect_and_leave)(make(room))
     if valid(room, "room"):
-        assert joined
+        assert joined is True
     else:
-        # The consumer's own mistake: a ValueError in connect, nothing joined,
-        # not even the mixin's valid first room (names are checked first).
-        assert isinstance(joined, ValueError), joined
-        assert "not a valid Channels group name" in str(joined) or EVENTS_PREFIX in str(
-            joined
-        )
+        # Nothing joined, not even the mixin's valid first room (names are
+        # checked first). The mixin refuses the socket with a bad_room frame
+        # (then 4400); add_presence raises the consumer's mistake in connect.
+        if make is mixin_in:
+            assert isinstance(joined, dict), joined
+            assert joined["error"] == "bad_room"
+            message = joined["message"]
+        else:
+            assert isinstance(joined, ValueError), joined
+            message = str(joined)
+        assert "not a valid Channels group name" in message or EVENTS_PREFIX in message
     Room.objects.prune_rooms()
     assert state() == before
 
 
-async def _connect_and_leave(consumer: Any) -> bool | BaseException:
-    """Connect, wait for the joins, disconnect; the connect's exception if any."""
+async def _connect_and_leave(
+    consumer: Any,
+) -> bool | BaseException | dict[str, Any]:
+    """Connect, wait for the joins, disconnect; True if joined, else the
+    connect's exception, or the error frame of a refusal."""
     client = Client(consumer.as_asgi())
     await client.connect(TIMEOUT)
 
     async def settled() -> bool:
-        return bool(client.future.done()) or await Presence.objects.aexists()
+        return (
+            bool(client.future.done())
+            or not client.output_queue.empty()
+            or await Presence.objects.aexists()
+        )
 
     await wait_until(settled)
     if client.future.done():
         error: BaseException | None = client.future.exception()
         assert error is not None
         return error
+    if not await Presence.objects.aexists():
+        frame = json.loads((await client.receive_output(TIMEOUT))["text"])
+        close = await client.receive_output(TIMEOUT)
+        assert close == {"type": "websocket.close", "code": 4400}, close
+        await client.disconnect()
+        await client.wait(TIMEOUT)
+        assert isinstance(frame, dict)
+        return frame
     await client.disconnect()
     await wait_until(_no_presence)
     return True

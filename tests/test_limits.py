@@ -310,6 +310,9 @@ async def test_a_refused_room_is_never_joined_whatever_its_case(room: str) -> No
             await client.send_to(text_data=json.dumps({"join": room}))
             await client.send_to(text_data='"heartbeat"')
         await client.send_to(text_data=json.dumps({"message": "hi"}))
+        # Told once, at connect, that the room is refused.
+        refused = json.loads(await client.receive_from(3))
+        assert (refused["error"], refused["room"]) == ("forbidden", room)
         # Not in the room's group: neither its chat nor its presence reaches it.
         assert await client.receive_nothing(0.5)
         # Asked, with the exact name it would have been joined under.
@@ -320,8 +323,11 @@ async def test_a_refused_room_is_never_joined_whatever_its_case(room: str) -> No
 
 async def test_a_room_channels_cannot_use_joins_nothing_and_says_why() -> None:
     client = Client(guarded(), "/ws/rooms/s\u00e9cret/", asked=[])
-    # The consumer accepts, then fails on the name, before joining anything.
+    # Refused before the consumer's connect(): told why, then closed (4400).
     await client.connect(3)
-    with pytest.raises(ValueError, match="not a valid Channels group name"):
-        await client.receive_output(3)
+    error = json.loads(await client.receive_from(3))
+    assert error["error"] == "bad_room"
+    assert "not a valid Channels group name" in error["message"]
+    assert await client.receive_output(3) == {"type": "websocket.close", "code": 4400}
+    await client.disconnect()
     assert await sockets() == set()
