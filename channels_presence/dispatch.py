@@ -19,9 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from django.db import Error as DatabaseError
 from redis.exceptions import RedisError
@@ -169,11 +169,15 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe) -> b
     """
     check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
-        # The group add is a channel-layer call: the async path, wrapped.
-        joined: bool = async_to_sync(ajoin)(
-            consumer, room_name, user, subscribe=subscribe
-        )
-        return joined
+        joining = _Joining.of(consumer, room_name, user, subscribe)
+        try:
+            # In the consumer's thread: no hop back to its event loop.
+            groups.add_now(consumer.channel_layer, [joining.groups()])
+        except UNAVAILABLE as error:
+            outage.failed("join", error)
+            return False
+        joining.done(consumer)
+        return True
     room_name = validation.room_name(room_name)
     key = member_key(consumer, room_name, validation.user_id(user))
     try:
@@ -199,7 +203,13 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe) -> b
 def leave_all(consumer: Any) -> None:
     """Take the consumer's socket out of every room."""
     if conf.USE_CELERY:
-        async_to_sync(aleave_all)(consumer)
+        at, pairs = _leaving(consumer)
+        try:
+            groups.leave_now(consumer.channel_layer, pairs)
+        except UNAVAILABLE as error:
+            _left(consumer, at, pairs, error)
+        else:
+            _left(consumer, at, pairs)
         return
     consumer.__dict__.pop("_presence_joined", None)
     try:
@@ -239,34 +249,13 @@ async def ajoin(
     """Async twin of :func:`join`."""
     check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
-        # Every argument is checked before the first I/O.
-        room_name = validation.room_name(room_name)
-        channel_name = validation.channel_name(consumer.channel_name)
-        user_id = validation.user_id(user)
-        events = protocol.event_mask(subscribe)
-        key = member_key(consumer, room_name, user_id)
-        at = _socket_time(consumer)
+        joining = _Joining.of(consumer, room_name, user, subscribe)
         try:
-            await groups.add(
-                consumer.channel_layer, [(room_name, channel_name, events)]
-            )
+            await groups.add(consumer.channel_layer, [joining.groups()])
         except UNAVAILABLE as error:
             outage.failed("join", error)
             return False
-        outage.recovered(CHANNEL_LAYER)
-        _joined(consumer, room_name)
-        outbox.default.send(
-            ADD_PRESENCE,
-            room_name,
-            channel_name,
-            user_id,
-            at=at,
-            subscribe=subscribe,
-            server=leases.default.server(),
-            key=key,
-        )
-        # The join writes last_seen: the next touch can wait a whole interval.
-        _touched(consumer, time.monotonic())
+        joining.done(consumer)
         return True
     joined: bool = await database_sync_to_async(join)(
         consumer, room_name, user, subscribe=subscribe
@@ -283,12 +272,9 @@ async def aleave_all(consumer: Any) -> None:
     try:
         await groups.leave(consumer.channel_layer, pairs)
     except UNAVAILABLE as error:
-        # The worker discards the groups of the presences it removes.
-        outage.failed("leave", error)
+        _left(consumer, at, pairs, error)
     else:
-        if pairs:
-            outage.recovered(CHANNEL_LAYER)
-    outbox.default.send(LEAVE_ALL, consumer.channel_name, at=at)
+        _left(consumer, at, pairs)
 
 
 async def atouch(consumer: Any) -> None:
@@ -308,6 +294,71 @@ async def atouch(consumer: Any) -> None:
 
 ADD_PRESENCE = "channels_presence.tasks.add_presence"
 LEAVE_ALL = "channels_presence.tasks.leave_all"
+
+
+@dataclass(frozen=True)
+class _Joining:
+    """A Celery-mode join, its arguments checked before the first I/O."""
+
+    room_name: str
+    channel_name: str
+    user_id: int | None
+    subscribe: Subscribe
+    events: int
+    key: str
+    at: float
+
+    @classmethod
+    def of(
+        cls, consumer: Any, room_name: str, user: Any, subscribe: Subscribe
+    ) -> _Joining:
+        room_name = validation.room_name(room_name)
+        user_id = validation.user_id(user)
+        return cls(
+            room_name,
+            validation.channel_name(consumer.channel_name),
+            user_id,
+            subscribe,
+            protocol.event_mask(subscribe),
+            member_key(consumer, room_name, user_id),
+            _socket_time(consumer),
+        )
+
+    def groups(self) -> tuple[str, str, int]:
+        """What ``groups.add`` takes: the room, the socket, its events."""
+        return self.room_name, self.channel_name, self.events
+
+    def done(self, consumer: Any) -> None:
+        """The socket is in the room's groups: hand the join to a worker."""
+        outage.recovered(CHANNEL_LAYER)
+        _joined(consumer, self.room_name)
+        outbox.default.send(
+            ADD_PRESENCE,
+            self.room_name,
+            self.channel_name,
+            self.user_id,
+            at=self.at,
+            subscribe=self.subscribe,
+            server=leases.default.server(),
+            key=self.key,
+        )
+        # The join writes last_seen: the next touch can wait a whole interval.
+        _touched(consumer, time.monotonic())
+
+
+def _left(
+    consumer: Any,
+    at: float,
+    pairs: list[tuple[str, str]],
+    error: BaseException | None = None,
+) -> None:
+    """The socket's groups were left (or ``error`` stopped it): tell a worker."""
+    if error is not None:
+        # The worker discards the groups of the presences it removes.
+        outage.failed("leave", error)
+    elif pairs:
+        outage.recovered(CHANNEL_LAYER)
+    outbox.default.send(LEAVE_ALL, consumer.channel_name, at=at)
 
 
 def _leaving(consumer: Any) -> tuple[float, list[tuple[str, str]]]:

@@ -15,15 +15,18 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ParamSpec, TypeVar
 
+import redis
 from asgiref.sync import async_to_sync
 from channels.layers import BaseChannelLayer, get_channel_layer
 from channels_redis.core import RedisChannelLayer
 from django.core.exceptions import ImproperlyConfigured
 from redis.exceptions import RedisError
 
+from . import sentinel
 from .protocol import DIFF_EVENTS
 from .validation import EVENTS_PREFIX
 
@@ -121,7 +124,8 @@ async def join(
     """Put a socket in a room's group, and in its events group if it subscribes."""
     groups = [room_name, events_group(room_name)] if subscribe else [room_name]
     if isinstance(layer, RedisChannelLayer):
-        await _redis(layer, ADD, [(group, channel_name) for group in groups])
+        calls = [(group, channel_name) for group in groups]
+        await _pipelined(layer, _group_commands(layer, ADD, calls))
     else:
         await asyncio.gather(*(layer.group_add(g, channel_name) for g in groups))
 
@@ -129,7 +133,49 @@ async def join(
 async def add(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
     """Put each (room, socket, events) in the room's group, and in its events
     group if it handles diffs (``protocol.DIFF_EVENTS``): one round trip."""
-    calls = [
+    calls = _added(joins)
+    if isinstance(layer, RedisChannelLayer):
+        await _pipelined(layer, _group_commands(layer, ADD, calls))
+    else:
+        await _in_batches(layer.group_add(g, c) for g, c in calls)
+
+
+async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
+    """Take each (room, socket) pair out of the room's group and events group."""
+    calls = _left(pairs)
+    if isinstance(layer, RedisChannelLayer):
+        await _pipelined(layer, _group_commands(layer, DISCARD, calls))
+    else:
+        await _in_batches(layer.group_discard(g, c) for g, c in calls)
+
+
+def add_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
+    """:func:`add`, from sync code (a sync consumer's thread).
+
+    On a channels_redis layer the same commands go through a blocking Redis
+    client of this process: ``async_to_sync`` would hop to the consumer's
+    event loop and back, which costs more than the round trip itself.
+    """
+    clients = _blocking_clients(layer)
+    if clients is None:
+        run_sync(add, layer, joins)
+        return
+    assert isinstance(layer, RedisChannelLayer)
+    _pipelined_now(clients, _group_commands(layer, ADD, _added(joins)))
+
+
+def leave_now(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
+    """:func:`leave`, from sync code; see :func:`add_now`."""
+    clients = _blocking_clients(layer)
+    if clients is None:
+        run_sync(leave, layer, pairs)
+        return
+    assert isinstance(layer, RedisChannelLayer)
+    _pipelined_now(clients, _group_commands(layer, DISCARD, _left(pairs)))
+
+
+def _added(joins: Iterable[tuple[str, str, int]]) -> list[tuple[str, str]]:
+    return [
         (group, channel_name)
         for room_name, channel_name, events in joins
         for group in (
@@ -138,38 +184,75 @@ async def add(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) ->
             else [room_name]
         )
     ]
-    if isinstance(layer, RedisChannelLayer):
-        await _redis(layer, ADD, calls)
-    else:
-        await _in_batches(layer.group_add(g, c) for g, c in calls)
 
 
-async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
-    """Take each (room, socket) pair out of the room's group and events group."""
-    calls = [
+def _left(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [
         (group, channel_name)
         for room_name, channel_name in pairs
         for group in (room_name, events_group(room_name))
     ]
-    if isinstance(layer, RedisChannelLayer):
-        await _redis(layer, DISCARD, calls)
-    else:
-        await _in_batches(layer.group_discard(g, c) for g, c in calls)
+
+
+#: Seconds a blocking client waits for Redis before it fails, unless the
+#: layer's host says otherwise: a socket's thread must not hang on it.
+BLOCKING_TIMEOUT = 5.0
+
+#: Each channels_redis layer's blocking clients, one per shard, or None when
+#: a host is of a kind they cannot be made for.
+_BLOCKING: weakref.WeakKeyDictionary[RedisChannelLayer, list[redis.Redis] | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _blocking_clients(layer: BaseChannelLayer) -> list[redis.Redis] | None:
+    """Blocking clients of the layer's shards, made once per layer and process."""
+    if not isinstance(layer, RedisChannelLayer):
+        return None
+    if layer not in _BLOCKING:
+        clients: list[redis.Redis] | None = []
+        for host in layer.hosts:
+            client = _blocking_client(host)
+            if client is None:
+                clients = None
+                break
+            assert clients is not None
+            clients.append(client)
+        _BLOCKING[layer] = clients
+    return _BLOCKING[layer]
+
+
+def _blocking_client(host: Any) -> redis.Redis | None:
+    """A redis-py client of a channels_redis host, or None if it has no URL."""
+    if not isinstance(host, dict):
+        return None
+    if sentinel.is_sentinel(host):
+        return sentinel.client(host, BLOCKING_TIMEOUT)
+    options = dict(host)
+    address = options.pop("address", None)
+    if not isinstance(address, str):
+        return None
+    options.setdefault("socket_timeout", BLOCKING_TIMEOUT)
+    options.setdefault("socket_connect_timeout", BLOCKING_TIMEOUT)
+    try:
+        return redis.Redis.from_url(address, **options)
+    except (TypeError, ValueError):
+        return None
 
 
 ADD = "add"
 DISCARD = "discard"
 
 
-async def _redis(
+def _group_commands(
     layer: RedisChannelLayer, operation: str, calls: list[tuple[str, str]]
-) -> None:
-    """``group_add`` or ``group_discard`` of each (group, socket), pipelined.
+) -> list[Command]:
+    """``group_add`` or ``group_discard`` of each (group, socket), as commands.
 
     channels_redis makes each group_add two round trips (ZADD, then EXPIRE)
     and each discard one: a mixin's join would wait for four, a prune of
     thousands of sockets for twice as many. The same changes, on the same
-    keys and connections as channels_redis's, go as one ZADD (and EXPIRE) or
+    keys as channels_redis's, go as one ZADD (and EXPIRE) or
     ZREM per group naming its sockets, in one pipeline per shard and
     PIPELINE_SIZE sockets.
     """
@@ -188,18 +271,15 @@ async def _redis(
 
         return add
 
-    await _pipelined(
-        layer,
+    return [
         (
-            (
-                layer.consistent_hash(group),
-                len(part),
-                command(layer._group_key(group), part),
-            )
-            for group, names in by_group.items()
-            for part in _parts(names)
-        ),
-    )
+            layer.consistent_hash(group),
+            len(part),
+            command(layer._group_key(group), part),
+        )
+        for group, names in by_group.items()
+        for part in _parts(names)
+    ]
 
 
 # A command for _pipelined: the shard it goes to, its weight (how many items
@@ -216,15 +296,7 @@ async def _pipelined(
     the replies of what it added, in the order of ``commands``.
     """
     jobs = list(commands)
-    chunks: dict[int, list[list[int]]] = {}
-    weights: dict[int, int] = {}
-    for number, (shard, weight, _) in enumerate(jobs):
-        chunk = chunks.setdefault(shard, [[]])
-        if chunk[-1] and weights.get(shard, 0) + weight > PIPELINE_SIZE:
-            chunk.append([])
-            weights[shard] = 0
-        chunk[-1].append(number)
-        weights[shard] = weights.get(shard, 0) + weight
+    chunks = _chunks(jobs)
     replies: list[Any] = [None] * len(jobs)
 
     async def run(shard: int, numbers: list[int]) -> None:
@@ -242,6 +314,30 @@ async def _pipelined(
         run(shard, numbers) for shard, chunk in chunks.items() for numbers in chunk
     )
     return replies
+
+
+def _pipelined_now(clients: list[redis.Redis], commands: list[Command]) -> None:
+    """:func:`_pipelined` on blocking clients, one pipeline after another."""
+    for shard, chunk in _chunks(commands).items():
+        for numbers in chunk:
+            pipe = clients[shard].pipeline(transaction=False)
+            for number in numbers:
+                commands[number][2](pipe)
+            pipe.execute()
+
+
+def _chunks(jobs: list[Command]) -> dict[int, list[list[int]]]:
+    """The jobs' numbers, by shard, in chunks of PIPELINE_SIZE weight at most."""
+    chunks: dict[int, list[list[int]]] = {}
+    weights: dict[int, int] = {}
+    for number, (shard, weight, _) in enumerate(jobs):
+        chunk = chunks.setdefault(shard, [[]])
+        if chunk[-1] and weights.get(shard, 0) + weight > PIPELINE_SIZE:
+            chunk.append([])
+            weights[shard] = 0
+        chunk[-1].append(number)
+        weights[shard] = weights.get(shard, 0) + weight
+    return chunks
 
 
 def _parts(items: list[T]) -> list[list[T]]:

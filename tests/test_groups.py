@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from asgiref.sync import sync_to_async
 from channels.layers import BaseChannelLayer, InMemoryChannelLayer
 from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 
 from channels_presence import groups
+from channels_presence.groups import events_group
+from channels_presence.protocol import DIFF_EVENTS
 
 GROUPS = 30
 
@@ -135,3 +138,32 @@ def test_channels_are_mapped_to_keys_as_channels_redis_maps_them() -> None:
         key: layer.deserialize(value) for key, value in theirs[1].items()
     }
     assert ours[2] == theirs[2]
+
+
+async def test_adds_and_leaves_from_sync_code_are_those_of_the_async_path(
+    layer: BaseChannelLayer,
+) -> None:
+    # A sync consumer's thread: channels_redis layers get a blocking client
+    # (no hop back to the loop); other layers the async path.
+    sockets = [await layer.new_channel() for _ in range(GROUPS * 2)]
+    joins = [
+        (f"room-{n % GROUPS}", socket, DIFF_EVENTS) for n, socket in enumerate(sockets)
+    ]
+    await sync_to_async(groups.add_now)(layer, joins)
+    gone = sockets[::2]
+    await sync_to_async(groups.leave_now)(
+        layer, [(f"room-{sockets.index(s) % GROUPS}", s) for s in gone]
+    )
+
+    await groups.send(
+        layer,
+        [(f"room-{n}", {"type": "room", "n": n}) for n in range(GROUPS)]
+        + [(events_group(f"room-{n}"), {"type": "events"}) for n in range(GROUPS)],
+    )
+
+    received = await _received(layer, sockets)
+    for socket in sockets:
+        got = [m["type"] for m in received[socket]]
+        assert got == ([] if socket in gone else ["room", "events"])
+    if isinstance(layer, RedisChannelLayer):
+        assert groups._blocking_clients(layer) is not None
