@@ -77,15 +77,11 @@ def prune_rows(count: int, rooms: int) -> list[Row]:
         )
     Presence.objects.bulk_create(presences, batch_size=5_000)
     # What count joins with subscribe=True leave in the layer, pipelined.
-    calls = [
-        (group, name)
+    joins = [
+        (room_objects[i % rooms].channel_name, name, protocol.ALL_EVENTS)
         for i, name in enumerate(names)
-        for group in (
-            room_objects[i % rooms].channel_name,
-            groups.events_group(room_objects[i % rooms].channel_name),
-        )
     ]
-    async_to_sync(groups._redis)(layer, groups.ADD, calls)
+    async_to_sync(groups.add)(layer, joins)
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute(f"ANALYZE {Presence._meta.db_table}")
