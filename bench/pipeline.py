@@ -784,6 +784,11 @@ def room_cost_rows(room: str, leaving: str) -> list[Row]:
         broadcast.throttle.flush()
         return channel_messages(channel, layer)
 
+    # A quiet interval first: the throttle would merge the leave with the
+    # setup's last change sets, sent within its interval.
+    received(watcher)
+    time.sleep(conf.EVENT_INTERVAL * 2)
+    received(watcher)
     # Leave first, so that the join brings the room back to its size.
     operations.leave(room, leaving)
     (leave,) = received(watcher)
