@@ -204,11 +204,10 @@ class PresenceConsumerMixin:
         """Tell the client its room name is unusable, and close (4400)."""
         logger.warning("presence: a socket was refused: %s", error.message)
         self._presence_refused = True
+        # Accepted only to be told: a frame cannot go before the handshake.
         await self._presence_send({"type": "websocket.accept"})
-        await self._presence_send(
-            {"type": "websocket.send", "text": json.dumps(error.frame())}
-        )
-        await self._presence_send({"type": "websocket.close", "code": BAD_ROOM})
+        for message in dispatch.refusal(error.frame(), BAD_ROOM):
+            await self._presence_send(message)
 
     async def _join(self, names: list[str]) -> None:
         allowed, refused = [], []
@@ -220,12 +219,9 @@ class PresenceConsumerMixin:
                 refused.append(room)
         for room in refused:
             await self._send_frame(
-                {
-                    "type": "presence.error",
-                    "error": "forbidden",
-                    "room": room,
-                    "message": f"This socket may not join room {room!r}.",
-                }
+                protocol.error(
+                    "forbidden", f"This socket may not join room {room!r}.", room
+                )
             )
         if refused and self.close_on_refusal and self._presence_open:
             self._presence_open = False
@@ -259,15 +255,12 @@ class PresenceConsumerMixin:
             # Once per room until it is joined: the retries are silent.
             self._presence_told.add(room)
             await self._send_frame(
-                {
-                    "type": "presence.error",
-                    "error": "unavailable",
-                    "room": room,
-                    "message": (
-                        "Presence is unavailable for now; this socket joins the "
-                        "room at its next message once it is back."
-                    ),
-                }
+                protocol.error(
+                    "unavailable",
+                    "Presence is unavailable for now; this socket joins the "
+                    "room at its next message once it is back.",
+                    room,
+                )
             )
 
     async def _join_pending(self) -> None:
@@ -448,11 +441,8 @@ class BadRoom(Exception):
 
     def frame(self) -> dict[str, Any]:
         """The ``presence.error`` frame that tells the client."""
-        frame: dict[str, Any] = {"type": "presence.error", "error": "bad_room"}
-        if isinstance(self.room, str):
-            frame["room"] = self.room
-        frame["message"] = self.message
-        return frame
+        room = self.room if isinstance(self.room, str) else None
+        return protocol.error("bad_room", self.message, room)
 
 
 def _checked(rooms: object) -> list[str]:

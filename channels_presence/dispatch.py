@@ -69,16 +69,20 @@ class TooManyRooms(Exception):
 
     def messages(self) -> list[dict[str, Any]]:
         """The ASGI messages that tell the client, then close its socket."""
-        frame = {
-            "type": "presence.error",
-            "error": "too_many_rooms",
-            "limit": self.limit,
-            "message": f"This connection may be in {self.limit} rooms at most.",
-        }
-        return [
-            {"type": "websocket.send", "text": json.dumps(frame)},
-            {"type": "websocket.close", "code": TOO_MANY_ROOMS},
-        ]
+        frame = protocol.error(
+            "too_many_rooms",
+            f"This connection may be in {self.limit} rooms at most.",
+            limit=self.limit,
+        )
+        return refusal(frame, TOO_MANY_ROOMS)
+
+
+def refusal(frame: dict[str, Any], code: int) -> list[dict[str, Any]]:
+    """The ASGI messages that send an error ``frame``, then close with ``code``."""
+    return [
+        {"type": "websocket.send", "text": json.dumps(frame)},
+        {"type": "websocket.close", "code": code},
+    ]
 
 
 def check_room_limit(consumer: Any, rooms: list[str]) -> None:
@@ -204,12 +208,12 @@ def leave_all(consumer: Any) -> None:
     """Take the consumer's socket out of every room."""
     if conf.USE_CELERY:
         at, pairs = _leaving(consumer)
+        failure: BaseException | None = None
         try:
             groups.leave_now(consumer.channel_layer, pairs)
         except UNAVAILABLE as error:
-            _left(consumer, at, pairs, error)
-        else:
-            _left(consumer, at, pairs)
+            failure = error
+        _left(consumer, at, pairs, failure)
         return
     consumer.__dict__.pop("_presence_joined", None)
     try:
@@ -269,12 +273,12 @@ async def aleave_all(consumer: Any) -> None:
         await database_sync_to_async(leave_all)(consumer)
         return
     at, pairs = _leaving(consumer)
+    failure: BaseException | None = None
     try:
         await groups.leave(consumer.channel_layer, pairs)
     except UNAVAILABLE as error:
-        _left(consumer, at, pairs, error)
-    else:
-        _left(consumer, at, pairs)
+        failure = error
+    _left(consumer, at, pairs, failure)
 
 
 async def atouch(consumer: Any) -> None:

@@ -122,12 +122,7 @@ async def join(
     layer: BaseChannelLayer, room_name: str, channel_name: str, *, subscribe: bool
 ) -> None:
     """Put a socket in a room's group, and in its events group if it subscribes."""
-    groups = [room_name, events_group(room_name)] if subscribe else [room_name]
-    if isinstance(layer, RedisChannelLayer):
-        calls = [(group, channel_name) for group in groups]
-        await _pipelined(layer, _group_commands(layer, ADD, calls))
-    else:
-        await asyncio.gather(*(layer.group_add(g, channel_name) for g in groups))
+    await add(layer, [(room_name, channel_name, DIFF_EVENTS if subscribe else 0)])
 
 
 async def add(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
@@ -156,22 +151,26 @@ def add_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> N
     client of this process: ``async_to_sync`` would hop to the consumer's
     event loop and back, which costs more than the round trip itself.
     """
-    clients = _blocking_clients(layer)
-    if clients is None:
+    joins = list(joins)
+    if not _now(layer, ADD, _added(joins)):
         run_sync(add, layer, joins)
-        return
-    assert isinstance(layer, RedisChannelLayer)
-    _pipelined_now(clients, _group_commands(layer, ADD, _added(joins)))
 
 
 def leave_now(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
     """:func:`leave`, from sync code; see :func:`add_now`."""
+    pairs = list(pairs)
+    if not _now(layer, DISCARD, _left(pairs)):
+        run_sync(leave, layer, pairs)
+
+
+def _now(layer: BaseChannelLayer, operation: str, calls: list[tuple[str, str]]) -> bool:
+    """Run ``operation`` on blocking clients; False if the layer has none."""
     clients = _blocking_clients(layer)
     if clients is None:
-        run_sync(leave, layer, pairs)
-        return
+        return False
     assert isinstance(layer, RedisChannelLayer)
-    _pipelined_now(clients, _group_commands(layer, DISCARD, _left(pairs)))
+    _pipelined_now(clients, _group_commands(layer, operation, calls))
+    return True
 
 
 def _added(joins: Iterable[tuple[str, str, int]]) -> list[tuple[str, str]]:
@@ -210,15 +209,9 @@ def _blocking_clients(layer: BaseChannelLayer) -> list[redis.Redis] | None:
     if not isinstance(layer, RedisChannelLayer):
         return None
     if layer not in _BLOCKING:
-        clients: list[redis.Redis] | None = []
-        for host in layer.hosts:
-            client = _blocking_client(host)
-            if client is None:
-                clients = None
-                break
-            assert clients is not None
-            clients.append(client)
-        _BLOCKING[layer] = clients
+        found = [_blocking_client(host) for host in layer.hosts]
+        clients = [client for client in found if client is not None]
+        _BLOCKING[layer] = clients if len(clients) == len(found) else None
     return _BLOCKING[layer]
 
 
