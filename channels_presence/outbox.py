@@ -5,8 +5,8 @@ down makes it fail or hang: a socket handler must do neither. So a handler only
 appends to this outbox, in memory, and a background thread of the process
 publishes:
 
-* joins and leaves (``add_presence``, ``leave_all``) within ``linger`` seconds
-  (2 ms) when the sender was idle, in the order they were appended, so that
+* joins and leaves (``add_presence``, ``leave_all``) at once when the sender
+  was idle, in the order they were appended, so that
   each socket's tasks reach the broker in its order; when several wait, they
   go as one ``apply_batch`` message. While they keep coming (more than one
   went out in the last ``busy_linger``, 50 ms), they gather for up to that
@@ -72,8 +72,7 @@ class Outbox:
     imported, as Celery's Django guide arranges). ``limit`` bounds what it
     holds; ``retry_interval`` paces the retries of an outage; ``exit_timeout``
     bounds the wait for the sender at exit; ``busy_linger`` how long joins and
-    leaves gather while they keep coming; ``linger`` is how long the sender
-    lets joins and leaves gather before it publishes them.
+    leaves gather while they keep coming, looking again every ``linger``.
     """
 
     def __init__(
@@ -209,9 +208,9 @@ class Outbox:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # Let a burst of joins and leaves gather into one message: each
-            # publish costs the sender CPU that the event loop waits for.
-            self._stop.wait(self.linger)
+            # A lone join goes at once: it is on the path of every join seen.
+            # A burst gathers into one message (each publish costs the sender
+            # CPU that the event loop waits for).
             self._gather()
             self._wake.clear()
             now = time.monotonic()
