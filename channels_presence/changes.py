@@ -22,6 +22,11 @@ with the number of calls or rooms, it
    room, in the same transaction as its version.
 
 After commit, ``broadcast.deliver`` sends the signals and the frames.
+
+On PostgreSQL the statements of steps 1 and 2 go to the server together, in
+one round trip, and so do step 4's upsert and step 5's count: a lone join
+waits for each round trip with its locks held, and is on the path of every
+join that a room sees (``sql.together``).
 """
 
 from __future__ import annotations
@@ -210,30 +215,17 @@ def apply(
     if not calls:
         return result
     layer = groups.get_layer(channel_layer)
-    room_model, presence_model = _models()
+    room_model, _ = _models()
     sockets = sorted({call.channel_name for call in calls})
     now = timezone.now()
     with transaction.atomic():
         using = transaction.get_connection().alias
-        locks.lock_sockets(sockets)
-        names = {call.room for call in calls if not isinstance(call, LeaveAll)}
-        everywhere = sorted({c.channel_name for c in calls if isinstance(c, LeaveAll)})
-        if everywhere:
-            # The rooms the leave_all sockets are in: those to lock too.
-            for part in sql.any_of(
-                presence_model.objects.all(), "channel_name", everywhere
-            ):
-                names.update(part.values_list("room__channel_name", flat=True))
-        joining = {call.room for call in calls if isinstance(call, Join)}
-        rooms = _lock_rooms(names, create=joining)
-        by_id = {room.pk: room for room in rooms.values()}
-        rows = _read_rows(sockets, by_id)
-        departures = _read_departures(sockets)
+        rooms, rows, departures = _lock_and_read(calls, sockets)
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
         pairs = _play(calls, rows, departures, left, users, now, result)
         _write_departures(left, using)
-        added = _write(pairs, rooms, layer, using)
+        added, counted = _write(pairs, rooms, layer, using)
         result.rooms = rooms
         changes = _changes(
             pairs,
@@ -248,7 +240,7 @@ def apply(
             for (room, socket), pair in pairs.items()
             if pair.departed and pair.after is None
         )
-        _commit(changes, rooms, layer, departed=departed)
+        _commit(changes, rooms, layer, departed=departed, counted=counted)
     return result
 
 
@@ -376,6 +368,149 @@ def _remember(
         departures[socket, room] = left[socket, room] = at
 
 
+Read = tuple[
+    dict[str, "Room"],
+    dict[tuple[str, str], "_Row"],
+    dict[tuple[str, str], datetime],
+]
+
+
+def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> Read:
+    """Steps 1 and 2: lock the sockets and the rooms, then read what they have.
+
+    The locked rooms by name, the sockets' presences in them and the sockets'
+    departures. On PostgreSQL in one round trip (a lone join waits for each
+    one with its locks held); else, or when a room that a join made was
+    deleted before it was locked, one statement after another.
+    """
+    _, presence_model = _models()
+    names = {call.room for call in calls if not isinstance(call, LeaveAll)}
+    everywhere = sorted({c.channel_name for c in calls if isinstance(c, LeaveAll)})
+    joining = {call.room for call in calls if isinstance(call, Join)}
+    connection = transaction.get_connection()
+    if sql.can_combine(connection):
+        found = _read_at_once(connection.alias, sockets, names, everywhere, joining)
+        if found is not None:
+            return found
+    locks.lock_sockets(sockets)
+    if everywhere:
+        # The rooms the leave_all sockets are in: those to lock too.
+        everyone = presence_model.objects.all()
+        for part in sql.any_of(everyone, "channel_name", everywhere):
+            names.update(part.values_list("room__channel_name", flat=True))
+    rooms = _lock_rooms(names, create=joining)
+    by_id = {room.pk: room for room in rooms.values()}
+    return rooms, _read_rows(sockets, by_id), _read_departures(sockets)
+
+
+def _read_at_once(
+    using: str,
+    sockets: list[str],
+    names: set[str],
+    everywhere: list[str],
+    joining: set[str],
+) -> Read | None:
+    """:func:`_lock_and_read` as one round trip of statements (PostgreSQL).
+
+    The same statements as step by step, in the same order: the socket
+    locks, the new rooms, the rooms locked in name order (with those that
+    the leave_all sockets are in), their presences, the departures. None
+    if a room made here was deleted before it was locked (prune_rooms).
+    """
+    room_model, presence_model = _models()
+    departure_model = apps.get_model("channels_presence", "Departure")
+    connection = transaction.get_connection(using)
+    quote = connection.ops.quote_name
+
+    def columns(model: type[models.Model], attnames: Sequence[str]) -> str:
+        meta = model._meta
+        return ", ".join(
+            f"{quote(meta.db_table)}.{quote(meta.get_field(name).column)}"  # type: ignore[union-attr]
+            for name in attnames
+        )
+
+    room_fields = [field.attname for field in room_model._meta.concrete_fields]
+    departure_fields = ["channel_name", "room_channel_name", "left_at"]
+    room_table = quote(room_model._meta.db_table)
+    statements: list[sql.Statement] = []
+    lock = locks.sockets_statement(sockets)
+    if lock is not None:
+        statements.append(lock)
+    if joining:
+        statements += _new_rooms(sorted(joining), using)
+    where = f"{columns(room_model, ['channel_name'])} = ANY(%s)"
+    params: list[Any] = [sorted(names)]
+    if everywhere:
+        where += (
+            f" OR {columns(room_model, ['id'])} IN (SELECT "
+            f"{columns(presence_model, ['room_id'])} FROM "
+            f"{quote(presence_model._meta.db_table)} WHERE "
+            f"{columns(presence_model, ['channel_name'])} = ANY(%s))"
+        )
+        params.append(everywhere)
+    statements += [
+        (
+            f"SELECT {columns(room_model, room_fields)} FROM {room_table} "
+            f"WHERE {where} ORDER BY {columns(room_model, ['channel_name'])} "
+            "FOR UPDATE",
+            params,
+        ),
+        (
+            f"SELECT {columns(presence_model, PRESENCE_FIELDS)} FROM "
+            f"{quote(presence_model._meta.db_table)} WHERE "
+            f"{columns(presence_model, ['channel_name'])} = ANY(%s)",
+            [sockets],
+        ),
+        (
+            f"SELECT {columns(departure_model, departure_fields)} FROM "
+            f"{quote(departure_model._meta.db_table)} WHERE "
+            f"{columns(departure_model, ['channel_name'])} = ANY(%s)",
+            [sockets],
+        ),
+    ]
+    *_, room_rows, presence_rows, departure_rows = sql.together(connection, statements)
+    rooms = {
+        room.channel_name: room
+        for room in sql.instances(
+            room_model,
+            using,
+            room_fields,
+            sql.convert(room_model, using, room_fields, room_rows),
+        )
+    }
+    if not joining <= rooms.keys():
+        return None
+    by_id = {room.pk: room for room in rooms.values()}
+    rows: dict[tuple[str, str], _Row] = {}
+    for values in sql.convert(presence_model, using, PRESENCE_FIELDS, presence_rows):
+        row = dict(zip(PRESENCE_FIELDS, values, strict=True))
+        # Its presences in rooms that this change set does not lock are not its.
+        room = by_id.get(row.pop("room_id"))
+        if room is not None:
+            rows[room.channel_name, row["channel_name"]] = _Row(
+                room=room.channel_name, **row
+            )
+    departures = {
+        (socket, room): left_at
+        for socket, room, left_at in sql.convert(
+            departure_model, using, departure_fields, departure_rows
+        )
+    }
+    return rooms, rows, departures
+
+
+def _new_rooms(names: list[str], using: str) -> list[sql.Statement]:
+    """The statement that makes the rooms of ``names`` that do not exist."""
+    version = clock.micros()
+    return sql.upsert_statements(
+        _models()[0],
+        using,
+        ["channel_name", "version", "users", "visitors", "sockets", "listed"],
+        [[name, version, 0, 0, 0, True] for name in names],
+        conflict=["channel_name"],
+    )
+
+
 def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
     """Lock the rooms' rows, sorted by name; make those of ``create`` first.
 
@@ -389,14 +524,7 @@ def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
     for _attempt in range(ROOM_ATTEMPTS):
         missing = sorted(create)
         if missing:
-            version = clock.micros()
-            sql.upsert(
-                room_model,
-                using,
-                ["channel_name", "version", "users", "visitors", "sockets", "listed"],
-                [[name, version, 0, 0, 0, True] for name in missing],
-                conflict=["channel_name"],
-            )
+            sql.together(transaction.get_connection(using), _new_rooms(missing, using))
         found = {
             room.channel_name: room
             for room in room_model.objects.select_for_update()
@@ -459,20 +587,22 @@ def _write(
     rooms: dict[str, Room],
     layer: BaseChannelLayer,
     using: str,
-) -> dict[tuple[str, str], int]:
-    """Write what changed; return the ids of the rows written, by (room, socket).
+) -> tuple[dict[tuple[str, str], int], dict[tuple[int, str], int] | None]:
+    """Write what changed; return the ids of the rows written, by (room, socket),
+    and, when read in the same round trip, the member keys' socket counts.
 
     The sockets put in rooms join the rooms' groups first, under their
     locks; if writing fails, those that were not in the room leave again.
     """
     _, presence_model = _models()
+    counted: dict[tuple[int, str], int] | None = None
     joined = [
         (room, socket, pair.after.events)
         for (room, socket), pair in sorted(pairs.items())
         if pair.joined and pair.after is not None
     ]
     if joined:
-        groups.run_sync(groups.add, layer, joined)
+        groups.add_now(layer, joined)
     try:
         gone = [
             pair.before.id
@@ -488,16 +618,42 @@ def _write(
             for pair in pairs.values()
             if pair.after is not None and pair.after != pair.before
         ]
-        ids = sql.upsert(
-            presence_model,
-            using,
-            PRESENCE_FIELDS[1:],
-            [row.values(rooms[row.room].pk) for row in written],
-            conflict=["room_id", "channel_name"],
-            replace=["user_id", "joined_at", "server", "key", "ref", "events"],
-            keep_latest=["last_seen"],
-            returning=["id", "room_id", "channel_name"],
+        statements = (
+            sql.upsert_statements(
+                presence_model,
+                using,
+                PRESENCE_FIELDS[1:],
+                [row.values(rooms[row.room].pk) for row in written],
+                conflict=["room_id", "channel_name"],
+                replace=["user_id", "joined_at", "server", "key", "ref", "events"],
+                keep_latest=["last_seen"],
+                returning=["id", "room_id", "channel_name"],
+            )
+            if written
+            else []
         )
+        connection = transaction.get_connection(using)
+        counting: list[sql.Statement] = []
+        if sql.can_combine(connection):
+            # Step 5's count of the member keys' sockets, in the same round
+            # trip: the keys of every row before and after (more than changed).
+            wanted = {
+                (rooms[room].pk, row.key)
+                for (room, _), pair in pairs.items()
+                for row in (pair.before, pair.after)
+                if row is not None
+            }
+            counting = [
+                part.query.get_compiler(using).as_sql()
+                for part in _key_count_parts(wanted)
+            ]
+        results = sql.together(connection, statements + counting)
+        ids = [row for result in results[: len(statements)] for row in result]
+        if counting:
+            counted = _tally(
+                (row for result in results[len(statements) :] for row in result),
+                wanted,
+            )
     except BaseException:
         fresh = [
             (room, socket)
@@ -506,12 +662,13 @@ def _write(
         ]
         if fresh:
             try:
-                groups.run_sync(groups.leave, layer, fresh)
+                groups.leave_now(layer, fresh)
             except groups.UNAVAILABLE:  # pragma: no cover - best effort
                 logger.exception("presence: could not undo the group adds of %s", fresh)
         raise
     names = {room.pk: name for name, room in rooms.items()}
-    return {(names[room_id], socket): pk for pk, room_id, socket in ids}
+    added = {(names[room_id], socket): pk for pk, room_id, socket in ids}
+    return added, counted
 
 
 # Removals chosen by a query.
@@ -780,13 +937,20 @@ def _commit(
     *,
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
+    counted: dict[tuple[int, str], int] | None = None,
 ) -> None:
-    """Count, version and describe the change sets; deliver them after commit."""
+    """Count, version and describe the change sets; deliver them after commit.
+
+    ``counted``: the member keys' socket counts, if already read.
+    """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
     now = timezone.now()
     updated = []
-    counted = _key_counts(changed)
+    if counted is None:
+        counted = _key_counts(
+            {(change.room.pk, key) for change in changed for key in change.keys}
+        )
     for change in changed:
         room = change.room
         change.start = room.version
@@ -1010,26 +1174,36 @@ def _delivery(change: RoomChange, users: dict[Any, Any]) -> broadcast.Delivery:
     )
 
 
-def _key_counts(changes: list[RoomChange]) -> dict[tuple[int, str], int]:
-    """How many sockets each changed (room, key) has now: one query."""
+def _key_counts(wanted: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
+    """How many sockets each (room id, member key) of ``wanted`` has now."""
+    return _tally((row for part in _key_count_parts(wanted) for row in part), wanted)
+
+
+def _key_count_parts(wanted: set[tuple[int, str]]) -> list[QuerySet[Any]]:
+    """The queries of :func:`_key_counts`: one, but on SQLite's parameter limit."""
     _, presence_model = _models()
-    keys = sorted({key for change in changes for key in change.keys})
-    room_ids = [change.room.pk for change in changes]
+    keys = sorted({key for _, key in wanted})
     if not keys:
-        return {}
-    wanted = {(change.room.pk, key) for change in changes for key in change.keys}
-    counts: dict[tuple[int, str], int] = {}
-    for part in sql.any_of(
-        presence_model.objects.filter(room_id__in=room_ids).order_by(), "key", keys
-    ):
-        for room_id, key, count in (
-            part.values("room_id", "key")
-            .annotate(count=models.Count("id"))
-            .values_list("room_id", "key", "count")
-        ):
-            if (room_id, key) in wanted:
-                counts[room_id, key] = count
-    return counts
+        return []
+    room_ids = sorted({room_id for room_id, _ in wanted})
+    return [
+        part.values("room_id", "key")
+        .annotate(count=models.Count("id"))
+        .values_list("room_id", "key", "count")
+        for part in sql.any_of(
+            presence_model.objects.filter(room_id__in=room_ids).order_by(), "key", keys
+        )
+    ]
+
+
+def _tally(
+    rows: Iterable[tuple[Any, ...]], wanted: set[tuple[int, str]]
+) -> dict[tuple[int, str], int]:
+    return {
+        (room_id, key): count
+        for room_id, key, count in rows
+        if (room_id, key) in wanted
+    }
 
 
 def read_members(rooms: Sequence[Room]) -> dict[int, list[Entry]]:

@@ -145,11 +145,12 @@ async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> No
 
 
 def add_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
-    """:func:`add`, from sync code (a sync consumer's thread).
+    """:func:`add`, from sync code (a sync consumer's thread, a change set).
 
     On a channels_redis layer the same commands go through a blocking Redis
-    client of this process: ``async_to_sync`` would hop to the consumer's
-    event loop and back, which costs more than the round trip itself.
+    client of this process: ``async_to_sync`` would hop to an event loop and
+    back, which costs more than the round trip itself (and a change set
+    waits for it with its locks held).
     """
     joins = list(joins)
     if not _now(layer, ADD, _added(joins)):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 from django.db import transaction
 
@@ -39,19 +40,26 @@ def lock_sockets(channel_names: Iterable[str]) -> None:
     connection = transaction.get_connection()
     if connection.vendor != "postgresql":
         return
+    statement = sockets_statement(channel_names)
+    if statement is not None:
+        with connection.cursor() as cursor:
+            cursor.execute(*statement)
+
+
+def sockets_statement(channel_names: Iterable[str]) -> tuple[str, list[Any]] | None:
+    """The statement of :func:`lock_sockets` on PostgreSQL; None for no sockets."""
     keys = sorted({socket_key(name) for name in channel_names})
     if not keys:
-        return
-    with connection.cursor() as cursor:
-        # The shared lock of every socket first, as everywhere (the select
-        # list is evaluated left to right); then each socket's, in key order
-        # (a volatile function in a select list is evaluated after its ORDER BY).
-        cursor.execute(
-            "SELECT pg_advisory_xact_lock_shared(%s), (SELECT count(*) FROM "
-            "(SELECT pg_advisory_xact_lock(key) FROM unnest(%s::bigint[]) AS key "
-            "ORDER BY key) AS locked)",
-            [EVERY_SOCKET, keys],
-        )
+        return None
+    # The shared lock of every socket first, as everywhere (the select list is
+    # evaluated left to right); then each socket's, in key order (a volatile
+    # function in a select list is evaluated after its ORDER BY).
+    return (
+        "SELECT pg_advisory_xact_lock_shared(%s), (SELECT count(*) FROM "
+        "(SELECT pg_advisory_xact_lock(key) FROM unnest(%s::bigint[]) AS key "
+        "ORDER BY key) AS locked)",
+        [EVERY_SOCKET, keys],
+    )
 
 
 def lock_every_socket() -> None:

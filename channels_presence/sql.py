@@ -28,6 +28,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 M = TypeVar("M", bound=models.Model)
 
+#: A statement and its parameters.
+Statement = tuple[str, Sequence[Any]]
+
 
 def max_params(connection: BaseDatabaseWrapper) -> int:
     """How many parameters one statement may carry on ``connection``.
@@ -69,6 +72,37 @@ def upsert(
     """
     if not rows:
         return []
+    statements = upsert_statements(
+        model,
+        using,
+        columns,
+        rows,
+        conflict=conflict,
+        replace=replace,
+        keep_latest=keep_latest,
+        returning=returning,
+    )
+    returned: list[tuple[Any, ...]] = []
+    with connections[using].cursor() as cursor:
+        for statement, params in statements:
+            cursor.execute(statement, params)
+            if returning:
+                returned.extend(tuple(row) for row in cursor.fetchall())
+    return returned
+
+
+def upsert_statements(
+    model: type[models.Model],
+    using: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    *,
+    conflict: Sequence[str],
+    replace: Sequence[str] = (),
+    keep_latest: Sequence[str] = (),
+    returning: Sequence[str] = (),
+) -> list[Statement]:
+    """The statements of :func:`upsert`: one on PostgreSQL, whatever the rows."""
     connection = connections[using]
     quote = connection.ops.quote_name
     meta = model._meta
@@ -93,7 +127,7 @@ def upsert(
         [convert(value) for convert, value in zip(converters, row, strict=True)]
         for row in rows
     ]
-    statements: list[tuple[str, Any]]
+    statements: list[Statement]
     document = _json_rows(converted) if connection.vendor == "postgresql" else None
     if document is not None:
         # One JSON document of every row, whatever their number: psycopg
@@ -128,13 +162,60 @@ def upsert(
             )
             for part in chunks(converted, len(fields), connection)
         ]
-    returned: list[tuple[Any, ...]] = []
+    return statements
+
+
+def can_combine(connection: BaseDatabaseWrapper) -> bool:
+    """Whether :func:`together` sends its statements in one round trip here.
+
+    With psycopg 3's client-side binding cursor, what Django's PostgreSQL
+    backend uses unless ``server_side_binding`` is set: several statements in
+    one string are one round trip, and their results come one after another.
+    """
+    if connection.vendor != "postgresql":
+        return False
+    try:
+        from psycopg import ClientCursor
+    except ImportError:  # psycopg2
+        return False
+    connection.ensure_connection()
+    factory = getattr(connection.connection, "cursor_factory", None)
+    return isinstance(factory, type) and issubclass(factory, ClientCursor)
+
+
+def together(
+    connection: BaseDatabaseWrapper, statements: Sequence[Statement]
+) -> list[list[tuple[Any, ...]]]:
+    """Run ``statements`` in order; the rows of each (empty for those with none).
+
+    One round trip where :func:`can_combine` says so, else one each. A
+    change set waits for each round trip with its locks held, and a lone
+    join's reads are five statements.
+    """
+    results: list[list[tuple[Any, ...]]] = []
+    if not statements:
+        return results
     with connection.cursor() as cursor:
-        for statement, params in statements:
-            cursor.execute(statement, params)
-            if returning:
-                returned.extend(tuple(row) for row in cursor.fetchall())
-    return returned
+        if not can_combine(connection):
+            for statement, params in statements:
+                cursor.execute(statement, params)
+                results.append(_rows(cursor))
+            return results
+        cursor.execute(
+            "; ".join(statement for statement, _ in statements),
+            [param for _, params in statements for param in params],
+        )
+        while True:
+            results.append(_rows(cursor))
+            if not cursor.nextset():
+                break
+    if len(results) != len(statements):  # pragma: no cover - a bug
+        raise RuntimeError(f"{len(statements)} statements gave {len(results)} results")
+    return results
+
+
+def _rows(cursor: Any) -> list[tuple[Any, ...]]:
+    return [tuple(row) for row in cursor.fetchall()] if cursor.description else []
 
 
 #: Fields whose conversion leaves a str, int, bool or None as it is.

@@ -32,7 +32,7 @@ from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from channels_presence import broadcast, groups, operations
+from channels_presence import broadcast, changes, groups, operations, sql
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.signals import presence_changed
@@ -1007,7 +1007,12 @@ def quote(name: str) -> str:
 
 
 @postgresql_only
-def test_join_retries_when_a_concurrent_prune_rooms_deletes_its_room(signals):
+def test_join_retries_when_a_concurrent_prune_rooms_deletes_its_room(
+    signals, monkeypatch
+):
+    # Statement by statement, where another transaction can come between the
+    # room's upsert and its lock (in one round trip it cannot be stopped there).
+    monkeypatch.setattr(sql, "can_combine", lambda connection: False)
     deleted = Room.objects.create(channel_name=ROOM)
     pruned: list[list[str]] = []
 
@@ -1028,6 +1033,40 @@ def test_join_retries_when_a_concurrent_prune_rooms_deletes_its_room(signals):
     assert (presence.room_id, presence.channel_name) == (room.pk, SOCKET)
     assert group_members(ROOM) == {SOCKET}
     assert group_members(events_group(ROOM)) == {SOCKET}
+    assert [(s["room"].pk, s["added"].channel_name) for s in signals] == [
+        (room.pk, SOCKET)
+    ]
+
+
+@postgresql_only
+def test_join_in_one_round_trip_goes_step_by_step_when_its_room_is_gone(
+    signals, monkeypatch
+):
+    # As if prune_rooms had deleted the room between the round trip's upsert
+    # and its lock: the round trip finds the room missing, and the join makes
+    # and locks it again, statement by statement.
+    made: list[list[str]] = []
+
+    def new_rooms(names: list[str], using: str, make: Any = changes._new_rooms) -> Any:
+        made.append(names)
+        return [] if len(made) == 1 else make(names, using)
+
+    monkeypatch.setattr(changes, "_new_rooms", new_rooms)
+    combined: list[bool] = []
+
+    def can_combine(connection: Any, combine: Any = sql.can_combine) -> bool:
+        combined.append(combine(connection))
+        return combined[-1]
+
+    monkeypatch.setattr(sql, "can_combine", can_combine)
+
+    room = operations.join(ROOM, SOCKET, subscribe=True)
+
+    assert combined[0] is True
+    assert made == [[ROOM], [ROOM]]
+    assert Room.objects.get().pk == room.pk
+    presence = Presence.objects.get()
+    assert (presence.room_id, presence.channel_name) == (room.pk, SOCKET)
     assert [(s["room"].pk, s["added"].channel_name) for s in signals] == [
         (room.pk, SOCKET)
     ]
