@@ -122,6 +122,62 @@ def test_a_batch_costs_the_same_queries_at_10_and_1000_calls(capsys):
     assert rows_counts() == kept_counts()
 
 
+def test_a_batch_in_round_trips_ends_as_one_statement_by_statement(monkeypatch):
+    if not sql.can_combine(connection):
+        pytest.skip("statements go together only through psycopg's client cursor")
+
+    def outcome(tag: str) -> tuple[Any, ...]:
+        operations.apply(_batch(50, 5, tag))
+        created = dict(Room.objects.values_list("channel_name", "version"))
+        # Sockets that left every room join again, and others leave theirs.
+        now = time.time() + 2
+        operations.apply(
+            [join(f"{tag}-{n % 5}", f"specific.{tag}!{n}", at=now) for n in (1, 6)]
+            + [LeaveAll(f"specific.{tag}!{n}", _moment(now)) for n in (2, 3, 4)]
+        )
+        presences = sorted(
+            (room.replace(tag, ""), socket.replace(tag, ""))
+            for room, socket in Presence.objects.filter(
+                room__channel_name__startswith=tag
+            ).values_list("room__channel_name", "channel_name")
+        )
+        rooms = {
+            name.replace(tag, ""): (version - created[name], counts)
+            for name, version, *counts in Room.objects.filter(
+                channel_name__startswith=tag
+            ).values_list("channel_name", "version", "users", "visitors", "sockets")
+        }
+        return presences, rooms
+
+    with CaptureQueriesContext(connection) as together:
+        combined = outcome("together")
+    monkeypatch.setattr(sql, "can_combine", lambda connection: False)
+    with CaptureQueriesContext(connection) as apart:
+        stepwise = outcome("apart")
+
+    assert combined == stepwise
+    assert combined[0] and combined[1]
+    assert len(together.captured_queries) < len(apart.captured_queries)
+    assert rows_counts() == kept_counts()
+
+
+def test_statements_together_return_each_ones_rows_in_order():
+    statements: list[sql.Statement] = [
+        ("SELECT %s, %s", [1, "one"]),
+        ("SELECT 2 WHERE %s", [False]),
+        (f"DELETE FROM {Room._meta.db_table} WHERE channel_name = %s", ["none"]),
+        ("SELECT %s UNION ALL SELECT %s", [3, 4]),
+    ]
+
+    assert sql.together(connection, statements) == [
+        [(1, "one")],
+        [],
+        [],
+        [(3,), (4,)],
+    ]
+    assert sql.together(connection, []) == []
+
+
 def test_a_batch_of_leaves_costs_the_same_queries_for_1_and_100_rooms():
     for n in range(100):
         operations.join(f"room-{n}", f"specific.many!{n}")
