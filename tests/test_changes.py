@@ -156,7 +156,9 @@ def test_a_batch_in_round_trips_ends_as_one_statement_by_statement(monkeypatch):
         stepwise = outcome("apart")
 
     assert combined == stepwise
-    assert combined[0] and combined[1]
+    presences, rooms = combined
+    assert presences
+    assert rooms
     assert len(together.captured_queries) < len(apart.captured_queries)
     assert rows_counts() == kept_counts()
 
