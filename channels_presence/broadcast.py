@@ -100,7 +100,7 @@ def deliver(
     if notices:
         _guard(
             "the expiry notices",
-            groups.send_to_channels,
+            groups.send_to_channels_now,
             layer,
             [(sockets, protocol.expired(room)) for room, sockets in notices],
         )
@@ -124,7 +124,7 @@ def deliver(
         if delivery.state is not None and delivery.joiners
     ]
     if states:
-        _guard("the joined sockets' states", groups.send_to_channels, layer, states)
+        _guard("the joined sockets' states", groups.send_to_channels_now, layer, states)
     diffs = [delivery.diff for delivery in deliveries if delivery.diff is not None]
     if diffs:
         throttle.submit(layer, diffs)
@@ -152,7 +152,7 @@ def discard(layer: BaseChannelLayer, departed: Sequence[tuple[str, str]]) -> Non
             locks.lock_every_socket()
         gone = _still_gone(departed, sockets)
         if gone:
-            groups.run_sync(groups.leave, layer, gone)
+            groups.leave_now(layer, gone)
 
 
 def _still_gone(
@@ -195,7 +195,7 @@ def _send(signal: Signal, sender: Any, **kwargs: Any) -> None:
 def _guard(what: str, call: Callable[..., Any], *args: Any) -> bool:
     """Run a channel-layer call; log its failure (the change is committed)."""
     try:
-        groups.run_sync(call, *args)
+        call(*args)
     except groups.UNAVAILABLE as error:
         outage.failed(
             f"sending {what}",
@@ -320,7 +320,7 @@ class Throttle:
 
     def _send(self, layer: BaseChannelLayer, diffs: list[Diff]) -> None:
         messages = [(groups.events_group(diff.room), diff.frame()) for diff in diffs]
-        _guard(f"{len(messages)} presence diffs", groups.send, layer, messages)
+        _guard(f"{len(messages)} presence diffs", groups.send_now, layer, messages)
 
 
 #: This process's throttle.
@@ -413,7 +413,7 @@ def send_beacons(layer: BaseChannelLayer, rooms: Sequence[tuple[str, int]]) -> N
     if rooms and conf.BROADCAST:
         _guard(
             "the version beacons",
-            groups.send,
+            groups.send_now,
             layer,
             [
                 (groups.events_group(room), protocol.version_beacon(room, version))

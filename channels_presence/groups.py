@@ -295,14 +295,8 @@ async def _pipelined(
 
     async def run(shard: int, numbers: list[int]) -> None:
         async with layer.connection(shard).pipeline(transaction=False) as pipe:
-            bounds = []
-            for number in numbers:
-                start = len(pipe)
-                jobs[number][2](pipe)
-                bounds.append((number, start, len(pipe)))
-            results = await pipe.execute()
-        for number, start, end in bounds:
-            replies[number] = results[start:end]
+            bounds = _fill(pipe, jobs, numbers)
+            _spread(replies, bounds, await pipe.execute())
 
     await _in_batches(
         run(shard, numbers) for shard, chunk in chunks.items() for numbers in chunk
@@ -310,14 +304,35 @@ async def _pipelined(
     return replies
 
 
-def _pipelined_now(clients: list[redis.Redis], commands: list[Command]) -> None:
+def _pipelined_now(clients: list[redis.Redis], commands: list[Command]) -> list[Any]:
     """:func:`_pipelined` on blocking clients, one pipeline after another."""
+    replies: list[Any] = [None] * len(commands)
     for shard, chunk in _chunks(commands).items():
         for numbers in chunk:
             pipe = clients[shard].pipeline(transaction=False)
-            for number in numbers:
-                commands[number][2](pipe)
-            pipe.execute()
+            bounds = _fill(pipe, commands, numbers)
+            _spread(replies, bounds, pipe.execute())
+    return replies
+
+
+def _fill(
+    pipe: Any, commands: list[Command], numbers: list[int]
+) -> list[tuple[int, int, int]]:
+    """Add the commands of ``numbers`` to ``pipe``; where each one's replies are."""
+    bounds = []
+    for number in numbers:
+        start = len(pipe)
+        commands[number][2](pipe)
+        bounds.append((number, start, len(pipe)))
+    return bounds
+
+
+def _spread(
+    replies: list[Any], bounds: list[tuple[int, int, int]], results: list[Any]
+) -> None:
+    """Each command's replies, from its pipeline's results, into ``replies``."""
+    for number, start, end in bounds:
+        replies[number] = results[start:end]
 
 
 def _chunks(jobs: list[Command]) -> dict[int, list[list[int]]]:
@@ -375,40 +390,77 @@ async def _redis_send(
     commands on the same keys go here in two rounds of pipelines, one per
     shard: the members of every group, then one script per group and shard.
     """
-    by_group: dict[str, list[dict[str, Any]]] = {}
-    for group, message in messages:
-        by_group.setdefault(group, []).append(message)
-    now = time.time()
+    send = _GroupSend(layer, messages)
+    found = await _pipelined(layer, send.members())
+    _log_over_capacity(await _pipelined(layer, send.pushes(found)))
 
-    def members(key: bytes) -> Callable[[Any], None]:
-        def add(pipe: Any) -> None:
-            pipe.zremrangebyscore(key, min=0, max=int(now) - layer.group_expiry)
-            pipe.zrange(key, 0, -1)
 
-        return add
+def _redis_send_now(
+    layer: RedisChannelLayer,
+    clients: list[redis.Redis],
+    messages: list[tuple[str, dict[str, Any]]],
+) -> None:
+    """:func:`_redis_send` on blocking clients."""
+    send = _GroupSend(layer, messages)
+    found = _pipelined_now(clients, send.members())
+    _log_over_capacity(_pipelined_now(clients, send.pushes(found)))
 
-    groups = list(by_group)
-    found = await _pipelined(
-        layer,
-        ((layer.consistent_hash(g), 1, members(layer._group_key(g))) for g in groups),
-    )
-    await _redis_push(
-        layer,
-        [
-            ([name.decode() for name in names], message)
-            for group, (_, names) in zip(groups, found, strict=True)
-            for message in by_group[group]
-        ],
-        now,
-    )
+
+class _GroupSend:
+    """The two rounds of commands of a send to groups (see :func:`_redis_send`)."""
+
+    def __init__(
+        self, layer: RedisChannelLayer, messages: list[tuple[str, dict[str, Any]]]
+    ) -> None:
+        self.layer = layer
+        self.by_group: dict[str, list[dict[str, Any]]] = {}
+        for group, message in messages:
+            self.by_group.setdefault(group, []).append(message)
+        self.groups = list(self.by_group)
+        self.now = time.time()
+
+    def members(self) -> list[Command]:
+        """Round one: each group's members, its expired ones dropped first."""
+        layer, now = self.layer, self.now
+
+        def members(key: bytes) -> Callable[[Any], None]:
+            def add(pipe: Any) -> None:
+                pipe.zremrangebyscore(key, min=0, max=int(now) - layer.group_expiry)
+                pipe.zrange(key, 0, -1)
+
+            return add
+
+        return [
+            (layer.consistent_hash(g), 1, members(layer._group_key(g)))
+            for g in self.groups
+        ]
+
+    def pushes(self, found: list[Any]) -> list[Command]:
+        """Round two: each message pushed to the members found in round one."""
+        return _push_commands(
+            self.layer,
+            [
+                ([name.decode() for name in names], message)
+                for group, (_, names) in zip(self.groups, found, strict=True)
+                for message in self.by_group[group]
+            ],
+            self.now,
+        )
 
 
 async def _redis_push(
+    layer: RedisChannelLayer, deliveries: list[tuple[list[str], dict[str, Any]]]
+) -> None:
+    """Push each message to each of its channels, one script per shard and message."""
+    _log_over_capacity(await _pipelined(layer, _push_commands(layer, deliveries)))
+
+
+def _push_commands(
     layer: RedisChannelLayer,
     deliveries: list[tuple[list[str], dict[str, Any]]],
     now: float | None = None,
-) -> None:
-    """Push each message to each of its channels, one script per shard and message.
+) -> list[Command]:
+    """The scripts that push each message to each of its channels.
 
     channels_redis's layout: the channels of one process share a key, and
     get one copy of the message naming them all (``__asgi_channel__``), which
@@ -436,8 +488,11 @@ async def _redis_push(
                 # scores: one microsecond apart, in the order given.
                 at = now + len(commands) * 1e-6
                 commands.append((shard, len(part), push(part, args, at)))
-    over = await _pipelined(layer, commands)
-    full = sum(reply[0] for reply in over)
+    return commands
+
+
+def _log_over_capacity(replies: list[Any]) -> None:
+    full = sum(reply[0] for reply in replies)
     if full:
         logger.info("%s channels over capacity in a group send", full)
 
@@ -485,6 +540,19 @@ async def send_to_channels(
     )
 
 
+def send_to_channels_now(
+    layer: BaseChannelLayer, deliveries: Iterable[tuple[list[str], dict[str, Any]]]
+) -> None:
+    """:func:`send_to_channels`, from sync code; see :func:`add_now`."""
+    deliveries = [(list(names), message) for names, message in deliveries]
+    clients = _blocking_clients(layer)
+    if clients is None:
+        run_sync(send_to_channels, layer, deliveries)
+        return
+    assert isinstance(layer, RedisChannelLayer)
+    _log_over_capacity(_pipelined_now(clients, _push_commands(layer, deliveries)))
+
+
 async def send(
     layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
 ) -> None:
@@ -494,6 +562,20 @@ async def send(
         await _redis_send(layer, messages)
         return
     await _in_batches(layer.group_send(group, message) for group, message in messages)
+
+
+def send_now(
+    layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
+) -> None:
+    """:func:`send`, from sync code (a worker's sends after commit); see
+    :func:`add_now`."""
+    messages = list(messages)
+    clients = _blocking_clients(layer)
+    if clients is None:
+        run_sync(send, layer, messages)
+        return
+    assert isinstance(layer, RedisChannelLayer)
+    _redis_send_now(layer, clients, messages)
 
 
 async def apply(

@@ -167,3 +167,27 @@ async def test_adds_and_leaves_from_sync_code_are_those_of_the_async_path(
         assert got == ([] if socket in gone else ["room", "events"])
     if isinstance(layer, RedisChannelLayer):
         assert groups._blocking_clients(layer) is not None
+
+
+async def test_sends_from_sync_code_are_those_of_the_async_path(
+    layer: BaseChannelLayer,
+) -> None:
+    # A worker's sends after commit: a blocking client on channels_redis
+    # layers, the async path on others; the same messages, in the same order.
+    sockets = await _two_in_each_group(layer)
+
+    await sync_to_async(groups.send_now)(
+        layer,
+        [(f"room-{n}", {"type": "first", "n": n}) for n in range(GROUPS)]
+        + [("empty", {"type": "lost", "n": -1})]
+        + [(f"room-{n}", {"type": "second", "n": n}) for n in range(GROUPS)],
+    )
+    await sync_to_async(groups.send_to_channels_now)(
+        layer, [(sockets[:3], {"type": "direct", "n": 0}), ([], {"type": "x"})]
+    )
+
+    received = await _received(layer, sockets)
+    for number, socket in enumerate(sockets):
+        got = [(m["type"], m["n"]) for m in received[socket]]
+        expected = [("first", number % GROUPS), ("second", number % GROUPS)]
+        assert got == expected + ([("direct", 0)] if number < 3 else [])
