@@ -192,8 +192,8 @@ def _send(signal: Signal, sender: Any, **kwargs: Any) -> None:
             )
 
 
-def _guard(what: str, call: Callable[..., Any], *args: Any) -> bool:
-    """Run a channel-layer call; log its failure (the change is committed)."""
+def _guard(what: str, call: Callable[..., None], *args: Any) -> bool:
+    """Run a (sync) channel-layer call; log its failure (the change is committed)."""
     try:
         call(*args)
     except groups.UNAVAILABLE as error:

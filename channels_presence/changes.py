@@ -368,20 +368,21 @@ def _remember(
         departures[socket, room] = left[socket, room] = at
 
 
-Read = tuple[
+_Read = tuple[
     dict[str, "Room"],
     dict[tuple[str, str], "_Row"],
     dict[tuple[str, str], datetime],
 ]
 
 
-def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> Read:
+def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> _Read:
     """Steps 1 and 2: lock the sockets and the rooms, then read what they have.
 
     The locked rooms by name, the sockets' presences in them and the sockets'
     departures. On PostgreSQL in one round trip (a lone join waits for each
-    one with its locks held); else, or when a room that a join made was
-    deleted before it was locked, one statement after another.
+    one with its locks held); else, or when a room that already existed when
+    the join made sure of it was deleted before it was locked (a concurrent
+    prune_rooms), one statement after another, as its retries always went.
     """
     _, presence_model = _models()
     names = {call.room for call in calls if not isinstance(call, LeaveAll)}
@@ -409,13 +410,15 @@ def _read_at_once(
     names: set[str],
     everywhere: list[str],
     joining: set[str],
-) -> Read | None:
+) -> _Read | None:
     """:func:`_lock_and_read` as one round trip of statements (PostgreSQL).
 
-    The same statements as step by step, in the same order: the socket
-    locks, the new rooms, the rooms locked in name order (with those that
-    the leave_all sockets are in), their presences, the departures. None
-    if a room made here was deleted before it was locked (prune_rooms).
+    What the step-by-step reads do, in the same lock order: the socket locks,
+    the new rooms, the rooms locked in name order (with those that the
+    leave_all sockets are in, found by a subquery here), then every presence
+    of the sockets (those in rooms not locked are dropped here, not by the
+    query) and their departures. None if a room that already existed was
+    deleted between the upsert and its lock (a committed prune_rooms).
     """
     room_model, presence_model = _models()
     departure_model = apps.get_model("channels_presence", "Departure")
@@ -442,10 +445,12 @@ def _read_at_once(
     params: list[Any] = [sorted(names)]
     if everywhere:
         where += (
-            f" OR {columns(room_model, ['id'])} IN (SELECT "
+            # ANY(ARRAY(...)): the subquery runs once and both sides of the
+            # OR use an index (an IN subquery under an OR is a filter, a scan).
+            f" OR {columns(room_model, ['id'])} = ANY(ARRAY(SELECT "
             f"{columns(presence_model, ['room_id'])} FROM "
             f"{quote(presence_model._meta.db_table)} WHERE "
-            f"{columns(presence_model, ['channel_name'])} = ANY(%s))"
+            f"{columns(presence_model, ['channel_name'])} = ANY(%s)))"
         )
         params.append(everywhere)
     statements += [
@@ -633,16 +638,17 @@ def _write(
             else []
         )
         connection = transaction.get_connection(using)
+        # Step 5's count of the member keys' sockets, in the same round trip
+        # where it can be: the keys of every row before and after (more than
+        # changed, which the count filters).
+        wanted = {
+            (rooms[room].pk, row.key)
+            for (room, _), pair in pairs.items()
+            for row in (pair.before, pair.after)
+            if row is not None
+        }
         counting: list[sql.Statement] = []
         if sql.can_combine(connection):
-            # Step 5's count of the member keys' sockets, in the same round
-            # trip: the keys of every row before and after (more than changed).
-            wanted = {
-                (rooms[room].pk, row.key)
-                for (room, _), pair in pairs.items()
-                for row in (pair.before, pair.after)
-                if row is not None
-            }
             counting = [
                 part.query.get_compiler(using).as_sql()
                 for part in _key_count_parts(wanted)

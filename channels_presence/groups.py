@@ -53,10 +53,10 @@ _loops = threading.local()
 def keep_loops() -> None:
     """Let :func:`run_sync` reuse one event loop per thread in this process.
 
-    For a Celery worker's task processes. There ``async_to_sync`` would make
-    a new event loop for every channel-layer call, and channels_redis a new
-    connection pool for every loop: a connect and a close per call, a good
-    part of a join applied by a worker (bench/ profiled it). Elsewhere it
+    For a Celery worker's task processes, on a layer other than channels_redis
+    (whose calls go through blocking clients there, see :func:`add_now`).
+    There ``async_to_sync`` would make a new event loop for every
+    channel-layer call, and a layer new connections for every loop. Elsewhere it
     stays off: a layer whose pools live in a loop of ours could no longer be
     flushed from another loop (``async_to_sync(layer.flush)()``), as tests do.
     """
@@ -204,16 +204,20 @@ _BLOCKING: weakref.WeakKeyDictionary[RedisChannelLayer, list[redis.Redis] | None
     weakref.WeakKeyDictionary()
 )
 
+_BLOCKING_MADE = threading.Lock()
+
 
 def _blocking_clients(layer: BaseChannelLayer) -> list[redis.Redis] | None:
     """Blocking clients of the layer's shards, made once per layer and process."""
     if not isinstance(layer, RedisChannelLayer):
         return None
-    if layer not in _BLOCKING:
-        found = [_blocking_client(host) for host in layer.hosts]
-        clients = [client for client in found if client is not None]
-        _BLOCKING[layer] = clients if len(clients) == len(found) else None
-    return _BLOCKING[layer]
+    with _BLOCKING_MADE:
+        # A worker's thread and its throttle's timer may ask at once.
+        if layer not in _BLOCKING:
+            found = [_blocking_client(host) for host in layer.hosts]
+            clients = [client for client in found if client is not None]
+            _BLOCKING[layer] = clients if len(clients) == len(found) else None
+        return _BLOCKING[layer]
 
 
 def _blocking_client(host: Any) -> redis.Redis | None:
@@ -423,7 +427,7 @@ class _GroupSend:
         """Round one: each group's members, its expired ones dropped first."""
         layer, now = self.layer, self.now
 
-        def members(key: bytes) -> Callable[[Any], None]:
+        def read(key: bytes) -> Callable[[Any], None]:
             def add(pipe: Any) -> None:
                 pipe.zremrangebyscore(key, min=0, max=int(now) - layer.group_expiry)
                 pipe.zrange(key, 0, -1)
@@ -431,7 +435,7 @@ class _GroupSend:
             return add
 
         return [
-            (layer.consistent_hash(g), 1, members(layer._group_key(g)))
+            (layer.consistent_hash(g), 1, read(layer._group_key(g)))
             for g in self.groups
         ]
 
@@ -567,8 +571,7 @@ async def send(
 def send_now(
     layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
 ) -> None:
-    """:func:`send`, from sync code (a worker's sends after commit); see
-    :func:`add_now`."""
+    """:func:`send`, from sync code (a worker's sends); see :func:`add_now`."""
     messages = list(messages)
     clients = _blocking_clients(layer)
     if clients is None:

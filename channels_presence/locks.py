@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
-from typing import Any
 
 from django.db import transaction
+
+from .sql import Statement
 
 # The advisory lock that each socket's lock is held under (PostgreSQL).
 EVERY_SOCKET = 0x6368616E6E656C73  # "channels"
@@ -46,7 +47,7 @@ def lock_sockets(channel_names: Iterable[str]) -> None:
             cursor.execute(*statement)
 
 
-def sockets_statement(channel_names: Iterable[str]) -> tuple[str, list[Any]] | None:
+def sockets_statement(channel_names: Iterable[str]) -> Statement | None:
     """The statement of :func:`lock_sockets` on PostgreSQL; None for no sockets."""
     keys = sorted({socket_key(name) for name in channel_names})
     if not keys:

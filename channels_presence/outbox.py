@@ -72,7 +72,8 @@ class Outbox:
     imported, as Celery's Django guide arranges). ``limit`` bounds what it
     holds; ``retry_interval`` paces the retries of an outage; ``exit_timeout``
     bounds the wait for the sender at exit; ``busy_linger`` how long joins and
-    leaves gather while they keep coming, looking again every ``linger``.
+    leaves gather while they keep coming, and ``linger`` how often the sender
+    looks again meanwhile (a lone one is published at once).
     """
 
     def __init__(

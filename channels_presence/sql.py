@@ -190,7 +190,9 @@ def together(
 
     One round trip where :func:`can_combine` says so, else one each. A
     change set waits for each round trip with its locks held, and a lone
-    join's reads are five statements.
+    join's reads are five statements. Each statement takes parameters (a
+    literal ``%`` is written ``%%``); the first that fails raises, and the
+    transaction is then to be rolled back, as with one statement.
     """
     results: list[list[tuple[Any, ...]]] = []
     if not statements:

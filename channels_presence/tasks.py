@@ -268,7 +268,8 @@ def prune_rooms() -> int:
 @worker_process_init.connect
 def _keep_event_loops(**kwargs: Any) -> None:
     """In a process that runs a worker's tasks (solo, or a prefork child),
-    channel-layer calls reuse one event loop, and its Redis connections."""
+    the async channel-layer calls (layers other than channels_redis) reuse
+    one event loop, and its connections."""
     groups.keep_loops()
 
 

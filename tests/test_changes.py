@@ -32,7 +32,7 @@ from django.test.utils import CaptureQueriesContext
 from channels_presence import changes, operations, protocol, sql, tasks
 from channels_presence.changes import Call, Join, Leave, LeaveAll
 from channels_presence.groups import events_group
-from channels_presence.models import Presence, Room
+from channels_presence.models import Departure, Presence, Room
 from channels_presence.signals import user_joined_room, user_left_room
 from channels_presence.testing import RoomView, channel_messages, members_now
 from tests.helpers import group_members, in_background
@@ -127,13 +127,40 @@ def test_a_batch_in_round_trips_ends_as_one_statement_by_statement(monkeypatch):
         pytest.skip("statements go together only through psycopg's client cursor")
 
     def outcome(tag: str) -> tuple[Any, ...]:
-        operations.apply(_batch(50, 5, tag))
-        created = dict(Room.objects.values_list("channel_name", "version"))
-        # Sockets that left every room join again, and others leave theirs.
-        now = time.time() + 2
-        operations.apply(
-            [join(f"{tag}-{n % 5}", f"specific.{tag}!{n}", at=now) for n in (1, 6)]
-            + [LeaveAll(f"specific.{tag}!{n}", _moment(now)) for n in (2, 3, 4)]
+        user = get_user_model().objects.create_user(f"{tag}-user")
+        arrived: list[str] = []
+        left: list[str] = []
+
+        def on_join(room: Room, key: str, **kwargs: Any) -> None:
+            arrived.append(room.channel_name.replace(tag, "") + " " + key[:2])
+
+        def on_leave(room: Room, key: str, **kwargs: Any) -> None:
+            left.append(room.channel_name.replace(tag, "") + " " + key[:2])
+
+        user_joined_room.connect(on_join, weak=False)
+        user_left_room.connect(on_leave, weak=False)
+        try:
+            # Two tabs of one user among them; one tab leaves.
+            operations.apply(
+                _batch(50, 5, tag)
+                + [join(f"{tag}-0", f"specific.{tag}!tab{n}", user) for n in (1, 2)]
+            )
+            created = dict(Room.objects.values_list("channel_name", "version"))
+            # Sockets that left every room join again, and others leave theirs.
+            now = time.time() + 2
+            operations.apply(
+                [join(f"{tag}-{n % 5}", f"specific.{tag}!{n}", at=now) for n in (1, 6)]
+                + [LeaveAll(f"specific.{tag}!{n}", _moment(now)) for n in (2, 3, 4)]
+                + [LeaveAll(f"specific.{tag}!tab1", _moment(now))]
+            )
+        finally:
+            user_joined_room.disconnect(on_join)
+            user_left_room.disconnect(on_leave)
+        departures = sorted(
+            (socket.replace(tag, ""), room.replace(tag, ""))
+            for socket, room in Departure.objects.filter(
+                channel_name__contains=tag
+            ).values_list("channel_name", "room_channel_name")
         )
         presences = sorted(
             (room.replace(tag, ""), socket.replace(tag, ""))
@@ -147,7 +174,7 @@ def test_a_batch_in_round_trips_ends_as_one_statement_by_statement(monkeypatch):
                 channel_name__startswith=tag
             ).values_list("channel_name", "version", "users", "visitors", "sockets")
         }
-        return presences, rooms
+        return presences, rooms, departures, sorted(arrived), sorted(left)
 
     with CaptureQueriesContext(connection) as together:
         combined = outcome("together")
@@ -156,9 +183,12 @@ def test_a_batch_in_round_trips_ends_as_one_statement_by_statement(monkeypatch):
         stepwise = outcome("apart")
 
     assert combined == stepwise
-    presences, rooms = combined
+    presences, rooms, departures, arrived, left = combined
     assert presences
     assert rooms
+    assert departures
+    assert arrived.count("-0 u:") == 1  # the user arrived once, and stayed
+    assert "-0 u:" not in left
     assert len(together.captured_queries) < len(apart.captured_queries)
     assert rows_counts() == kept_counts()
 
