@@ -24,9 +24,10 @@ with the number of calls or rooms, it
 After commit, ``broadcast.deliver`` sends the signals and the frames.
 
 On PostgreSQL the statements of steps 1 and 2 go to the server together, in
-one round trip, and so do step 4's upsert and step 5's count: a lone join
+one round trip, and so do step 4's upsert and step 5's count
+(``sql.together``; elsewhere they run one after another): a lone join
 waits for each round trip with its locks held, and is on the path of every
-join that a room sees (``sql.together``).
+join that a room sees.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ PRESENCE_FIELDS = [
     "ref",
     "events",
 ]
+# The departure columns a change set reads.
+DEPARTURE_FIELDS = ["channel_name", "room_channel_name", "left_at"]
 # Times a join retries making and locking its rooms while prune_rooms deletes them.
 ROOM_ATTEMPTS = 5
 
@@ -400,8 +403,12 @@ def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> _Read:
         for part in sql.any_of(everyone, "channel_name", everywhere):
             names.update(part.values_list("room__channel_name", flat=True))
     rooms = _lock_rooms(names, create=joining)
-    by_id = {room.pk: room for room in rooms.values()}
-    return rooms, _read_rows(sockets, by_id), _read_departures(sockets)
+    presences, departures = _reads(sockets, connection.alias)
+    results = sql.together(
+        connection, [sql.statement(query) for query in presences + departures]
+    )
+    read = results[: len(presences)], results[len(presences) :]
+    return rooms, *_read(rooms, *read, connection.alias)
 
 
 def _read_at_once(
@@ -421,7 +428,6 @@ def _read_at_once(
     deleted between the upsert and its lock (a committed prune_rooms).
     """
     room_model, presence_model = _models()
-    departure_model = apps.get_model("channels_presence", "Departure")
     connection = transaction.get_connection(using)
     quote = connection.ops.quote_name
 
@@ -433,7 +439,6 @@ def _read_at_once(
         )
 
     room_fields = [field.attname for field in room_model._meta.concrete_fields]
-    departure_fields = ["channel_name", "room_channel_name", "left_at"]
     room_table = quote(room_model._meta.db_table)
     statements: list[sql.Statement] = []
     lock = locks.sockets_statement(sockets)
@@ -453,27 +458,21 @@ def _read_at_once(
             f"{columns(presence_model, ['channel_name'])} = ANY(%s)))"
         )
         params.append(everywhere)
-    statements += [
+    room_at = len(statements)
+    statements.append(
         (
             f"SELECT {columns(room_model, room_fields)} FROM {room_table} "
             f"WHERE {where} ORDER BY {columns(room_model, ['channel_name'])} "
             "FOR UPDATE",
             params,
-        ),
-        (
-            f"SELECT {columns(presence_model, PRESENCE_FIELDS)} FROM "
-            f"{quote(presence_model._meta.db_table)} WHERE "
-            f"{columns(presence_model, ['channel_name'])} = ANY(%s)",
-            [sockets],
-        ),
-        (
-            f"SELECT {columns(departure_model, departure_fields)} FROM "
-            f"{quote(departure_model._meta.db_table)} WHERE "
-            f"{columns(departure_model, ['channel_name'])} = ANY(%s)",
-            [sockets],
-        ),
-    ]
-    *_, room_rows, presence_rows, departure_rows = sql.together(connection, statements)
+        )
+    )
+    presences, departures = _reads(sockets, using)
+    statements += [sql.statement(query) for query in presences + departures]
+    results = sql.together(connection, statements)
+    room_rows = results[room_at]
+    found_presences = results[room_at + 1 : room_at + 1 + len(presences)]
+    found_departures = results[room_at + 1 + len(presences) :]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -485,23 +484,7 @@ def _read_at_once(
     }
     if not joining <= rooms.keys():
         return None
-    by_id = {room.pk: room for room in rooms.values()}
-    rows: dict[tuple[str, str], _Row] = {}
-    for values in sql.convert(presence_model, using, PRESENCE_FIELDS, presence_rows):
-        row = dict(zip(PRESENCE_FIELDS, values, strict=True))
-        # Its presences in rooms that this change set does not lock are not its.
-        room = by_id.get(row.pop("room_id"))
-        if room is not None:
-            rows[room.channel_name, row["channel_name"]] = _Row(
-                room=room.channel_name, **row
-            )
-    departures = {
-        (socket, room): left_at
-        for socket, room, left_at in sql.convert(
-            departure_model, using, departure_fields, departure_rows
-        )
-    }
-    return rooms, rows, departures
+    return rooms, *_read(rooms, found_presences, found_departures, using)
 
 
 def _new_rooms(names: list[str], using: str) -> list[sql.Statement]:
@@ -545,46 +528,68 @@ def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
     )
 
 
-def _read_rows(
-    sockets: list[str], rooms: dict[int, Room]
-) -> dict[tuple[str, str], _Row]:
-    """The presences of ``sockets`` in the locked rooms, by (room, socket)."""
+def _reads(
+    sockets: list[str], using: str
+) -> tuple[list[QuerySet[Any]], list[QuerySet[Any]]]:
+    """Step 2's queries, for either path: the presences of ``sockets``, and
+    their departures (each cut at the database's limit on parameters)."""
     _, presence_model = _models()
-    if not rooms:
-        return {}
-    found: dict[tuple[str, str], _Row] = {}
-    for part in sql.any_of(
-        presence_model.objects.filter(room_id__in=list(rooms)), "channel_name", sockets
-    ):
-        for values in part.values_list(*PRESENCE_FIELDS):
+    presences = presence_model.objects.using(using).order_by()
+    departures = _departures().using(using).order_by()
+    return (
+        [
+            part.values_list(*PRESENCE_FIELDS)
+            for part in sql.any_of(presences, "channel_name", sockets)
+        ],
+        [
+            part.values_list(*DEPARTURE_FIELDS)
+            for part in sql.any_of(departures, "channel_name", sockets)
+        ],
+    )
+
+
+def _read(
+    rooms: dict[str, Room],
+    presences: list[list[tuple[Any, ...]]],
+    departures: list[list[tuple[Any, ...]]],
+    using: str,
+) -> tuple[dict[tuple[str, str], _Row], dict[tuple[str, str], datetime]]:
+    """What :func:`_reads` found: the presences in the locked ``rooms``, by
+    (room, socket), and the departures, by (socket, room)."""
+    _, presence_model = _models()
+    by_id = {room.pk: room for room in rooms.values()}
+    rows: dict[tuple[str, str], _Row] = {}
+    for result in presences:
+        for values in sql.convert(presence_model, using, PRESENCE_FIELDS, result):
             row = dict(zip(PRESENCE_FIELDS, values, strict=True))
-            room = rooms[row.pop("room_id")]
-            found[room.channel_name, row["channel_name"]] = _Row(
-                room=room.channel_name, **row
-            )
-    return found
-
-
-def _read_departures(sockets: list[str]) -> dict[tuple[str, str], datetime]:
-    departures: dict[tuple[str, str], datetime] = {}
-    for part in sql.any_of(_departures().all(), "channel_name", sockets):
-        for socket, room, left_at in part.values_list(
-            "channel_name", "room_channel_name", "left_at"
+            # A socket's presences in rooms that this change set does not
+            # lock are not its to change.
+            room = by_id.get(row.pop("room_id"))
+            if room is not None:
+                rows[room.channel_name, row["channel_name"]] = _Row(
+                    room=room.channel_name, **row
+                )
+    left: dict[tuple[str, str], datetime] = {}
+    for result in departures:
+        model = _departures().model
+        for socket, room_name, at in sql.convert(
+            model, using, DEPARTURE_FIELDS, result
         ):
-            departures[socket, room] = left_at
-    return departures
+            left[socket, room_name] = at
+    return rows, left
 
 
 def _write_departures(departures: dict[tuple[str, str], datetime], using: str) -> None:
     rows = [[socket, room, at] for (socket, room), at in sorted(departures.items())]
-    sql.upsert(
-        apps.get_model("channels_presence", "Departure"),
+    statements = sql.upsert_statements(
+        _departures().model,
         using,
-        ["channel_name", "room_channel_name", "left_at"],
+        DEPARTURE_FIELDS,
         rows,
         conflict=["channel_name", "room_channel_name"],
         keep_latest=["left_at"],
     )
+    sql.together(transaction.get_connection(using), statements)
 
 
 def _write(
@@ -592,15 +597,14 @@ def _write(
     rooms: dict[str, Room],
     layer: BaseChannelLayer,
     using: str,
-) -> tuple[dict[tuple[str, str], int], dict[tuple[int, str], int] | None]:
+) -> tuple[dict[tuple[str, str], int], dict[tuple[int, str], int]]:
     """Write what changed; return the ids of the rows written, by (room, socket),
-    and, when read in the same round trip, the member keys' socket counts.
+    and the member keys' socket counts after it (step 5).
 
     The sockets put in rooms join the rooms' groups first, under their
     locks; if writing fails, those that were not in the room leave again.
     """
     _, presence_model = _models()
-    counted: dict[tuple[int, str], int] | None = None
     joined = [
         (room, socket, pair.after.events)
         for (room, socket), pair in sorted(pairs.items())
@@ -623,23 +627,18 @@ def _write(
             for pair in pairs.values()
             if pair.after is not None and pair.after != pair.before
         ]
-        statements = (
-            sql.upsert_statements(
-                presence_model,
-                using,
-                PRESENCE_FIELDS[1:],
-                [row.values(rooms[row.room].pk) for row in written],
-                conflict=["room_id", "channel_name"],
-                replace=["user_id", "joined_at", "server", "key", "ref", "events"],
-                keep_latest=["last_seen"],
-                returning=["id", "room_id", "channel_name"],
-            )
-            if written
-            else []
+        statements = sql.upsert_statements(
+            presence_model,
+            using,
+            PRESENCE_FIELDS[1:],
+            [row.values(rooms[row.room].pk) for row in written],
+            conflict=["room_id", "channel_name"],
+            replace=["user_id", "joined_at", "server", "key", "ref", "events"],
+            keep_latest=["last_seen"],
+            returning=["id", "room_id", "channel_name"],
         )
-        connection = transaction.get_connection(using)
-        # Step 5's count of the member keys' sockets, in the same round trip
-        # where it can be: the keys of every row before and after (more than
+        # Step 5's count of the member keys' sockets, after the upsert and in
+        # its round trip: the keys of every row before and after (more than
         # changed, which the count filters).
         wanted = {
             (rooms[room].pk, row.key)
@@ -647,19 +646,12 @@ def _write(
             for row in (pair.before, pair.after)
             if row is not None
         }
-        counting: list[sql.Statement] = []
-        if sql.can_combine(connection):
-            counting = [
-                part.query.get_compiler(using).as_sql()
-                for part in _key_count_parts(wanted)
-            ]
-        results = sql.together(connection, statements + counting)
+        counting = [sql.statement(query) for query in _key_count_parts(wanted)]
+        results = sql.together(transaction.get_connection(using), statements + counting)
         ids = [row for result in results[: len(statements)] for row in result]
-        if counting:
-            counted = _tally(
-                (row for result in results[len(statements) :] for row in result),
-                wanted,
-            )
+        counted = _tally(
+            (row for result in results[len(statements) :] for row in result), wanted
+        )
     except BaseException:
         fresh = [
             (room, socket)
@@ -980,9 +972,10 @@ def _commit(
         # One statement for every room, whatever the database's limit on
         # parameters allows (bulk_update would cut it at Django's 999 on SQLite).
         fields = ["version", "users", "visitors", "sockets", "listed", "changed_at"]
-        sql.upsert(
+        using = router.db_for_write(room_model)
+        statements = sql.upsert_statements(
             room_model,
-            router.db_for_write(room_model),
+            using,
             ["id", "channel_name", *fields],
             [
                 [room.pk, room.channel_name] + [getattr(room, f) for f in fields]
@@ -991,6 +984,7 @@ def _commit(
             conflict=["id"],
             replace=fields,
         )
+        sql.together(transaction.get_connection(using), statements)
     users = _users(
         {
             _user_pk(key)

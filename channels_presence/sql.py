@@ -52,45 +52,6 @@ def chunks(
     return [rows[start : start + size] for start in range(0, len(rows), size)]
 
 
-def upsert(
-    model: type[models.Model],
-    using: str,
-    columns: Sequence[str],
-    rows: Sequence[Sequence[Any]],
-    *,
-    conflict: Sequence[str],
-    replace: Sequence[str] = (),
-    keep_latest: Sequence[str] = (),
-    returning: Sequence[str] = (),
-) -> list[tuple[Any, ...]]:
-    """Insert ``rows``; where a row of the ``conflict`` fields exists, update it.
-
-    On a conflict, the fields of ``replace`` take the new values, those of
-    ``keep_latest`` the greater of the old and the new (a time that must
-    never go back). Returns the ``returning`` fields of every row written.
-    ``columns`` and the others name model fields (attnames).
-    """
-    if not rows:
-        return []
-    statements = upsert_statements(
-        model,
-        using,
-        columns,
-        rows,
-        conflict=conflict,
-        replace=replace,
-        keep_latest=keep_latest,
-        returning=returning,
-    )
-    returned: list[tuple[Any, ...]] = []
-    with connections[using].cursor() as cursor:
-        for statement, params in statements:
-            cursor.execute(statement, params)
-            if returning:
-                returned.extend(tuple(row) for row in cursor.fetchall())
-    return returned
-
-
 def upsert_statements(
     model: type[models.Model],
     using: str,
@@ -102,7 +63,17 @@ def upsert_statements(
     keep_latest: Sequence[str] = (),
     returning: Sequence[str] = (),
 ) -> list[Statement]:
-    """The statements of :func:`upsert`: one on PostgreSQL, whatever the rows."""
+    """Insert ``rows``; where a row of the ``conflict`` fields exists, update it.
+
+    On a conflict, the fields of ``replace`` take the new values, those of
+    ``keep_latest`` the greater of the old and the new (a time that must
+    never go back); each statement returns the ``returning`` fields of the
+    rows it wrote. ``columns`` and the others name model fields (attnames).
+    The statements, for :func:`together`: one on PostgreSQL, whatever the
+    rows; none for no rows.
+    """
+    if not rows:
+        return []
     connection = connections[using]
     quote = connection.ops.quote_name
     meta = model._meta
@@ -163,6 +134,12 @@ def upsert_statements(
             for part in chunks(converted, len(fields), connection)
         ]
     return statements
+
+
+def statement(queryset: QuerySet[Any]) -> Statement:
+    """The SQL and parameters that ``queryset`` would run, for :func:`together`."""
+    sql, params = queryset.query.get_compiler(queryset.db).as_sql()
+    return sql, params
 
 
 def can_combine(connection: BaseDatabaseWrapper) -> bool:
