@@ -7,12 +7,13 @@ from typing import Any
 
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
-from channels.layers import channel_layers, get_channel_layer
+from channels.layers import get_channel_layer
 from django.db import connections
 
 from channels_presence import broadcast, changes, sync
 from channels_presence.signals import presence_changed
 from tasks import app as celery_app
+from tests.helpers import new_channel_layer
 
 
 @pytest.fixture(autouse=True)
@@ -23,15 +24,9 @@ def _celery_app_is_current() -> None:
 
 @pytest.fixture(autouse=True)
 def _clean_channel_layer() -> Iterator[None]:
-    """Each test gets a channel layer of its own, and leaves none of its keys.
-
-    Each async test runs on an event loop of its own, and channels_redis keeps
-    per-loop state on the layer instance: a consumer cancelled while it waits on
-    one of the layer's receive locks leaves that lock bound to a loop that is
-    gone, and a later test sharing the instance fails with "is bound to a
-    different event loop" (django/channels#876, same remedy).
-    """
-    channel_layers.backends.clear()
+    """Each test gets a channel layer of its own (see ``new_channel_layer``),
+    and leaves none of its keys."""
+    new_channel_layer()
     # Rooms of the same name come and go from test to test.
     sync.states.clear()
     changes.known.clear()

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import pytest
 import redis
 from asgiref.sync import sync_to_async
-from channels.layers import get_channel_layer
+from channels.layers import channel_layers, get_channel_layer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import OperationalError, connection, connections
@@ -54,6 +54,21 @@ LONG_HEARTBEAT = '"heartbeat"'.ljust(65)
 
 
 # The channel layer.
+
+
+def new_channel_layer() -> None:
+    """Make ``get_channel_layer()`` build a new layer instance from now on.
+
+    For code that runs consumers on an event loop of its own, as each async
+    test does and each example of a hypothesis test run through
+    ``async_to_sync``. channels_redis keeps per-loop state on the layer
+    instance: a consumer cancelled while it waits on one of the layer's receive
+    locks (channels_redis's ``ChannelLock`` counts the waiter and never uncounts
+    it) leaves that lock held for good, bound to a loop that is gone, and the
+    next consumer on another loop that shares the instance fails with "is bound
+    to a different event loop" (django/channels#876, same remedy).
+    """
+    channel_layers.backends.clear()
 
 
 def group_members(group: str, layer: Any = None) -> set[str]:

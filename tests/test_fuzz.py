@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -40,9 +40,17 @@ from channels_presence.outbox import BATCH_TASK, Outbox
 from channels_presence.validation import EVENTS_PREFIX
 from tasks import app as celery_app
 from tests.consumers import Client
-from tests.helpers import TIMEOUT, closed_port, sqlite_pass_only, wait_until
+from tests.helpers import (
+    TIMEOUT,
+    closed_port,
+    new_channel_layer,
+    sqlite_pass_only,
+    wait_until,
+)
 from tests.test_pipeline import drained, queued
 from tests.workers import celery_worker, purge_queue
+
+T = TypeVar("T")
 
 # Bad input is refused before any database work: one pass is enough.
 pytestmark = [pytest.mark.django_db(transaction=True), sqlite_pass_only]
@@ -439,7 +447,7 @@ def test_a_room_name_a_consumer_gives_joins_or_fails_the_connect_cleanly(
 ):
     tried.append(room)
     before = state()
-    joined = async_to_sync(_connect_and_leave)(make(room))
+    joined = on_a_loop_of_its_own(_connect_and_leave, make(room))
     if valid(room, "room"):
         assert joined is True
     else:
@@ -456,6 +464,18 @@ def test_a_room_name_a_consumer_gives_joins_or_fails_the_connect_cleanly(
         assert "not a valid Channels group name" in message or EVENTS_PREFIX in message
     Room.objects.prune_rooms()
     assert state() == before
+
+
+def on_a_loop_of_its_own(function: Callable[..., Awaitable[T]], *args: Any) -> T:
+    """``async_to_sync(function)(*args)``, with a channel layer of its own.
+
+    Each example runs its consumer on a new event loop, as each test does, and
+    so it needs a new layer instance as each test gets (``new_channel_layer``
+    says why): the last example's consumer may have been cancelled while it
+    waited on one of the layer's locks.
+    """
+    new_channel_layer()
+    return async_to_sync(function)(*args)
 
 
 async def _connect_and_leave(
@@ -590,7 +610,7 @@ def is_heartbeat(kind: str, frame: Any) -> bool:
 @example(batch=[("text", '"heartbeat"'), ("bytes", b'"heartbeat"')])
 def test_frames_are_handled_as_documented_and_the_socket_stays(tried, consumer, batch):
     tried.append(batch)
-    async_to_sync(_send_frames)(consumer, batch)
+    on_a_loop_of_its_own(_send_frames, consumer, batch)
 
 
 async def _send_frames(consumer: Any, batch: list[tuple[str, Any]]) -> None:
