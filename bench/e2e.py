@@ -19,6 +19,12 @@ client began to open its socket to the moment that client received the event;
 a leave's, from the moment the leaving client began to close. Bounded: every
 phase ends after its last socket plus ``--settle`` seconds, and an event not
 seen by then counts as missed.
+
+With 1.0.0 beside ours, both servers run at once, each with its population
+(ours opened first, then 1.0.0's), and the probes alternate between them: ours
+first on even probes, 1.0.0 first on odd ones. The machine is shared: a burst
+of someone else's work falls on both alike, where one after the other it fell
+on whichever was being measured, and decided which p99 was the lower.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -73,12 +80,16 @@ def main() -> None:
         "probe clients, one at a time, each joining a room and leaving it; "
         "one client process"
     )
-    with ours_server(url) as port:
-        result["ours"] = asyncio.run(measure(port, args))
+    with ExitStack() as servers:
+        ports = {"ours": servers.enter_context(ours_server(url))}
+        if args.baseline_python:
+            ports["baseline"] = servers.enter_context(
+                baseline_server(url, args.baseline_python)
+            )
+            shape += "; the two servers up at once, their probes alternating"
+        result.update(asyncio.run(measure(ports, args)))
     result["notes"].append(f"end to end, ours: {shape}; {summary(result['ours'])}")
     if args.baseline_python:
-        with baseline_server(url, args.baseline_python) as port:
-            result["baseline"] = asyncio.run(measure(port, args))
         result["notes"].append(
             f"end to end, 1.0.0: {shape}; {summary(result['baseline'])}"
         )
@@ -149,86 +160,121 @@ class Client:
             return
 
 
-async def measure(port: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Open the population, then time ``--probes`` joins and leaves among it."""
+@dataclass
+class System:
+    """One server under test: its population, and what its probes measured."""
+
+    port: int
+    population: list[Client]
+    members: dict[str, list[Client]]
+    refused: int = 0
+    opened: float = 0.0
+    ramp: float = 0.0
+    settled: bool = False
+    joins: list[float] = field(default_factory=list)
+    leaves: list[float] = field(default_factory=list)
+
+
+async def measure(
+    ports: dict[str, int], args: argparse.Namespace
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Open each server's population, then time ``--probes`` joins and leaves
+    on each, the servers taking turns (see the module's docstring)."""
+    systems = {name: await populate(port, args) for name, port in ports.items()}
+    order = list(systems)
+    for n in range(args.probes):
+        for name in order if n % 2 == 0 else order[::-1]:
+            await probe(systems[name], n, args)
+    for system in systems.values():
+        closing = [c.socket.close() for c in system.population if c.socket]
+        await asyncio.gather(*closing, return_exceptions=True)
+        for client in system.population:
+            if client.reader is not None:
+                client.reader.cancel()
+    return {name: rows(system, args) for name, system in systems.items()}
+
+
+async def populate(port: int, args: argparse.Namespace) -> System:
+    """Open the population of the server on ``port``, and wait until it settles."""
     rooms = max(args.clients // args.room_size, 1)
-    population = [Client(i, f"e2e-{i % rooms}") for i in range(args.clients)]
-    members: dict[str, list[Client]] = {}
-    refused = 0
-    # The population: at most --rate handshakes started a second and
-    # CONNECTING of them in flight, so that a server slower to accept (1.0.0
-    # does its database work in the handshake) is not made to drop them.
+    system = System(
+        port, [Client(i, f"e2e-{i % rooms}") for i in range(args.clients)], {}
+    )
+    # At most --rate handshakes started a second and CONNECTING of them in
+    # flight, so that a server slower to accept (1.0.0 does its database work
+    # in the handshake) is not made to drop them.
     gate = asyncio.Semaphore(CONNECTING)
     began = time.monotonic()
 
     async def open_one(client: Client) -> None:
-        nonlocal refused
         async with gate:
             try:
                 await client.open(port)
             except (OSError, TimeoutError, InvalidHandshake):
-                refused += 1
+                system.refused += 1
                 return
-        members.setdefault(client.room, []).append(client)
+        system.members.setdefault(client.room, []).append(client)
 
     opening = []
-    for i, client in enumerate(population):
+    for i, client in enumerate(system.population):
         await asyncio.sleep(max(began + i / args.rate - time.monotonic(), 0))
         opening.append(asyncio.create_task(open_one(client)))
     await asyncio.gather(*opening)
-    opened = time.monotonic() - began
+    system.opened = time.monotonic() - began
     # Settled once the first member of each room has seen every later join.
-    settled = await wait_for(
+    system.settled = await wait_for(
         lambda: all(
             {c.channel for c in group[1:]}
             <= {ch for _, kind, ch in group[0].events if kind == "join"}
-            for group in members.values()
+            for group in system.members.values()
         ),
         args.settle * 4,
     )
-    ramp = time.monotonic() - began
-    # The probes: one client at a time joins a room of the population, and
-    # leaves it once its join has been seen (or --settle has passed).
-    joins: list[float] = []
-    leaves: list[float] = []
-    names = sorted(members)
-    for n in range(args.probes):
-        room = names[n % len(names)]
-        audience = list(members[room])
-        probe = Client(args.clients + n, room)
-        start = time.monotonic()
-        try:
-            await probe.open(port)
-        except (OSError, TimeoutError, InvalidHandshake):
-            refused += 1
-            continue
-        joins += await seen_by(audience, "join", probe.channel, start, args.settle)
-        start = time.monotonic()
-        assert probe.socket is not None
-        await probe.socket.close()
-        leaves += await seen_by(audience, "leave", probe.channel, start, args.settle)
-        if probe.reader is not None:
-            probe.reader.cancel()
-    expected = args.probes * args.room_size
-    missed = {"join": expected - len(joins), "leave": expected - len(leaves)}
-    closing = [c.socket.close() for c in population if c.socket is not None]
-    await asyncio.gather(*closing, return_exceptions=True)
-    for client in population:
-        if client.reader is not None:
-            client.reader.cancel()
-    rows = {
-        **figures("join", joins, missed["join"]),
-        **figures("leave", leaves, missed["leave"]),
-    }
-    rows["refused"] = _row("refused", refused, "sockets")
-    rows["ramp.seconds"] = _row(
-        "ramp.seconds",
-        ramp,
-        "s",
-        f"{args.clients} sockets opened in {opened:.1f} s; every join seen by its "
-        f"room {'after' if settled else 'NOT within'} {ramp:.1f} s",
+    system.ramp = time.monotonic() - began
+    return system
+
+
+async def probe(system: System, n: int, args: argparse.Namespace) -> None:
+    """Probe ``n``: a client joins a room of the population, and leaves it once
+    its join has been seen (or --settle has passed)."""
+    names = sorted(system.members)
+    room = names[n % len(names)]
+    audience = list(system.members[room])
+    client = Client(args.clients + n, room)
+    start = time.monotonic()
+    try:
+        await client.open(system.port)
+    except (OSError, TimeoutError, InvalidHandshake):
+        system.refused += 1
+        return
+    system.joins += await seen_by(audience, "join", client.channel, start, args.settle)
+    start = time.monotonic()
+    assert client.socket is not None
+    await client.socket.close()
+    system.leaves += await seen_by(
+        audience, "leave", client.channel, start, args.settle
     )
-    return rows
+    if client.reader is not None:
+        client.reader.cancel()
+
+
+def rows(system: System, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The figures of one server's probes."""
+    expected = args.probes * args.room_size
+    result = {
+        **figures("join", system.joins, expected - len(system.joins)),
+        **figures("leave", system.leaves, expected - len(system.leaves)),
+    }
+    result["refused"] = _row("refused", system.refused, "sockets")
+    result["ramp.seconds"] = _row(
+        "ramp.seconds",
+        system.ramp,
+        "s",
+        f"{args.clients} sockets opened in {system.opened:.1f} s; every join "
+        f"seen by its room {'after' if system.settled else 'NOT within'} "
+        f"{system.ramp:.1f} s",
+    )
+    return result
 
 
 async def wait_for(done: Any, seconds: float) -> bool:
