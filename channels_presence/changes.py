@@ -403,11 +403,9 @@ def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> _Read:
         for part in sql.any_of(everyone, "channel_name", everywhere):
             names.update(part.values_list("room__channel_name", flat=True))
     rooms = _lock_rooms(names, create=joining)
-    presences, departures = _reads(sockets, connection.alias)
-    results = sql.together(
-        connection, [sql.statement(query) for query in presences + departures]
-    )
-    read = results[: len(presences)], results[len(presences) :]
+    reads, presences = _reads(sockets, connection.alias)
+    results = sql.together(connection, reads)
+    read = results[:presences], results[presences:]
     return rooms, *_read(rooms, *read, connection.alias)
 
 
@@ -467,12 +465,11 @@ def _read_at_once(
             params,
         )
     )
-    presences, departures = _reads(sockets, using)
-    statements += [sql.statement(query) for query in presences + departures]
-    results = sql.together(connection, statements)
+    reads, presences = _reads(sockets, using)
+    results = sql.together(connection, statements + reads)
     room_rows = results[room_at]
-    found_presences = results[room_at + 1 : room_at + 1 + len(presences)]
-    found_departures = results[room_at + 1 + len(presences) :]
+    found_presences = results[room_at + 1 : room_at + 1 + presences]
+    found_departures = results[room_at + 1 + presences :]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -528,24 +525,26 @@ def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
     )
 
 
-def _reads(
-    sockets: list[str], using: str
-) -> tuple[list[QuerySet[Any]], list[QuerySet[Any]]]:
-    """Step 2's queries, for either path: the presences of ``sockets``, and
-    their departures (each cut at the database's limit on parameters)."""
+def _reads(sockets: list[str], using: str) -> tuple[list[sql.Statement], int]:
+    """Step 2's statements, for either path: the presences of ``sockets``,
+    then their departures (each cut at the database's limit on parameters);
+    and how many of them are the presences'."""
     _, presence_model = _models()
-    presences = presence_model.objects.using(using).order_by()
-    departures = _departures().using(using).order_by()
-    return (
-        [
+
+    def build(sockets: Any) -> list[QuerySet[Any]]:
+        presences = presence_model.objects.using(using).order_by()
+        departures = _departures().using(using).order_by()
+        return [
             part.values_list(*PRESENCE_FIELDS)
             for part in sql.any_of(presences, "channel_name", sockets)
-        ],
-        [
+        ] + [
             part.values_list(*DEPARTURE_FIELDS)
             for part in sql.any_of(departures, "channel_name", sockets)
-        ],
-    )
+        ]
+
+    statements = sql.compiled("changes.reads", using, build, sockets)
+    # Presences and departures are cut alike.
+    return statements, len(statements) // 2
 
 
 def _read(
@@ -646,7 +645,7 @@ def _write(
             for row in (pair.before, pair.after)
             if row is not None
         }
-        counting = [sql.statement(query) for query in _key_count_parts(wanted)]
+        counting = _key_count_statements(wanted, using)
         results = sql.together(transaction.get_connection(using), statements + counting)
         ids = [row for result in results[: len(statements)] for row in result]
         counted = _tally(
@@ -1176,24 +1175,33 @@ def _delivery(change: RoomChange, users: dict[Any, Any]) -> broadcast.Delivery:
 
 def _key_counts(wanted: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
     """How many sockets each (room id, member key) of ``wanted`` has now."""
-    return _tally((row for part in _key_count_parts(wanted) for row in part), wanted)
+    using = router.db_for_write(_models()[1])
+    statements = _key_count_statements(wanted, using)
+    results = sql.together(transaction.get_connection(using), statements)
+    return _tally((row for result in results for row in result), wanted)
 
 
-def _key_count_parts(wanted: set[tuple[int, str]]) -> list[QuerySet[Any]]:
-    """The queries of :func:`_key_counts`: one, but on SQLite's parameter limit."""
+def _key_count_statements(
+    wanted: set[tuple[int, str]], using: str
+) -> list[sql.Statement]:
+    """The statements of :func:`_key_counts`: one, but on SQLite's parameter limit."""
     _, presence_model = _models()
     keys = sorted({key for _, key in wanted})
     if not keys:
         return []
     room_ids = sorted({room_id for room_id, _ in wanted})
-    return [
-        part.values("room_id", "key")
-        .annotate(count=models.Count("id"))
-        .values_list("room_id", "key", "count")
-        for part in sql.any_of(
-            presence_model.objects.filter(room_id__in=room_ids).order_by(), "key", keys
-        )
-    ]
+
+    def build(room_ids: Any, keys: Any) -> list[QuerySet[Any]]:
+        presences = presence_model.objects.using(using).order_by()
+        return [
+            part.values("room_id", "key")
+            .annotate(count=models.Count("id"))
+            .values_list("room_id", "key", "count")
+            for in_rooms in sql.any_of(presences, "room_id", room_ids)
+            for part in sql.any_of(in_rooms, "key", keys)
+        ]
+
+    return sql.compiled("changes.key_counts", using, build, room_ids, keys)
 
 
 def _tally(

@@ -142,6 +142,47 @@ def statement(queryset: QuerySet[Any]) -> Statement:
     return sql, params
 
 
+class Slot:
+    """A parameter of a :func:`compiled` statement, filled in at each use."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+_COMPILED: dict[tuple[str, str], list[Statement]] = {}
+
+
+def compiled(
+    name: str,
+    using: str,
+    build: Callable[..., Sequence[QuerySet[Any]]],
+    *values: Any,
+) -> list[Statement]:
+    """The statements of the querysets ``build(*values)``, compiled once.
+
+    On PostgreSQL, where :func:`any_of` passes a list of any length as one
+    array parameter, the SQL of a query built only from ``any_of`` filters
+    does not depend on the values: it is compiled once per ``name`` and
+    database, with a :class:`Slot` for each value, and each use fills the
+    slots in. Building and compiling the querysets of a lone join each time
+    cost more than running them. Elsewhere it is compiled at each call.
+    ``build`` must pass each value only to ``any_of``.
+    """
+    if connections[using].vendor != "postgresql":
+        return [statement(query) for query in build(*values)]
+    template = _COMPILED.get((name, using))
+    if template is None:
+        slots = [Slot(index) for index in range(len(values))]
+        template = [statement(query) for query in build(*slots)]
+        _COMPILED[name, using] = template
+    return [
+        (text, [values[p.index] if isinstance(p, Slot) else p for p in params])
+        for text, params in template
+    ]
+
+
 def can_combine(connection: BaseDatabaseWrapper) -> bool:
     """Whether :func:`together` sends its statements in one round trip here.
 
@@ -348,6 +389,9 @@ def convert(
     model: type[models.Model], using: str, names: Sequence[str], rows: list[Any]
 ) -> list[Any]:
     """Rows of raw column values, converted as a queryset would convert them."""
+    unconverted = (model, using, tuple(names))
+    if unconverted in _UNCONVERTED:
+        return rows
     meta = model._meta
     fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in names]
     compiler = model._base_manager.using(using).values("pk").query.get_compiler(using)
@@ -355,8 +399,14 @@ def convert(
         [field.get_col(meta.db_table) for field in fields]
     )
     if not converters:
+        # The same for every row, ever: a lone join asks three times.
+        _UNCONVERTED.add(unconverted)
         return rows
     return list(compiler.apply_converters(rows, converters))
+
+
+#: (model, database, names) whose values no converter changes (PostgreSQL's).
+_UNCONVERTED: set[tuple[type[models.Model], str, tuple[str, ...]]] = set()
 
 
 def epoch_micros(queryset: QuerySet[Any], name: str) -> Any:

@@ -15,6 +15,7 @@ import itertools
 import random
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -25,6 +26,7 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.contrib.auth import get_user_model
 from django.db import connection
+from django.db.models import QuerySet
 from django.db.models.signals import post_init
 from django.test import override_settings
 from django.test.utils import CaptureQueriesContext
@@ -208,6 +210,45 @@ def test_statements_together_return_each_ones_rows_in_order():
         [(3,), (4,)],
     ]
     assert sql.together(connection, []) == []
+
+
+def test_a_compiled_statement_is_the_querysets_own_for_any_values():
+    builds: list[tuple[Any, ...]] = []
+
+    def build(room_ids: Any, sockets: Any) -> list[QuerySet[Any]]:
+        builds.append((room_ids, sockets))
+        presences = Presence.objects.using("default").order_by()
+        return [
+            part.values_list("channel_name", flat=True)
+            for in_rooms in sql.any_of(presences, "room_id", room_ids)
+            for part in sql.any_of(in_rooms, "channel_name", sockets)
+        ]
+
+    lobby = operations.join("lobby", "specific.a!1")
+    operations.join("lobby", "specific.a!2")
+    hall = operations.join("hall", "specific.a!1")
+    assert lobby is not None
+    assert hall is not None
+    name = f"test.{uuid.uuid4().hex}"
+    for room_ids, sockets in [
+        ([lobby.pk], ["specific.a!1"]),
+        ([lobby.pk, hall.pk], ["specific.a!1", "specific.a!2", "specific.a!3"]),
+        ([-1], ["specific.a!1"]),
+    ]:
+        statements = sql.compiled(name, "default", build, room_ids, sockets)
+        # What the querysets would run, and the rows they would read.
+        expected = [sql.statement(query) for query in build(room_ids, sockets)]
+        assert [(text, list(params)) for text, params in statements] == [
+            (text, list(params)) for text, params in expected
+        ]
+        found = sql.together(connection, statements)
+        assert sorted(row[0] for rows in found for row in rows) == sorted(
+            Presence.objects.filter(
+                room_id__in=room_ids, channel_name__in=sockets
+            ).values_list("channel_name", flat=True)
+        )
+    compiles = len(builds) - 3  # the expected statements built three
+    assert compiles == (1 if connection.vendor == "postgresql" else 3)
 
 
 def test_a_batch_of_leaves_costs_the_same_queries_for_1_and_100_rooms():
