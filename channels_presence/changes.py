@@ -243,7 +243,7 @@ def apply(
             for (room, socket), pair in pairs.items()
             if pair.departed and pair.after is None
         )
-        _commit(changes, rooms, layer, departed=departed, counted=counted)
+        _commit(changes, rooms, layer, departed=departed, counted=counted, users=users)
     return result
 
 
@@ -935,10 +935,12 @@ def _commit(
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
     counted: dict[tuple[int, str], int] | None = None,
+    users: dict[Any, Any] | None = None,
 ) -> None:
     """Count, version and describe the change sets; deliver them after commit.
 
-    ``counted``: the member keys' socket counts, if already read.
+    ``counted``: the member keys' socket counts, if already read; ``users``:
+    users already read in this transaction, by pk (the joins' own).
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
@@ -984,15 +986,14 @@ def _commit(
             replace=fields,
         )
         sql.together(transaction.get_connection(using), statements)
-    users = _users(
-        {
-            _user_pk(key)
-            for change in changed
-            for key in _keys_named(change)
-            if protocol.is_user_key(key)
-        }
-        | {p.user_id for change in changed for p in change.added + change.removed}
-    )
+    named = {
+        _user_pk(key)
+        for change in changed
+        for key in _keys_named(change)
+        if protocol.is_user_key(key)
+    } | {p.user_id for change in changed for p in change.added + change.removed}
+    read = {pk: user for pk, user in (users or {}).items() if pk in named}
+    users = {**read, **_users(named - read.keys())}
     _describe(changed, users)
     kept = _members_after(changes)
     deliveries = [_delivery(change, users) for change in changes.values()]

@@ -251,6 +251,25 @@ def test_a_compiled_statement_is_the_querysets_own_for_any_values():
     assert compiles == (1 if connection.vendor == "postgresql" else 3)
 
 
+def test_a_users_join_reads_the_user_once_and_announces_them(alice, bob):
+    operations.join("lobby", "specific.b!1", bob)
+    layer: Any = get_channel_layer()
+    watcher = async_to_sync(layer.new_channel)()
+    async_to_sync(layer.group_add)(events_group("lobby"), watcher)
+    table = get_user_model()._meta.db_table
+
+    with CaptureQueriesContext(connection) as queries:
+        operations.apply([join("lobby", "specific.a!1", alice)])
+
+    sqls = [query["sql"] for query in queries.captured_queries]
+    reads = [sql for sql in sqls if f'FROM "{table}"' in sql]
+    assert len(reads) == 1, reads
+    (diff,) = channel_messages(watcher)
+    ((key, member),) = diff["joins"].items()
+    assert key == f"u:{alice.pk}"
+    assert member["user"]["username"] == "alice"
+
+
 def test_a_batch_of_leaves_costs_the_same_queries_for_1_and_100_rooms():
     for n in range(100):
         operations.join(f"room-{n}", f"specific.many!{n}")
