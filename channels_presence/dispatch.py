@@ -174,7 +174,6 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe) -> b
     check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
         joining = _Joining.of(consumer, room_name, user, subscribe)
-        joining.send()
         try:
             # In the consumer's thread: no hop back to its event loop.
             groups.add_now(consumer.channel_layer, [joining.groups()])
@@ -255,7 +254,6 @@ async def ajoin(
     check_room_limit(consumer, [room_name])
     if conf.USE_CELERY:
         joining = _Joining.of(consumer, room_name, user, subscribe)
-        joining.send()
         try:
             await groups.add(consumer.channel_layer, [joining.groups()])
         except UNAVAILABLE as error:
@@ -334,17 +332,10 @@ class _Joining:
         """What ``groups.add`` takes: the room, the socket, its events."""
         return self.room_name, self.channel_name, self.events
 
-    def send(self) -> None:
-        """Hand the join to a worker, before the socket's own group add.
-
-        The outbox's thread publishes while the consumer waits for the add's
-        round trip, which a join seen by the room would otherwise wait for
-        first. A worker puts the socket in the room's groups itself, under its
-        lock, before it commits the join (and retries while the channel layer
-        is down): if the add here fails, the socket is told the room is
-        unavailable and joins again at its next message, a second join that
-        changes nothing if the first was applied.
-        """
+    def done(self, consumer: Any) -> None:
+        """The socket is in the room's groups: hand the join to a worker."""
+        outage.recovered(CHANNEL_LAYER)
+        _joined(consumer, self.room_name)
         outbox.default.send(
             ADD_PRESENCE,
             self.room_name,
@@ -355,11 +346,6 @@ class _Joining:
             server=leases.default.server(),
             key=self.key,
         )
-
-    def done(self, consumer: Any) -> None:
-        """The socket is in the room's groups: it is in the room."""
-        outage.recovered(CHANNEL_LAYER)
-        _joined(consumer, self.room_name)
         # The join writes last_seen: the next touch can wait a whole interval.
         _touched(consumer, time.monotonic())
 

@@ -15,8 +15,6 @@ import json
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import ExitStack, asynccontextmanager
-from functools import partial
-from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -29,7 +27,7 @@ from django.db import connection
 from django.test import override_settings
 from django.urls import path
 
-from channels_presence import dispatch, outbox
+from channels_presence import outbox
 from channels_presence.consumers import PresenceConsumerMixin
 from channels_presence.groups import events_group
 from channels_presence.models import Presence
@@ -53,7 +51,6 @@ from tests.consumers import (
 from tests.helpers import (
     celery_mode,
     group_members,
-    layer_down,
     make_user,
     set_last_seen_back,
     sockets,
@@ -245,29 +242,6 @@ async def test_a_join_reaches_the_other_clients_from_the_worker(
         await a.until_sees("alice")
     await eventually(lambda: count(0))
     assert group_members("lobby") == set()
-
-
-@pytest.mark.parametrize("sync", [False, True], ids=["async", "sync"])
-async def test_a_join_whose_group_add_failed_is_applied_by_the_worker_groups_and_all(
-    worker: CeleryProcess, sync: bool
-) -> None:
-    # The join goes to the outbox before the socket's own group add: when that
-    # add fails, the worker still applies the join, and puts the socket in the
-    # room's groups itself; the socket was told it did not join.
-    name = await get_channel_layer().new_channel()
-    with layer_down() as dead:
-        consumer = SimpleNamespace(channel_name=name, channel_layer=dead)
-        if sync:
-            call = partial(dispatch.join, consumer, "lobby", None, subscribe=True)
-            joined = await asyncio.to_thread(call)
-        else:
-            joined = await dispatch.ajoin(consumer, "lobby", None, subscribe=True)
-    assert joined is False
-    assert "_presence_joined" not in vars(consumer)
-    await drained()
-    assert await rows() == {("lobby", name)}
-    assert name in group_members("lobby")
-    assert name in group_members(events_group("lobby"))
 
 
 @asynccontextmanager
