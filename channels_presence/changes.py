@@ -227,8 +227,7 @@ def apply(
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
         pairs = _play(calls, rows, departures, left, users, now, result)
-        _write_departures(left, using)
-        added, counted = _write(pairs, rooms, layer, using)
+        added, counted = _write(pairs, rooms, layer, using, left)
         result.rooms = rooms
         changes = _changes(
             pairs,
@@ -403,9 +402,9 @@ def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> _Read:
         for part in sql.any_of(everyone, "channel_name", everywhere):
             names.update(part.values_list("room__channel_name", flat=True))
     rooms = _lock_rooms(names, create=joining)
-    reads, presences = _reads(sockets, connection.alias)
-    results = sql.together(connection, reads)
-    read = results[:presences], results[presences:]
+    presences, departures = _reads(sockets, connection.alias)
+    results = sql.together(connection, presences + departures)
+    read = results[: len(presences)], results[len(presences) :]
     return rooms, *_read(rooms, *read, connection.alias)
 
 
@@ -465,11 +464,11 @@ def _read_at_once(
             params,
         )
     )
-    reads, presences = _reads(sockets, using)
-    results = sql.together(connection, statements + reads)
+    presences, departures = _reads(sockets, using)
+    results = sql.together(connection, statements + presences + departures)
     room_rows = results[room_at]
-    found_presences = results[room_at + 1 : room_at + 1 + presences]
-    found_departures = results[room_at + 1 + presences :]
+    found_presences = results[room_at + 1 : room_at + 1 + len(presences)]
+    found_departures = results[room_at + 1 + len(presences) :]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -525,26 +524,31 @@ def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
     )
 
 
-def _reads(sockets: list[str], using: str) -> tuple[list[sql.Statement], int]:
+def _reads(
+    sockets: list[str], using: str
+) -> tuple[list[sql.Statement], list[sql.Statement]]:
     """Step 2's statements, for either path: the presences of ``sockets``,
-    then their departures (each cut at the database's limit on parameters);
-    and how many of them are the presences'."""
+    and their departures (each cut at the database's limit on parameters)."""
     _, presence_model = _models()
 
-    def build(sockets: Any) -> list[QuerySet[Any]]:
-        presences = presence_model.objects.using(using).order_by()
-        departures = _departures().using(using).order_by()
+    def presences(sockets: Any) -> list[QuerySet[Any]]:
+        found = presence_model.objects.using(using).order_by()
         return [
             part.values_list(*PRESENCE_FIELDS)
-            for part in sql.any_of(presences, "channel_name", sockets)
-        ] + [
-            part.values_list(*DEPARTURE_FIELDS)
-            for part in sql.any_of(departures, "channel_name", sockets)
+            for part in sql.any_of(found, "channel_name", sockets)
         ]
 
-    statements = sql.compiled("changes.reads", using, build, sockets)
-    # Presences and departures are cut alike.
-    return statements, len(statements) // 2
+    def departures(sockets: Any) -> list[QuerySet[Any]]:
+        found = _departures().using(using).order_by()
+        return [
+            part.values_list(*DEPARTURE_FIELDS)
+            for part in sql.any_of(found, "channel_name", sockets)
+        ]
+
+    return (
+        sql.compiled("changes.presences", using, presences, sockets),
+        sql.compiled("changes.departures", using, departures, sockets),
+    )
 
 
 def _read(
@@ -569,8 +573,8 @@ def _read(
                     room=room.channel_name, **row
                 )
     left: dict[tuple[str, str], datetime] = {}
+    model = _departures().model
     for result in departures:
-        model = _departures().model
         for socket, room_name, at in sql.convert(
             model, using, DEPARTURE_FIELDS, result
         ):
@@ -578,27 +582,17 @@ def _read(
     return rows, left
 
 
-def _write_departures(departures: dict[tuple[str, str], datetime], using: str) -> None:
-    rows = [[socket, room, at] for (socket, room), at in sorted(departures.items())]
-    statements = sql.upsert_statements(
-        _departures().model,
-        using,
-        DEPARTURE_FIELDS,
-        rows,
-        conflict=["channel_name", "room_channel_name"],
-        keep_latest=["left_at"],
-    )
-    sql.together(transaction.get_connection(using), statements)
-
-
 def _write(
     pairs: dict[tuple[str, str], _Pair],
     rooms: dict[str, Room],
     layer: BaseChannelLayer,
     using: str,
+    departures: dict[tuple[str, str], datetime],
 ) -> tuple[dict[tuple[str, str], int], dict[tuple[int, str], int]]:
-    """Write what changed; return the ids of the rows written, by (room, socket),
-    and the member keys' socket counts after it (step 5).
+    """Write what changed, and the ``departures`` to remember (left at, by
+    (socket, room)), in one round trip; return the ids of the presences
+    written, by (room, socket), and the member keys' socket counts after it
+    (step 5).
 
     The sockets put in rooms join the rooms' groups first, under their
     locks; if writing fails, those that were not in the room leave again.
@@ -636,6 +630,14 @@ def _write(
             keep_latest=["last_seen"],
             returning=["id", "room_id", "channel_name"],
         )
+        remembered = sql.upsert_statements(
+            _departures().model,
+            using,
+            DEPARTURE_FIELDS,
+            [[socket, room, at] for (socket, room), at in sorted(departures.items())],
+            conflict=["channel_name", "room_channel_name"],
+            keep_latest=["left_at"],
+        )
         # Step 5's count of the member keys' sockets, after the upsert and in
         # its round trip: the keys of every row before and after (more than
         # changed, which the count filters).
@@ -646,11 +648,13 @@ def _write(
             if row is not None
         }
         counting = _key_count_statements(wanted, using)
-        results = sql.together(transaction.get_connection(using), statements + counting)
-        ids = [row for result in results[: len(statements)] for row in result]
-        counted = _tally(
-            (row for result in results[len(statements) :] for row in result), wanted
+        results = sql.together(
+            transaction.get_connection(using), remembered + statements + counting
         )
+        upserted = results[len(remembered) : len(remembered) + len(statements)]
+        ids = [row for result in upserted for row in result]
+        counts = results[len(remembered) + len(statements) :]
+        counted = _tally((row for result in counts for row in result), wanted)
     except BaseException:
         fresh = [
             (room, socket)

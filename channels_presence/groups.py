@@ -211,6 +211,9 @@ def _blocking_clients(layer: BaseChannelLayer) -> list[redis.Redis] | None:
     """Blocking clients of the layer's shards, made once per layer and process."""
     if not isinstance(layer, RedisChannelLayer):
         return None
+    if layer in _BLOCKING:
+        # Every sync consumer's join and leave asks: no lock once made.
+        return _BLOCKING[layer]
     with _BLOCKING_MADE:
         # A worker's thread and its throttle's timer may ask at once.
         if layer not in _BLOCKING:

@@ -195,6 +195,24 @@ def test_a_batch_in_round_trips_ends_as_one_statement_by_statement(monkeypatch):
     assert rows_counts() == kept_counts()
 
 
+def test_a_leaves_departure_goes_with_its_writes():
+    operations.join("lobby", "specific.a!1")
+    operations.join("lobby", "specific.a!2")
+    at = _moment(time.time() + 1)
+
+    with CaptureQueriesContext(connection) as queries:
+        operations.apply([LeaveAll("specific.a!1", at)])
+
+    table = Departure._meta.db_table
+    insert = f'INSERT INTO "{table}"'
+    (remembering,) = [q["sql"] for q in queries.captured_queries if insert in q["sql"]]
+    if sql.can_combine(connection):
+        # The same round trip as the member keys' count.
+        assert "COUNT(" in remembering
+    assert Departure.objects.get().left_at == at
+    assert not Presence.objects.filter(channel_name="specific.a!1").exists()
+
+
 def test_statements_together_return_each_ones_rows_in_order():
     statements: list[sql.Statement] = [
         ("SELECT %s, %s", [1, "one"]),
