@@ -473,10 +473,12 @@ def test_broker_log_lines_name_the_broker_without_its_password(
         box.close()  # and what could not be sent at exit
         atexit.unregister(box.close)
     errors = _records(caplog, logging.ERROR)
-    assert [m.split(" at ")[0].split(":")[0] for m in errors] == [
+    # The drop and the sender's first failed publish race (a lone leave is
+    # published at once): their lines come in either order.
+    assert sorted(m.split(" at ")[0].split(":")[0] for m in errors) == [
+        "presence outbox",
+        "presence outbox",
         "presence outbox is full (1 items, the broker",
-        "presence outbox",
-        "presence outbox",
     ], errors
     for message in errors:
         assert f"redis://:**@127.0.0.1:{port}/0" in message, message
