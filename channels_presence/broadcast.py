@@ -70,13 +70,14 @@ class Delivery:
 
 
 def on_commit(
+    current: sql.Transaction,
     layer: BaseChannelLayer,
     deliveries: list[Delivery],
     *,
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
 ) -> None:
-    """Deliver the change sets once the current transaction commits."""
+    """Deliver the change sets once the ``current`` transaction commits."""
     if not deliveries and not departed and not notices:
         return
 
@@ -85,7 +86,7 @@ def on_commit(
     def after_commit() -> None:
         deliver(layer, deliveries, departed=departed, notices=notices)
 
-    transaction.on_commit(after_commit, robust=True)
+    current.on_commit(after_commit)
 
 
 def deliver(
@@ -123,11 +124,9 @@ def deliver(
         for delivery in deliveries
         if delivery.state is not None and delivery.joiners
     ]
-    if states:
-        _guard("the joined sockets' states", groups.send_to_channels_now, layer, states)
     diffs = [delivery.diff for delivery in deliveries if delivery.diff is not None]
-    if diffs:
-        throttle.submit(layer, diffs)
+    if diffs or states:
+        throttle.submit(layer, diffs, states)
 
 
 #: Up to this many departed sockets are locked one by one for their discard;
@@ -234,8 +233,17 @@ class Throttle:
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def submit(self, layer: BaseChannelLayer, diffs: Sequence[Diff]) -> None:
-        """Send ``diffs`` now, or hold them for the timer, room by room."""
+    def submit(
+        self,
+        layer: BaseChannelLayer,
+        diffs: Sequence[Diff],
+        states: Sequence[tuple[list[str], dict[str, Any]]] = (),
+    ) -> None:
+        """Send ``diffs`` now, or hold them for the timer, room by room.
+
+        ``states``: the joined sockets' states, sent now, before the diffs
+        sent now, in the same round trips.
+        """
         interval = conf.EVENT_INTERVAL
         now = time.monotonic()
         ready: list[Diff] = []
@@ -254,8 +262,8 @@ class Throttle:
                     waiting = True
             if waiting:
                 self._ensure_running()
-        if ready:
-            self._send(layer, ready)
+        if ready or states:
+            self._send(layer, ready, states)
         if waiting:
             self._wake.set()
 
@@ -318,9 +326,17 @@ class Throttle:
             for layer, diffs in due:
                 self._send(layer, diffs)
 
-    def _send(self, layer: BaseChannelLayer, diffs: list[Diff]) -> None:
+    def _send(
+        self,
+        layer: BaseChannelLayer,
+        diffs: list[Diff],
+        states: Sequence[tuple[list[str], dict[str, Any]]] = (),
+    ) -> None:
         messages = [(groups.events_group(diff.room), diff.frame()) for diff in diffs]
-        _guard(f"{len(messages)} presence diffs", groups.send_now, layer, messages)
+        what = f"{len(messages)} presence diffs"
+        if states:
+            what += f" and {len(states)} joined rooms' states"
+        _guard(what, groups.send_now, layer, messages, states)
 
 
 #: This process's throttle.

@@ -8,26 +8,29 @@ with the number of calls or rooms, it
 
 1. takes the locks, in the order ``locks`` describes: the sockets of the
    calls, then the rows of the rooms they change (made first if new);
-2. reads what those sockets have, and the departures that order late joins;
+2. reads what those sockets have, the departures that order late joins, and
+   how many sockets have each member key that the calls and those presences
+   name (a key's count moves only under its room's lock);
 3. plays the calls in order against that, in memory: a join older than the
    socket's departure changes nothing, a leave older than a join leaves it
-   (invariant 1);
-4. writes the difference: departures and presences upserted, presences
-   deleted, each in one statement; the sockets it puts in rooms are put in
-   the rooms' groups first (invariant 2);
-5. counts each changed member key's sockets, which decides who arrived and
-   who left (invariant 8), and moves each changed room's counts, version (by
-   exactly one), listing and ``changed_at``;
-6. reads the state of each room that a subscribed socket joined, once per
-   room, in the same transaction as its version.
+   (invariant 1); the sockets it puts in rooms are put in the rooms' groups
+   (invariant 2), before anything is written;
+4. from the counts and the change, decides who arrived and who left
+   (invariant 8), and moves each changed room's counts, version (by exactly
+   one), listing and ``changed_at``;
+5. writes the difference: presences deleted, departures and presences
+   upserted, and the rooms updated, each in one statement;
+6. reads the state of each room that a subscribed socket joined and that
+   this process does not know, once per room, in the same transaction as
+   its version.
 
 After commit, ``broadcast.deliver`` sends the signals and the frames.
 
-On PostgreSQL the statements of steps 1 and 2 go to the server together, in
-one round trip, and so do step 4's upsert and step 5's count
-(``sql.together``; elsewhere they run one after another): a lone join
-waits for each round trip with its locks held, and is on the path of every
-join that a room sees.
+On PostgreSQL (``sql.atomic``) steps 1 and 2 are one round trip with the
+transaction's BEGIN, and step 5 one more with its COMMIT (unless step 6 must
+read): a lone join waits for each round trip with its locks held, and is on
+the path of every join that a room sees. Elsewhere the statements run one
+after another, in Django's ``atomic()``.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from channels.layers import BaseChannelLayer
 from django.apps import apps
@@ -218,32 +221,100 @@ def apply(
     if not calls:
         return result
     layer = groups.get_layer(channel_layer)
-    room_model, _ = _models()
+    room_model, presence_model = _models()
     sockets = sorted({call.channel_name for call in calls})
     now = timezone.now()
-    with transaction.atomic():
-        using = transaction.get_connection().alias
-        rooms, rows, departures = _lock_and_read(calls, sockets)
+    using = router.db_for_write(presence_model)
+    with sql.atomic(using) as current:
+        rooms, rows, departures, before = _lock_and_read(current, calls, sockets)
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
         pairs = _play(calls, rows, departures, left, users, now, result)
-        added, counted = _write(pairs, rooms, layer, using, left)
         result.rooms = rooms
-        changes = _changes(
-            pairs,
-            rooms,
-            added,
-            presences=presences or presence_changed.has_listeners(room_model),
-        )
+        joined = [
+            (room, socket, pair.after.events)
+            for (room, socket), pair in sorted(pairs.items())
+            if pair.joined and pair.after is not None
+        ]
+        # The sockets put in rooms join the rooms' groups first, under their
+        # locks; if writing fails, those that were not in the room leave again.
+        if joined:
+            groups.add_now(layer, joined)
+        try:
+            changes = _changes(
+                pairs,
+                rooms,
+                presences=presences or presence_changed.has_listeners(room_model),
+            )
+            counted = _counts_after(current, changes, before)
+            departed = sorted(
+                (room, socket)
+                for (room, socket), pair in pairs.items()
+                if pair.departed and pair.after is None
+            )
+            _commit(
+                current,
+                changes,
+                rooms,
+                layer,
+                writes=_writes(current, pairs, rooms, left),
+                written=lambda results: _number(changes, results),
+                departed=departed,
+                counted=counted,
+                users=users,
+            )
+        except BaseException:
+            _undo_adds(layer, [(r, s) for r, s, _ in joined if not pairs[r, s].before])
+            raise
         result.added = [p for change in changes.values() for p in change.added]
         result.removed = [p for change in changes.values() for p in change.removed]
-        departed = sorted(
-            (room, socket)
-            for (room, socket), pair in pairs.items()
-            if pair.departed and pair.after is None
-        )
-        _commit(changes, rooms, layer, departed=departed, counted=counted, users=users)
     return result
+
+
+def _number(
+    changes: dict[str, RoomChange], results: list[list[tuple[Any, ...]]]
+) -> None:
+    """Give the presences added their ids, from the rows that writing them
+    returned: (id, room id, socket)."""
+    ids = {(room_id, socket): pk for rows in results for pk, room_id, socket in rows}
+    for change in changes.values():
+        for presence in change.added:
+            if presence.pk is None:
+                presence.pk = ids[change.room.pk, presence.channel_name]
+
+
+def _undo_adds(layer: BaseChannelLayer, fresh: list[tuple[str, str]]) -> None:
+    """Writing failed: the sockets new to their rooms leave the groups again."""
+    if not fresh:
+        return
+    try:
+        groups.leave_now(layer, fresh)
+    except groups.UNAVAILABLE:  # pragma: no cover - best effort
+        logger.exception("presence: could not undo the group adds of %s", fresh)
+
+
+def _counts_after(
+    current: sql.Transaction,
+    changes: dict[str, RoomChange],
+    before: dict[tuple[int, str], int],
+) -> dict[tuple[int, str], int]:
+    """Each changed member key's sockets once the change sets are written.
+
+    ``before`` has the counts read with the rows, of every key that the
+    calls and the rows named; a key it lacks (a join whose user was deleted
+    since, which joins as a visitor) is counted now.
+    """
+    deltas = {
+        (change.room.pk, key): delta
+        for change in changes.values()
+        for key, delta in change.keys.items()
+        if delta
+    }
+    missing = {pair for pair in deltas if pair not in before}
+    if missing:
+        counts = _key_counts(missing, current)
+        before = {**before, **dict.fromkeys(missing, 0), **counts}
+    return {pair: before[pair] + delta for pair, delta in deltas.items()}
 
 
 def _play(
@@ -374,46 +445,81 @@ _Read = tuple[
     dict[str, "Room"],
     dict[tuple[str, str], "_Row"],
     dict[tuple[str, str], datetime],
+    dict[tuple[int, str], int],
 ]
 
 
-def _lock_and_read(calls: Sequence[Call], sockets: list[str]) -> _Read:
+def _lock_and_read(
+    current: sql.Transaction, calls: Sequence[Call], sockets: list[str]
+) -> _Read:
     """Steps 1 and 2: lock the sockets and the rooms, then read what they have.
 
-    The locked rooms by name, the sockets' presences in them and the sockets'
-    departures. On PostgreSQL in one round trip (a lone join waits for each
-    one with its locks held); else, or when a room that already existed when
-    the join made sure of it was deleted before it was locked (a concurrent
+    The locked rooms by name, the sockets' presences in them, the sockets'
+    departures, and the sockets now of each member key that the calls or
+    those presences name (by room id and key; 0 for none). On PostgreSQL in
+    one round trip, BEGIN included (a lone join waits for each one with its
+    locks held); else, or when a room that already existed when the join
+    made sure of it was deleted before it was locked (a concurrent
     prune_rooms), one statement after another, as its retries always went.
     """
     _, presence_model = _models()
     names = {call.room for call in calls if not isinstance(call, LeaveAll)}
     everywhere = sorted({c.channel_name for c in calls if isinstance(c, LeaveAll)})
     joining = {call.room for call in calls if isinstance(call, Join)}
-    connection = transaction.get_connection()
+    keys = _join_keys(calls)
+    connection = current.connection
+    using = connection.alias
     if sql.can_combine(connection):
-        found = _read_at_once(connection.alias, sockets, names, everywhere, joining)
+        found = _read_at_once(current, sockets, names, everywhere, joining, keys)
         if found is not None:
             return found
     locks.lock_sockets(sockets)
     if everywhere:
         # The rooms the leave_all sockets are in: those to lock too.
-        everyone = presence_model.objects.all()
+        everyone = presence_model.objects.using(using).all()
         for part in sql.any_of(everyone, "channel_name", everywhere):
             names.update(part.values_list("room__channel_name", flat=True))
     rooms = _lock_rooms(names, create=joining)
-    presences, departures = _reads(sockets, connection.alias)
-    results = sql.together(connection, presences + departures)
+    presences, departures = _reads(sockets, using)
+    results = current.run(presences + departures)
     read = results[: len(presences)], results[len(presences) :]
-    return rooms, *_read(rooms, *read, connection.alias)
+    rows, left = _read(rooms, *read, using)
+    wanted = _counted(rooms, rows, keys)
+    before = {**dict.fromkeys(wanted, 0), **_key_counts(wanted, current)}
+    return rooms, rows, left, before
+
+
+def _join_keys(calls: Sequence[Call]) -> list[tuple[str, str]]:
+    """The (room, member key) of each join, as :func:`_play` will make it
+    (unless its user was deleted since: that one joins as a visitor)."""
+    keys = set()
+    for call in calls:
+        if isinstance(call, Join):
+            key = call.key
+            if key is None or (call.user_id is None and protocol.is_user_key(key)):
+                key = protocol.member_key(call.room, call.channel_name, call.user_id)
+            keys.add((call.room, key))
+    return sorted(keys)
+
+
+def _counted(
+    rooms: dict[str, Room],
+    rows: dict[tuple[str, str], _Row],
+    keys: list[tuple[str, str]],
+) -> set[tuple[int, str]]:
+    """The (room id, member key) pairs whose sockets the reads counted."""
+    return {(rooms[room].pk, key) for room, key in keys if room in rooms} | {
+        (rooms[row.room].pk, row.key) for row in rows.values()
+    }
 
 
 def _read_at_once(
-    using: str,
+    current: sql.Transaction,
     sockets: list[str],
     names: set[str],
     everywhere: list[str],
     joining: set[str],
+    keys: list[tuple[str, str]],
 ) -> _Read | None:
     """:func:`_lock_and_read` as one round trip of statements (PostgreSQL).
 
@@ -421,17 +527,19 @@ def _read_at_once(
     the new rooms, the rooms locked in name order (with those that the
     leave_all sockets are in, found by a subquery here), then every presence
     of the sockets (those in rooms not locked are dropped here, not by the
-    query) and their departures. None if a room that already existed was
+    query), their departures, and the count of the member keys of the joins
+    and of the sockets' presences. None if a room that already existed was
     deleted between the upsert and its lock (a committed prune_rooms).
     """
     room_model, presence_model = _models()
-    connection = transaction.get_connection(using)
+    connection = current.connection
+    using = connection.alias
     quote = connection.ops.quote_name
 
     def columns(model: type[models.Model], attnames: Sequence[str]) -> str:
         meta = model._meta
         return ", ".join(
-            f"{quote(meta.db_table)}.{quote(meta.get_field(name).column)}"  # type: ignore[union-attr]
+            f"{quote(meta.db_table)}.{quote(cast(Any, meta.get_field(name)).column)}"
             for name in attnames
         )
 
@@ -465,10 +573,24 @@ def _read_at_once(
         )
     )
     presences, departures = _reads(sockets, using)
-    results = sql.together(connection, statements + presences + departures)
+    presence_table = quote(presence_model._meta.db_table)
+    room_id, key = (columns(presence_model, [name]) for name in ("room_id", "key"))
+    # Every presence is in a locked room or another socket's: these counts
+    # hold until the transaction ends.
+    count = (
+        f"SELECT {room_id}, {key}, COUNT(*) FROM {presence_table} "
+        f"WHERE ({room_id}, {key}) IN (SELECT {room_id}, {key} FROM "
+        f"{presence_table} WHERE {columns(presence_model, ['channel_name'])} "
+        f"= ANY(%s) UNION ALL SELECT {columns(room_model, ['id'])}, joined.key "
+        f"FROM {room_table} JOIN unnest(%s::text[], %s::text[]) AS "
+        f"joined(room, key) ON {columns(room_model, ['channel_name'])} = "
+        f"joined.room) GROUP BY {room_id}, {key}",
+        [sockets, [room for room, _ in keys], [key for _, key in keys]],
+    )
+    results = current.run([*statements, *presences, *departures, count])
     room_rows = results[room_at]
     found_presences = results[room_at + 1 : room_at + 1 + len(presences)]
-    found_departures = results[room_at + 1 + len(presences) :]
+    found_departures = results[room_at + 1 + len(presences) : -1]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -480,7 +602,10 @@ def _read_at_once(
     }
     if not joining <= rooms.keys():
         return None
-    return rooms, *_read(rooms, found_presences, found_departures, using)
+    rows, left = _read(rooms, found_presences, found_departures, using)
+    before = dict.fromkeys(_counted(rooms, rows, keys), 0)
+    before.update(((room_id, key), n) for room_id, key, n in results[-1])
+    return rooms, rows, left, before
 
 
 def _new_rooms(names: list[str], using: str) -> list[sql.Statement]:
@@ -582,94 +707,58 @@ def _read(
     return rows, left
 
 
-def _write(
+def _writes(
+    current: sql.Transaction,
     pairs: dict[tuple[str, str], _Pair],
     rooms: dict[str, Room],
-    layer: BaseChannelLayer,
-    using: str,
     departures: dict[tuple[str, str], datetime],
-) -> tuple[dict[tuple[str, str], int], dict[tuple[int, str], int]]:
-    """Write what changed, and the ``departures`` to remember (left at, by
-    (socket, room)), in one round trip; return the ids of the presences
-    written, by (room, socket), and the member keys' socket counts after it
-    (step 5).
+) -> list[sql.Statement]:
+    """Step 4's statements: delete the presences gone, remember the
+    ``departures`` (left at, by (socket, room)), upsert the presences
+    written, returning their ids, rooms and sockets.
 
-    The sockets put in rooms join the rooms' groups first, under their
-    locks; if writing fails, those that were not in the room leave again.
+    With signal receivers or cascades on presences' deletes, the deletes run
+    now, through ``QuerySet.delete()``, which runs them.
     """
     _, presence_model = _models()
-    joined = [
-        (room, socket, pair.after.events)
-        for (room, socket), pair in sorted(pairs.items())
-        if pair.joined and pair.after is not None
+    using = current.connection.alias
+    gone = [
+        pair.before.id
+        for pair in pairs.values()
+        if pair.before is not None
+        and pair.before.id is not None
+        and (pair.after is None or pair.new_row)
     ]
-    if joined:
-        groups.add_now(layer, joined)
-    try:
-        gone = [
-            pair.before.id
-            for pair in pairs.values()
-            if pair.before is not None
-            and pair.before.id is not None
-            and (pair.after is None or pair.new_row)
-        ]
-        if gone:
-            _delete_ids(gone)
-        written = [
-            pair.after
-            for pair in pairs.values()
-            if pair.after is not None and pair.after != pair.before
-        ]
-        statements = sql.upsert_statements(
-            presence_model,
-            using,
-            PRESENCE_FIELDS[1:],
-            [row.values(rooms[row.room].pk) for row in written],
-            conflict=["room_id", "channel_name"],
-            replace=["user_id", "joined_at", "server", "key", "ref", "events"],
-            keep_latest=["last_seen"],
-            returning=["id", "room_id", "channel_name"],
-        )
-        remembered = sql.upsert_statements(
-            _departures().model,
-            using,
-            DEPARTURE_FIELDS,
-            [[socket, room, at] for (socket, room), at in sorted(departures.items())],
-            conflict=["channel_name", "room_channel_name"],
-            keep_latest=["left_at"],
-        )
-        # Step 5's count of the member keys' sockets, after the upsert and in
-        # its round trip: the keys of every row before and after (more than
-        # changed, which the count filters).
-        wanted = {
-            (rooms[room].pk, row.key)
-            for (room, _), pair in pairs.items()
-            for row in (pair.before, pair.after)
-            if row is not None
-        }
-        counting = _key_count_statements(wanted, using)
-        results = sql.together(
-            transaction.get_connection(using), remembered + statements + counting
-        )
-        upserted = results[len(remembered) : len(remembered) + len(statements)]
-        ids = [row for result in upserted for row in result]
-        counts = results[len(remembered) + len(statements) :]
-        counted = _tally((row for result in counts for row in result), wanted)
-    except BaseException:
-        fresh = [
-            (room, socket)
-            for room, socket, _ in joined
-            if pairs[room, socket].before is None
-        ]
-        if fresh:
-            try:
-                groups.leave_now(layer, fresh)
-            except groups.UNAVAILABLE:  # pragma: no cover - best effort
-                logger.exception("presence: could not undo the group adds of %s", fresh)
-        raise
-    names = {room.pk: name for name, room in rooms.items()}
-    added = {(names[room_id], socket): pk for pk, room_id, socket in ids}
-    return added, counted
+    statements: list[sql.Statement] = []
+    every = presence_model._base_manager.using(using).all()
+    if gone and Collector(using, origin=None).can_fast_delete(every):
+        statements += sql.delete_statements(presence_model, using, gone)
+    elif gone:
+        _delete_ids(gone, using)
+    written = [
+        pair.after
+        for pair in pairs.values()
+        if pair.after is not None and pair.after != pair.before
+    ]
+    statements += sql.upsert_statements(
+        _departures().model,
+        using,
+        DEPARTURE_FIELDS,
+        [[socket, room, at] for (socket, room), at in sorted(departures.items())],
+        conflict=["channel_name", "room_channel_name"],
+        keep_latest=["left_at"],
+    )
+    statements += sql.upsert_statements(
+        presence_model,
+        using,
+        PRESENCE_FIELDS[1:],
+        [row.values(rooms[row.room].pk) for row in written],
+        conflict=["room_id", "channel_name"],
+        replace=["user_id", "joined_at", "server", "key", "ref", "events"],
+        keep_latest=["last_seen"],
+        returning=["id", "room_id", "channel_name"],
+    )
+    return statements
 
 
 # Removals chosen by a query.
@@ -722,7 +811,7 @@ def _remove(
 ) -> tuple[int, list[Presence]]:
     layer = groups.get_layer(channel_layer)
     room_model, presence_model = _models()
-    with transaction.atomic(using=presences.db):
+    with sql.atomic(presences.db) as current:
         room_ids = set(
             presences.order_by().values_list("room_id", flat=True).distinct()
         )
@@ -742,7 +831,7 @@ def _remove(
             (row.room, row.channel_name): _Pair(row, None, reason=reason, departed=True)
             for row in gone
         }
-        changes = _changes(pairs, rooms, {}, bulk=bulk, presences=False)
+        changes = _changes(pairs, rooms, bulk=bulk, presences=False)
         removed: list[Presence] = []
         if build or presence_changed.has_listeners(room_model):
             removed = sql.instances(
@@ -763,7 +852,7 @@ def _remove(
                 if row.events & protocol.EXPIRED_EVENTS:
                     told.setdefault(row.room, []).append(row.channel_name)
             notices = sorted(told.items())
-        _commit(changes, rooms, layer, departed=sorted(pairs), notices=notices)
+        _commit(current, changes, rooms, layer, departed=sorted(pairs), notices=notices)
     return len(gone), removed
 
 
@@ -797,19 +886,13 @@ def _delete(presences: QuerySet[Presence]) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in rows]
 
 
-def _delete_ids(ids: list[int]) -> None:
-    """Delete the presences of ``ids``: one statement, nothing read back.
-
-    The batch holds their sockets' and rooms' locks and knows their rows.
-    With delete signal receivers or cascades, ``QuerySet.delete()`` runs them.
-    """
+def _delete_ids(ids: list[int], using: str) -> None:
+    """Delete the presences of ``ids`` through ``QuerySet.delete()``, which
+    runs their delete signals' receivers and cascades (else a change set
+    deletes them with its other writes: ``sql.delete_statements``)."""
     _, presence_model = _models()
-    using = router.db_for_write(presence_model)
-    for part in sql.any_of(presence_model.objects.all(), "pk", ids):
-        if Collector(using, origin=None).can_fast_delete(part):
-            part._raw_delete(using)
-        else:
-            part.delete()
+    for part in sql.any_of(presence_model.objects.using(using).all(), "pk", ids):
+        part.delete()
 
 
 # What every change set does with what it changed.
@@ -844,7 +927,6 @@ class RoomChange:
 def _changes(
     pairs: dict[tuple[str, str], _Pair],
     rooms: dict[str, Room],
-    added_ids: dict[tuple[str, str], int],
     *,
     bulk: bool = False,
     presences: bool = True,
@@ -852,7 +934,7 @@ def _changes(
     """Each room's change set, from the pairs' rows before and after.
 
     ``presences``: build the presences added and removed (for the caller, or
-    for presence_changed's receivers).
+    for presence_changed's receivers); those not written yet have no pk.
     """
     _, presence_model = _models()
     changes: dict[str, RoomChange] = {}
@@ -887,8 +969,7 @@ def _changes(
         ):
             change.keys[after.key] += 1
             if presences:
-                pk = added_ids.get((room_name, socket), after.id)
-                change.added.append(_presence(presence_model, after, room, pk))
+                change.added.append(_presence(presence_model, after, room))
             change.entries[after.ref] = Entry(
                 after.key, None, protocol.meta(after.ref, after.joined_at)
             )
@@ -911,11 +992,9 @@ def _changes(
     }
 
 
-def _presence(
-    model: type[Presence], row: _Row, room: Room, pk: int | None = None
-) -> Presence:
+def _presence(model: type[Presence], row: _Row, room: Room) -> Presence:
     presence = model(
-        id=row.id if pk is None else pk,
+        id=row.id,
         room=room,
         channel_name=row.channel_name,
         user_id=row.user_id,
@@ -932,19 +1011,26 @@ def _presence(
 
 
 def _commit(
+    current: sql.Transaction,
     changes: dict[str, RoomChange],
     rooms: dict[str, Room],
     layer: BaseChannelLayer,
     *,
+    writes: Sequence[sql.Statement] = (),
+    written: Callable[[list[list[tuple[Any, ...]]]], None] | None = None,
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
     counted: dict[tuple[int, str], int] | None = None,
     users: dict[Any, Any] | None = None,
 ) -> None:
-    """Count, version and describe the change sets; deliver them after commit.
+    """Count, version and describe the change sets; write them; deliver them
+    after commit.
 
-    ``counted``: the member keys' socket counts, if already read; ``users``:
-    users already read in this transaction, by pk (the joins' own).
+    ``writes``: the change sets' own statements, run in one round trip with
+    the rooms' update (and ``COMMIT``, unless a room's state must be read
+    after them), their rows given to ``written``; ``counted``: the member
+    keys' socket counts once written, if known; ``users``: users already read
+    in this transaction, by pk (the joins' own).
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
@@ -952,7 +1038,8 @@ def _commit(
     updated = []
     if counted is None:
         counted = _key_counts(
-            {(change.room.pk, key) for change in changed for key in change.keys}
+            {(change.room.pk, key) for change in changed for key in change.keys},
+            current,
         )
     for change in changed:
         room = change.room
@@ -973,14 +1060,14 @@ def _commit(
         )
         room.changed_at = now
         updated.append(room)
+    statements = list(writes)
     if updated:
         # One statement for every room, whatever the database's limit on
         # parameters allows (bulk_update would cut it at Django's 999 on SQLite).
         fields = ["version", "users", "visitors", "sockets", "listed", "changed_at"]
-        using = router.db_for_write(room_model)
-        statements = sql.upsert_statements(
+        statements += sql.upsert_statements(
             room_model,
-            using,
+            current.connection.alias,
             ["id", "channel_name", *fields],
             [
                 [room.pk, room.channel_name] + [getattr(room, f) for f in fields]
@@ -989,7 +1076,6 @@ def _commit(
             conflict=["id"],
             replace=fields,
         )
-        sql.together(transaction.get_connection(using), statements)
     named = {
         _user_pk(key)
         for change in changed
@@ -999,10 +1085,19 @@ def _commit(
     read = {pk: user for pk, user in (users or {}).items() if pk in named}
     users = {**read, **_users(named - read.keys())}
     _describe(changed, users)
-    kept = _members_after(changes)
+    before = _known_before(changes)
+    # A room's state that must be read is read after the writes, in the
+    # transaction; else COMMIT goes with them.
+    if any(members is None for members in before.values()):
+        results = current.run(statements)
+    else:
+        results = current.finish(statements)
+    if written is not None:
+        written(results[: len(writes)])
+    kept = _members_after(changes, before)
     deliveries = [_delivery(change, users) for change in changes.values()]
-    transaction.on_commit(lambda: known.keep(kept), robust=True)
-    broadcast.on_commit(layer, deliveries, departed=departed, notices=notices)
+    current.on_commit(lambda: known.keep(kept))
+    broadcast.on_commit(current, layer, deliveries, departed=departed, notices=notices)
 
 
 def _transitions(change: RoomChange, counted: dict[tuple[int, str], int]) -> None:
@@ -1040,18 +1135,36 @@ def _describe(changed: list[RoomChange], users: dict[Any, Any]) -> None:
         }
 
 
-def _members_after(
+def _known_before(
     changes: dict[str, RoomChange],
+) -> dict[Any, protocol.Members | None]:
+    """The members this process knows of each listed room, before the change
+    set (None: not known), for :func:`_members_after`; of every room that a
+    subscribed socket joined, and every room that the change set changes."""
+    if not conf.BROADCAST:
+        return {}
+    found = {}
+    for change in changes.values():
+        room = change.room
+        if room.listed and (change.joiners or change.entries):
+            members = known.get(room.pk, change.start)
+            if members is not None or change.joiners:
+                found[room.pk] = members
+    return found
+
+
+def _members_after(
+    changes: dict[str, RoomChange], known_before: dict[Any, protocol.Members | None]
 ) -> dict[Any, tuple[int, Any, bool]]:
     """Each joined room's state, built once; the members this process now knows.
 
     A room whose members this process knows at the version the change set
     started from (it wrote the change set before, and nothing else moved the
-    room since) gets them with the change set applied: no read. The others
-    that subscribed sockets joined are read, in one query for all. Returns
-    what to keep once the transaction commits: ``{room id: (version,
-    members or None, read now)}``, None for rooms this process no longer
-    knows.
+    room since: ``known_before``) gets them with the change set applied: no
+    read. The others that subscribed sockets joined are read, in one query
+    for all. Returns what to keep once the transaction commits: ``{room id:
+    (version, members or None, read now)}``, None for rooms this process no
+    longer knows.
     """
     kept: dict[Any, tuple[int, Any, bool]] = {}
     if not conf.BROADCAST:
@@ -1059,7 +1172,7 @@ def _members_after(
     members: dict[Any, protocol.Members] = {}
     for change in changes.values():
         room = change.room
-        before = known.get(room.pk, change.start)
+        before = known_before.get(room.pk)
         if not room.listed:
             kept[room.pk] = (room.version, None, False)
         elif before is not None:
@@ -1178,11 +1291,13 @@ def _delivery(change: RoomChange, users: dict[Any, Any]) -> broadcast.Delivery:
     )
 
 
-def _key_counts(wanted: set[tuple[int, str]]) -> dict[tuple[int, str], int]:
-    """How many sockets each (room id, member key) of ``wanted`` has now."""
-    using = router.db_for_write(_models()[1])
-    statements = _key_count_statements(wanted, using)
-    results = sql.together(transaction.get_connection(using), statements)
+def _key_counts(
+    wanted: set[tuple[int, str]], current: sql.Transaction
+) -> dict[tuple[int, str], int]:
+    """How many sockets each (room id, member key) of ``wanted`` has now
+    (those with none are left out)."""
+    statements = _key_count_statements(wanted, current.connection.alias)
+    results = current.run(statements)
     return _tally((row for result in results for row in result), wanted)
 
 

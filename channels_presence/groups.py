@@ -406,25 +406,36 @@ def _redis_send_now(
     layer: RedisChannelLayer,
     clients: list[redis.Redis],
     messages: list[tuple[str, dict[str, Any]]],
+    first: list[tuple[list[str], dict[str, Any]]],
 ) -> None:
-    """:func:`_redis_send` on blocking clients."""
-    send = _GroupSend(layer, messages)
-    found = _pipelined_now(clients, send.members())
-    _log_over_capacity(_pipelined_now(clients, send.pushes(found)))
+    """:func:`_redis_send` on blocking clients; ``first`` pushed to their
+    channels in the round that reads the groups' members."""
+    # A channel's messages are received in the order of their times (its
+    # sorted set's scores): ``first``'s are the earlier.
+    now = time.time()
+    pushes = _push_commands(layer, first, now)
+    send = _GroupSend(layer, messages, now + 1e-6 if first else None)
+    replies = _pipelined_now(clients, pushes + send.members())
+    found = replies[len(pushes) :]
+    pushed = replies[: len(pushes)] + _pipelined_now(clients, send.pushes(found))
+    _log_over_capacity(pushed)
 
 
 class _GroupSend:
     """The two rounds of commands of a send to groups (see :func:`_redis_send`)."""
 
     def __init__(
-        self, layer: RedisChannelLayer, messages: list[tuple[str, dict[str, Any]]]
+        self,
+        layer: RedisChannelLayer,
+        messages: list[tuple[str, dict[str, Any]]],
+        now: float | None = None,
     ) -> None:
         self.layer = layer
         self.by_group: dict[str, list[dict[str, Any]]] = {}
         for group, message in messages:
             self.by_group.setdefault(group, []).append(message)
         self.groups = list(self.by_group)
-        self.now = time.time()
+        self.now = time.time() if now is None else now
 
     def members(self) -> list[Command]:
         """Round one: each group's members, its expired ones dropped first."""
@@ -572,16 +583,26 @@ async def send(
 
 
 def send_now(
-    layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
+    layer: BaseChannelLayer,
+    messages: Iterable[tuple[str, dict[str, Any]]],
+    first: Iterable[tuple[list[str], dict[str, Any]]] = (),
 ) -> None:
-    """:func:`send`, from sync code (a worker's sends); see :func:`add_now`."""
+    """:func:`send`, from sync code (a worker's sends); see :func:`add_now`.
+
+    ``first``: messages for channels (not groups), each reaching its channels
+    before any of ``messages`` does; on channels_redis in the same round
+    trips (a joined socket's state goes before its room's diff).
+    """
     messages = list(messages)
+    deliveries = [(list(names), message) for names, message in first]
     clients = _blocking_clients(layer)
     if clients is None:
+        if deliveries:
+            run_sync(send_to_channels, layer, deliveries)
         run_sync(send, layer, messages)
         return
     assert isinstance(layer, RedisChannelLayer)
-    _redis_send_now(layer, clients, messages)
+    _redis_send_now(layer, clients, messages, deliveries)
 
 
 async def apply(

@@ -9,17 +9,21 @@ Values go through each field's own conversion, as the ORM's would.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 from django.conf import settings
-from django.db import connections, models
+from django.db import connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.models import QuerySet, signals
 from django.db.models.base import ModelState
 from django.db.models.expressions import RawSQL
+
+logger = logging.getLogger("channels_presence")
 
 # psycopg sends at most this many parameters with one statement.
 _POSTGRESQL_MAX_PARAMS = 65_535
@@ -136,6 +140,24 @@ def upsert_statements(
     return statements
 
 
+def delete_statements(
+    model: type[models.Model], using: str, pks: Sequence[Any]
+) -> list[Statement]:
+    """Delete the rows of ``pks``, nothing read back and no signal sent: one
+    statement on PostgreSQL, one per parameter limit elsewhere."""
+    connection = connections[using]
+    quote = connection.ops.quote_name
+    meta = model._meta
+    prefix = f"DELETE FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)}"
+    if connection.vendor == "postgresql":
+        kind = cast(Any, meta.pk).rel_db_type(connection)
+        return [(f"{prefix} = ANY(%s::{kind}[])", [list(pks)])]
+    return [
+        (f"{prefix} IN ({', '.join(['%s'] * len(part))})", list(part))
+        for part in chunks(pks, 1, connection)
+    ]
+
+
 def statement(queryset: QuerySet[Any]) -> Statement:
     """The SQL and parameters that ``queryset`` would run, for :func:`together`."""
     sql, params = queryset.query.get_compiler(queryset.db).as_sql()
@@ -232,6 +254,133 @@ def together(
     if len(results) != len(statements):  # pragma: no cover - a bug
         raise RuntimeError(f"{len(statements)} statements gave {len(results)} results")
     return results
+
+
+class Transaction:
+    """A transaction that :func:`atomic` opened: run its statements through it.
+
+    On PostgreSQL with psycopg 3, outside any other transaction, its
+    ``BEGIN`` goes to the server with its first statements and its
+    ``COMMIT`` with its last (:meth:`finish`): a lone join's transaction
+    took five round trips with its locks held, two of them only for
+    ``BEGIN`` and ``COMMIT``. Elsewhere it is Django's ``atomic()``, and
+    these methods are :func:`together` and ``on_commit``.
+    """
+
+    def __init__(self, connection: BaseDatabaseWrapper, *, own: bool) -> None:
+        self.connection = connection
+        # Whether this object sends BEGIN and COMMIT itself, else Django's
+        # atomic() does.
+        self.own = own
+        self.begun = False
+        self.committed = False
+        self.hooks: list[Callable[[], Any]] = []
+
+    def run(self, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """:func:`together`, with ``BEGIN`` first if nothing ran yet."""
+        return self._trip(statements, commit=False)
+
+    def finish(self, statements: Sequence[Statement]) -> list[list[tuple[Any, ...]]]:
+        """Run the last statements of the transaction, ``COMMIT`` with them.
+
+        Nothing may run in it after this; elsewhere the transaction commits
+        when ``atomic()`` ends, as always.
+        """
+        return self._trip(statements, commit=self.own)
+
+    def on_commit(self, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` once the transaction commits; a failure is logged."""
+        if self.own:
+            self.hooks.append(callback)
+        else:
+            transaction.on_commit(callback, using=self.connection.alias, robust=True)
+
+    def _trip(
+        self, statements: Sequence[Statement], *, commit: bool
+    ) -> list[list[tuple[Any, ...]]]:
+        wrapped = list(statements)
+        begin = self.own and not self.begun
+        if begin:
+            wrapped.insert(0, ("BEGIN", []))
+            self.begun = True
+        if commit:
+            wrapped.append(("COMMIT", []))
+        results = together(self.connection, wrapped)
+        if commit:
+            self.committed = True
+            results.pop()
+        return results[1:] if begin else results
+
+    def _begin_first(
+        self,
+        execute: Callable[..., Any],
+        sql: str,
+        params: Any,
+        many: bool,
+        context: dict[str, Any],
+    ) -> Any:
+        # Any statement run on the connection meanwhile (the ORM's reads,
+        # say) goes in the transaction: BEGIN first, if nothing sent it.
+        if self.committed:
+            raise RuntimeError(f"a statement after the transaction's COMMIT: {sql}")
+        if not self.begun:
+            self.begun = True
+            context["cursor"].execute("BEGIN")
+        return execute(sql, params, many, context)
+
+    def _end(self, failed: bool) -> None:
+        if not self.begun:
+            return
+        if not failed:
+            if not self.committed:
+                self._trip([], commit=True)
+            return
+        from psycopg import pq
+
+        raw = self.connection.connection
+        if raw is None or raw.info.transaction_status == pq.TransactionStatus.IDLE:
+            return
+        try:
+            with self.connection.cursor() as cursor:
+                cursor.execute("ROLLBACK")
+        except Exception:
+            # The connection is broken: the server rolls back when it closes.
+            self.connection.close()
+
+
+@contextmanager
+def atomic(using: str) -> Iterator[Transaction]:
+    """A transaction on database ``using``, as ``transaction.atomic(using)``.
+
+    Where :func:`together` combines statements and no transaction is open on
+    the connection already, its BEGIN and COMMIT go with its statements
+    (:class:`Transaction`). Meanwhile psycopg stays in autocommit while
+    Django takes the connection for one in a transaction, as after
+    ``set_autocommit(False)``: the ORM's ``select_for_update()`` works, and
+    an ``atomic()`` inside is a savepoint. A statement may run in it by any
+    path: the first sends BEGIN if :meth:`Transaction.run` did not.
+    """
+    connection = connections[using]
+    if not can_combine(connection) or connection.in_atomic_block:
+        with transaction.atomic(using=using):
+            yield Transaction(connection, own=False)
+        return
+    current = Transaction(connection, own=True)
+    failed = True
+    connection.autocommit = False
+    try:
+        with connection.execute_wrapper(current._begin_first):
+            yield current
+            failed = False
+    finally:
+        connection.autocommit = True
+        connection.needs_rollback = False
+        current._end(failed)
+    for callback in current.hooks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("presence: %r failed after commit", callback)
 
 
 def _rows(cursor: Any) -> list[tuple[Any, ...]]:

@@ -191,3 +191,22 @@ async def test_sends_from_sync_code_are_those_of_the_async_path(
         got = [(m["type"], m["n"]) for m in received[socket]]
         expected = [("first", number % GROUPS), ("second", number % GROUPS)]
         assert got == expected + ([("direct", 0)] if number < 3 else [])
+
+
+async def test_messages_sent_first_reach_their_channels_before_the_groups_ones(
+    layer: BaseChannelLayer,
+) -> None:
+    # A joined socket's state, then its room's diff, in one send.
+    sockets = await _two_in_each_group(layer)
+
+    await sync_to_async(groups.send_now)(
+        layer,
+        [(f"room-{n}", {"type": "diff", "n": n}) for n in range(GROUPS)],
+        [(sockets[:2], {"type": "state", "n": -1})],
+    )
+
+    received = await _received(layer, sockets)
+    for number, socket in enumerate(sockets):
+        got = [(m["type"], m["n"]) for m in received[socket]]
+        diff = [("diff", number % GROUPS)]
+        assert got == ([("state", -1)] if number < 2 else []) + diff
