@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections, models, transaction
+from django.db import close_old_connections, models, router
+from django.db.models import QuerySet
 
 from . import groups, locks, protocol, sql
 from .conf import conf
@@ -141,28 +142,34 @@ def discard(layer: BaseChannelLayer, departed: Sequence[tuple[str, str]]) -> Non
     our commit, group add included: discarding it now would leave that
     presence outside its group for good. So the check and the discard run
     under the sockets' locks (every socket's, for many), which a join holds
-    from its group add to its commit.
+    from its group add to its commit. On PostgreSQL the locks and the check
+    are one round trip, with the transaction's BEGIN.
     """
     sockets = sorted({channel_name for _, channel_name in departed})
-    with transaction.atomic():
-        if len(sockets) <= SOCKET_LOCKS:
-            locks.lock_sockets(sockets)
-        else:
-            locks.lock_every_socket()
-        gone = _still_gone(departed, sockets)
+    presence_model = apps.get_model("channels_presence", "Presence")
+    using = router.db_for_write(presence_model)
+    with sql.atomic(using) as current:
+        statements = []
+        if current.connection.vendor == "postgresql":
+            lock = locks.sockets_statement(sockets)
+            if len(sockets) > SOCKET_LOCKS or lock is None:
+                lock = locks.every_socket_statement()
+            statements.append(lock)
+
+        def presences(sockets: Any) -> list[QuerySet[Any]]:
+            found = presence_model.objects.using(using).order_by()
+            return [
+                part.values_list("room__channel_name", "channel_name")
+                for part in sql.any_of(found, "channel_name", sockets)
+            ]
+
+        locked = len(statements)
+        statements += sql.compiled("broadcast.discard", using, presences, sockets)
+        # The (room, socket) pairs that have a presence again.
+        back = {row for rows in current.run(statements)[locked:] for row in rows}
+        gone = [pair for pair in departed if pair not in back]
         if gone:
             groups.leave_now(layer, gone)
-
-
-def _still_gone(
-    departed: Sequence[tuple[str, str]], sockets: list[str]
-) -> list[tuple[str, str]]:
-    """The (room, socket) pairs of ``departed`` that have no presence again."""
-    presence_model = apps.get_model("channels_presence", "Presence")
-    back: set[tuple[str, str]] = set()
-    for part in sql.any_of(presence_model.objects.all(), "channel_name", sockets):
-        back.update(part.values_list("room__channel_name", "channel_name"))
-    return [pair for pair in departed if pair not in back]
 
 
 def _signals(deliveries: list[Delivery]) -> None:

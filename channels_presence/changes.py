@@ -575,8 +575,9 @@ def _read_at_once(
     presences, departures = _reads(sockets, using)
     presence_table = quote(presence_model._meta.db_table)
     room_id, key = (columns(presence_model, [name]) for name in ("room_id", "key"))
-    # Every presence is in a locked room or another socket's: these counts
-    # hold until the transaction ends.
+    # The keys of the joins and of the sockets' presences: a locked room's
+    # presences change only under its lock, so these counts hold until the
+    # transaction ends.
     count = (
         f"SELECT {room_id}, {key}, COUNT(*) FROM {presence_table} "
         f"WHERE ({room_id}, {key}) IN (SELECT {room_id}, {key} FROM "
@@ -713,7 +714,7 @@ def _writes(
     rooms: dict[str, Room],
     departures: dict[tuple[str, str], datetime],
 ) -> list[sql.Statement]:
-    """Step 4's statements: delete the presences gone, remember the
+    """Step 5's statements: delete the presences gone, remember the
     ``departures`` (left at, by (socket, room)), upsert the presences
     written, returning their ids, rooms and sockets.
 

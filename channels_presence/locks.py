@@ -63,17 +63,14 @@ def sockets_statement(channel_names: Iterable[str]) -> Statement | None:
     )
 
 
-def lock_every_socket() -> None:
-    """Wait until no socket's join or leave is running, and hold them off.
+def every_socket_statement() -> Statement:
+    """The statement that waits until no socket's join or leave is running,
+    and holds them off (PostgreSQL).
 
     For the group discards of a removal of many sockets (a prune), which
     cannot take thousands of socket locks at once.
     """
-    connection = transaction.get_connection()
-    if connection.vendor != "postgresql":
-        return
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [EVERY_SOCKET])
+    return ("SELECT pg_advisory_xact_lock(%s)", [EVERY_SOCKET])
 
 
 def socket_key(name: str) -> int:

@@ -79,9 +79,57 @@ def upsert_statements(
     if not rows:
         return []
     connection = connections[using]
-    quote = connection.ops.quote_name
     meta = model._meta
     fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in columns]
+    key = (model, using, *map(tuple, (columns, conflict, replace, keep_latest)))
+    texts = _UPSERTS.get((*key, tuple(returning)))
+    if texts is None:
+        texts = _UPSERTS[(*key, tuple(returning))] = _upsert_texts(
+            model, connection, fields, conflict, replace, keep_latest, returning
+        )
+    target, from_json, from_arrays, tail = texts
+    converters = [_converter(field, connection) for field in fields]
+    converted = [
+        [convert(value) for convert, value in zip(converters, row, strict=True)]
+        for row in rows
+    ]
+    document = _json_rows(converted) if connection.vendor == "postgresql" else None
+    if document is not None:
+        # One JSON document of every row, whatever their number: psycopg
+        # adapts a list element by element in Python, json in C; a VALUES
+        # list of thousands of parameters costs more to compose than to run.
+        return [(f"{target}{from_json}{tail}", [document])]
+    if connection.vendor == "postgresql":
+        # One array per column, whatever the number of rows.
+        columns_of = [list(c) for c in zip(*converted, strict=True)]
+        return [(f"{target}{from_arrays}{tail}", columns_of)]
+    placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    return [
+        (
+            f"{target}VALUES {', '.join([placeholder] * len(part))}{tail}",
+            [value for row in part for value in row],
+        )
+        for part in chunks(converted, len(fields), connection)
+    ]
+
+
+#: The parts of each upsert's SQL, the same at every call: the INSERT, the
+#: SELECT of a JSON document, the SELECT of arrays (PostgreSQL), the ON CONFLICT.
+_UPSERTS: dict[tuple[Any, ...], tuple[str, str, str, str]] = {}
+
+
+def _upsert_texts(
+    model: type[models.Model],
+    connection: BaseDatabaseWrapper,
+    fields: list[models.Field[Any, Any]],
+    conflict: Sequence[str],
+    replace: Sequence[str],
+    keep_latest: Sequence[str],
+    returning: Sequence[str],
+) -> tuple[str, str, str, str]:
+    """The parts of an upsert's SQL (see ``_UPSERTS``)."""
+    quote = connection.ops.quote_name
+    meta = model._meta
     table = quote(meta.db_table)
     greatest = "GREATEST" if connection.vendor == "postgresql" else "MAX"
 
@@ -97,47 +145,11 @@ def upsert_statements(
     tail = f" ON CONFLICT ({', '.join(column(name) for name in conflict)}) {action}"
     if returning:
         tail += f" RETURNING {', '.join(column(name) for name in returning)}"
-    converters = [_converter(field, connection) for field in fields]
-    converted = [
-        [convert(value) for convert, value in zip(converters, row, strict=True)]
-        for row in rows
-    ]
-    statements: list[Statement]
-    document = _json_rows(converted) if connection.vendor == "postgresql" else None
-    if document is not None:
-        # One JSON document of every row, whatever their number: psycopg
-        # adapts a list element by element in Python, json in C; a VALUES
-        # list of thousands of parameters costs more to compose than to run.
-        values = ", ".join(
-            f"(row->>{number})::{field.db_type(connection)}"
-            for number, field in enumerate(fields)
-        )
-        statements = [
-            (
-                f"{target}SELECT {values} FROM json_array_elements(%s::json) "
-                f"AS row{tail}",
-                [document],
-            )
-        ]
-    elif connection.vendor == "postgresql":
-        # One array per column, whatever the number of rows.
-        arrays = ", ".join(f"%s::{field.db_type(connection)}[]" for field in fields)
-        statements = [
-            (
-                f"{target}SELECT * FROM unnest({arrays}){tail}",
-                [list(c) for c in zip(*converted, strict=True)],
-            )
-        ]
-    else:
-        placeholder = "(" + ", ".join(["%s"] * len(fields)) + ")"
-        statements = [
-            (
-                f"{target}VALUES {', '.join([placeholder] * len(part))}{tail}",
-                [value for row in part for value in row],
-            )
-            for part in chunks(converted, len(fields), connection)
-        ]
-    return statements
+    types = [field.db_type(connection) for field in fields]
+    values = ", ".join(f"(row->>{n})::{kind}" for n, kind in enumerate(types))
+    from_json = f"SELECT {values} FROM json_array_elements(%s::json) AS row"
+    from_arrays = f"SELECT * FROM unnest({', '.join(f'%s::{t}[]' for t in types)})"
+    return target, from_json, from_arrays, tail
 
 
 def delete_statements(
