@@ -364,8 +364,9 @@ class Transaction:
 def atomic(using: str) -> Iterator[Transaction]:
     """A transaction on database ``using``, as ``transaction.atomic(using)``.
 
-    Where :func:`together` combines statements and no transaction is open on
-    the connection already, its BEGIN and COMMIT go with its statements
+    Where :func:`together` combines statements and the connection is in
+    autocommit, with no transaction open, its BEGIN and COMMIT go with its
+    statements
     (:class:`Transaction`). Meanwhile psycopg stays in autocommit while
     Django takes the connection for one in a transaction, as after
     ``set_autocommit(False)``: the ORM's ``select_for_update()`` works, and
@@ -373,7 +374,11 @@ def atomic(using: str) -> Iterator[Transaction]:
     path: the first sends BEGIN if :meth:`Transaction.run` did not.
     """
     connection = connections[using]
-    if not can_combine(connection) or connection.in_atomic_block:
+    if (
+        not can_combine(connection)
+        or connection.in_atomic_block
+        or not connection.get_autocommit()
+    ):
         with transaction.atomic(using=using):
             yield Transaction(connection, own=False)
         return

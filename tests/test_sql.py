@@ -186,3 +186,15 @@ def test_elsewhere_it_is_djangos_atomic():
     with transaction.atomic(), sql.atomic(connection.alias) as current:
         assert not current.own
         assert connection.in_atomic_block
+
+
+def test_in_manual_transaction_management_the_callers_rollback_undoes_it():
+    transaction.set_autocommit(False)
+    try:
+        operations.apply([Join(ROOM, "specific.a!1")])
+        assert len(_state()[0]) == 1
+        transaction.rollback()
+    finally:
+        transaction.set_autocommit(True)
+
+    assert _state() == ([], [])
