@@ -8,18 +8,16 @@ with the number of calls or rooms, it
 
 1. takes the locks, in the order ``locks`` describes: the sockets of the
    calls, then the rows of the rooms they change (made first if new);
-2. reads what those sockets have, the departures that order late joins, and
-   how many sockets have each member key that the calls and those presences
-   name (a key's count moves only under its room's lock);
+2. reads what those sockets have, and the departures that order late joins;
 3. plays the calls in order against that, in memory: a join older than the
    socket's departure changes nothing, a leave older than a join leaves it
    (invariant 1); the sockets it puts in rooms are put in the rooms' groups
    (invariant 2), before anything is written;
-4. from the counts and the change, decides who arrived and who left
-   (invariant 8), and moves each changed room's counts, version (by exactly
-   one), listing and ``changed_at``;
-5. writes the difference: presences deleted, departures and presences
-   upserted, and the rooms updated, each in one statement;
+4. writes the difference: presences deleted, departures and presences
+   upserted, each in one statement, then counts each changed member key's
+   sockets, which decides who arrived and who left (invariant 8);
+5. moves each changed room's counts, version (by exactly one), listing and
+   ``changed_at``, in one statement;
 6. reads the state of each room that a subscribed socket joined and that
    this process does not know, once per room, in the same transaction as
    its version.
@@ -27,10 +25,10 @@ with the number of calls or rooms, it
 After commit, ``broadcast.deliver`` sends the signals and the frames.
 
 On PostgreSQL (``sql.atomic``) steps 1 and 2 are one round trip with the
-transaction's BEGIN, and step 5 one more with its COMMIT (unless step 6 must
-read): a lone join waits for each round trip with its locks held, and is on
-the path of every join that a room sees. Elsewhere the statements run one
-after another, in Django's ``atomic()``.
+transaction's BEGIN, step 4 a second, and step 5 a third with its COMMIT
+(unless step 6 must read): a lone join waits for each round trip with its
+locks held, and is on the path of every join that a room sees. Elsewhere
+the statements run one after another, in Django's ``atomic()``.
 """
 
 from __future__ import annotations
@@ -226,7 +224,7 @@ def apply(
     now = timezone.now()
     using = router.db_for_write(presence_model)
     with sql.atomic(using) as current:
-        rooms, rows, departures, before = _lock_and_read(current, calls, sockets)
+        rooms, rows, departures = _lock_and_read(current, calls, sockets)
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
         pairs = _play(calls, rows, departures, left, users, now, result)
@@ -246,7 +244,6 @@ def apply(
                 rooms,
                 presences=presences or presence_changed.has_listeners(room_model),
             )
-            counted = _counts_after(current, changes, before)
             departed = sorted(
                 (room, socket)
                 for (room, socket), pair in pairs.items()
@@ -260,7 +257,6 @@ def apply(
                 writes=_writes(current, pairs, rooms, left),
                 written=lambda results: _number(changes, results),
                 departed=departed,
-                counted=counted,
                 users=users,
             )
         except BaseException:
@@ -291,30 +287,6 @@ def _undo_adds(layer: BaseChannelLayer, fresh: list[tuple[str, str]]) -> None:
         groups.leave_now(layer, fresh)
     except groups.UNAVAILABLE:  # pragma: no cover - best effort
         logger.exception("presence: could not undo the group adds of %s", fresh)
-
-
-def _counts_after(
-    current: sql.Transaction,
-    changes: dict[str, RoomChange],
-    before: dict[tuple[int, str], int],
-) -> dict[tuple[int, str], int]:
-    """Each changed member key's sockets once the change sets are written.
-
-    ``before`` has the counts read with the rows, of every key that the
-    calls and the rows named; a key it lacks (a join whose user was deleted
-    since, which joins as a visitor) is counted now.
-    """
-    deltas = {
-        (change.room.pk, key): delta
-        for change in changes.values()
-        for key, delta in change.keys.items()
-        if delta
-    }
-    missing = {pair for pair in deltas if pair not in before}
-    if missing:
-        counts = _key_counts(missing, current)
-        before = {**before, **dict.fromkeys(missing, 0), **counts}
-    return {pair: before[pair] + delta for pair, delta in deltas.items()}
 
 
 def _play(
@@ -445,7 +417,6 @@ _Read = tuple[
     dict[str, "Room"],
     dict[tuple[str, str], "_Row"],
     dict[tuple[str, str], datetime],
-    dict[tuple[int, str], int],
 ]
 
 
@@ -454,23 +425,21 @@ def _lock_and_read(
 ) -> _Read:
     """Steps 1 and 2: lock the sockets and the rooms, then read what they have.
 
-    The locked rooms by name, the sockets' presences in them, the sockets'
-    departures, and the sockets now of each member key that the calls or
-    those presences name (by room id and key; 0 for none). On PostgreSQL in
-    one round trip, BEGIN included (a lone join waits for each one with its
-    locks held); else, or when a room that already existed when the join
-    made sure of it was deleted before it was locked (a concurrent
-    prune_rooms), one statement after another, as its retries always went.
+    The locked rooms by name, the sockets' presences in them and the sockets'
+    departures. On PostgreSQL in one round trip, BEGIN included (a lone join
+    waits for each one with its locks held); else, or when a room that
+    already existed when the join made sure of it was deleted before it was
+    locked (a concurrent prune_rooms), one statement after another, as its
+    retries always went.
     """
     _, presence_model = _models()
     names = {call.room for call in calls if not isinstance(call, LeaveAll)}
     everywhere = sorted({c.channel_name for c in calls if isinstance(c, LeaveAll)})
     joining = {call.room for call in calls if isinstance(call, Join)}
-    keys = _join_keys(calls)
     connection = current.connection
     using = connection.alias
     if sql.can_combine(connection):
-        found = _read_at_once(current, sockets, names, everywhere, joining, keys)
+        found = _read_at_once(current, sockets, names, everywhere, joining)
         if found is not None:
             return found
     locks.lock_sockets(sockets)
@@ -483,34 +452,7 @@ def _lock_and_read(
     presences, departures = _reads(sockets, using)
     results = current.run(presences + departures)
     read = results[: len(presences)], results[len(presences) :]
-    rows, left = _read(rooms, *read, using)
-    wanted = _counted(rooms, rows, keys)
-    before = {**dict.fromkeys(wanted, 0), **_key_counts(wanted, current)}
-    return rooms, rows, left, before
-
-
-def _join_keys(calls: Sequence[Call]) -> list[tuple[str, str]]:
-    """The (room, member key) of each join, as :func:`_play` will make it
-    (unless its user was deleted since: that one joins as a visitor)."""
-    keys = set()
-    for call in calls:
-        if isinstance(call, Join):
-            key = call.key
-            if key is None or (call.user_id is None and protocol.is_user_key(key)):
-                key = protocol.member_key(call.room, call.channel_name, call.user_id)
-            keys.add((call.room, key))
-    return sorted(keys)
-
-
-def _counted(
-    rooms: dict[str, Room],
-    rows: dict[tuple[str, str], _Row],
-    keys: list[tuple[str, str]],
-) -> set[tuple[int, str]]:
-    """The (room id, member key) pairs whose sockets the reads counted."""
-    return {(rooms[room].pk, key) for room, key in keys if room in rooms} | {
-        (rooms[row.room].pk, row.key) for row in rows.values()
-    }
+    return rooms, *_read(rooms, *read, using)
 
 
 def _read_at_once(
@@ -519,7 +461,6 @@ def _read_at_once(
     names: set[str],
     everywhere: list[str],
     joining: set[str],
-    keys: list[tuple[str, str]],
 ) -> _Read | None:
     """:func:`_lock_and_read` as one round trip of statements (PostgreSQL).
 
@@ -527,8 +468,7 @@ def _read_at_once(
     the new rooms, the rooms locked in name order (with those that the
     leave_all sockets are in, found by a subquery here), then every presence
     of the sockets (those in rooms not locked are dropped here, not by the
-    query), their departures, and the count of the member keys of the joins
-    and of the sockets' presences. None if a room that already existed was
+    query) and their departures. None if a room that already existed was
     deleted between the upsert and its lock (a committed prune_rooms).
     """
     room_model, presence_model = _models()
@@ -573,25 +513,10 @@ def _read_at_once(
         )
     )
     presences, departures = _reads(sockets, using)
-    presence_table = quote(presence_model._meta.db_table)
-    room_id, key = (columns(presence_model, [name]) for name in ("room_id", "key"))
-    # The keys of the joins and of the sockets' presences: a locked room's
-    # presences change only under its lock, so these counts hold until the
-    # transaction ends.
-    count = (
-        f"SELECT {room_id}, {key}, COUNT(*) FROM {presence_table} "
-        f"WHERE ({room_id}, {key}) IN (SELECT {room_id}, {key} FROM "
-        f"{presence_table} WHERE {columns(presence_model, ['channel_name'])} "
-        f"= ANY(%s) UNION ALL SELECT {columns(room_model, ['id'])}, joined.key "
-        f"FROM {room_table} JOIN unnest(%s::text[], %s::text[]) AS "
-        f"joined(room, key) ON {columns(room_model, ['channel_name'])} = "
-        f"joined.room) GROUP BY {room_id}, {key}",
-        [sockets, [room for room, _ in keys], [key for _, key in keys]],
-    )
-    results = current.run([*statements, *presences, *departures, count])
+    results = current.run([*statements, *presences, *departures])
     room_rows = results[room_at]
     found_presences = results[room_at + 1 : room_at + 1 + len(presences)]
-    found_departures = results[room_at + 1 + len(presences) : -1]
+    found_departures = results[room_at + 1 + len(presences) :]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -603,10 +528,7 @@ def _read_at_once(
     }
     if not joining <= rooms.keys():
         return None
-    rows, left = _read(rooms, found_presences, found_departures, using)
-    before = dict.fromkeys(_counted(rooms, rows, keys), 0)
-    before.update(((room_id, key), n) for room_id, key, n in results[-1])
-    return rooms, rows, left, before
+    return rooms, *_read(rooms, found_presences, found_departures, using)
 
 
 def _new_rooms(names: list[str], using: str) -> list[sql.Statement]:
@@ -714,7 +636,7 @@ def _writes(
     rooms: dict[str, Room],
     departures: dict[tuple[str, str], datetime],
 ) -> list[sql.Statement]:
-    """Step 5's statements: delete the presences gone, remember the
+    """Step 4's statements: delete the presences gone, remember the
     ``departures`` (left at, by (socket, room)), upsert the presences
     written, returning their ids, rooms and sockets.
 
@@ -1021,27 +943,29 @@ def _commit(
     written: Callable[[list[list[tuple[Any, ...]]]], None] | None = None,
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
-    counted: dict[tuple[int, str], int] | None = None,
     users: dict[Any, Any] | None = None,
 ) -> None:
-    """Count, version and describe the change sets; write them; deliver them
+    """Write, count, version and describe the change sets; deliver them
     after commit.
 
     ``writes``: the change sets' own statements, run in one round trip with
-    the rooms' update (and ``COMMIT``, unless a room's state must be read
-    after them), their rows given to ``written``; ``counted``: the member
-    keys' socket counts once written, if known; ``users``: users already read
-    in this transaction, by pk (the joins' own).
+    the count of their member keys' sockets, their rows given to
+    ``written``; then the rooms' update, with ``COMMIT`` unless a room's
+    state must be read after it. ``users``: users already read in this
+    transaction, by pk (the joins' own).
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
     now = timezone.now()
     updated = []
-    if counted is None:
-        counted = _key_counts(
-            {(change.room.pk, key) for change in changed for key in change.keys},
-            current,
-        )
+    # The keys of every row before and after (more than changed, which the
+    # count filters), counted once written.
+    wanted = {(change.room.pk, key) for change in changed for key in change.keys}
+    counting = _key_count_statements(wanted, current.connection.alias)
+    results = current.run([*writes, *counting]) if writes or counting else []
+    if written is not None:
+        written(results[: len(writes)])
+    counted = _tally((row for rows in results[len(writes) :] for row in rows), wanted)
     for change in changed:
         room = change.room
         change.start = room.version
@@ -1061,12 +985,12 @@ def _commit(
         )
         room.changed_at = now
         updated.append(room)
-    statements = list(writes)
+    statements = []
     if updated:
         # One statement for every room, whatever the database's limit on
         # parameters allows (bulk_update would cut it at Django's 999 on SQLite).
         fields = ["version", "users", "visitors", "sockets", "listed", "changed_at"]
-        statements += sql.upsert_statements(
+        statements = sql.upsert_statements(
             room_model,
             current.connection.alias,
             ["id", "channel_name", *fields],
@@ -1088,13 +1012,11 @@ def _commit(
     _describe(changed, users)
     before = _known_before(changes)
     # A room's state that must be read is read after the writes, in the
-    # transaction; else COMMIT goes with them.
+    # transaction; else COMMIT goes with the rooms' update.
     if any(members is None for members in before.values()):
-        results = current.run(statements)
+        current.run(statements)
     else:
-        results = current.finish(statements)
-    if written is not None:
-        written(results[: len(writes)])
+        current.finish(statements)
     kept = _members_after(changes, before)
     deliveries = [_delivery(change, users) for change in changes.values()]
     current.on_commit(lambda: known.keep(kept))
@@ -1292,20 +1214,11 @@ def _delivery(change: RoomChange, users: dict[Any, Any]) -> broadcast.Delivery:
     )
 
 
-def _key_counts(
-    wanted: set[tuple[int, str]], current: sql.Transaction
-) -> dict[tuple[int, str], int]:
-    """How many sockets each (room id, member key) of ``wanted`` has now
-    (those with none are left out)."""
-    statements = _key_count_statements(wanted, current.connection.alias)
-    results = current.run(statements)
-    return _tally((row for result in results for row in result), wanted)
-
-
 def _key_count_statements(
     wanted: set[tuple[int, str]], using: str
 ) -> list[sql.Statement]:
-    """The statements of :func:`_key_counts`: one, but on SQLite's parameter limit."""
+    """How many sockets each (room id, member key) of ``wanted`` has (none: no
+    row): one statement, but on SQLite's parameter limit."""
     _, presence_model = _models()
     keys = sorted({key for _, key in wanted})
     if not keys:

@@ -39,7 +39,7 @@ def _state() -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
 
 
 @combined
-def test_a_lone_join_is_two_round_trips_begin_and_commit_included():
+def test_a_lone_join_is_three_round_trips_begin_and_commit_included():
     operations.join(ROOM, "specific.a!1", subscribe=True)
 
     autocommit: list[bool] = []
@@ -54,11 +54,12 @@ def test_a_lone_join_is_two_round_trips_begin_and_commit_included():
     ):
         operations.apply([Join(ROOM, "specific.a!2", events=7)])
 
-    first, last = [query["sql"] for query in queries.captured_queries]
+    first, writes, last = [query["sql"] for query in queries.captured_queries]
     assert first.startswith("BEGIN; ")
+    assert "COUNT(" in writes
     assert last.endswith("; COMMIT")
     # psycopg was in autocommit throughout: it sent no BEGIN of its own.
-    assert autocommit == [True, True]
+    assert autocommit == [True, True, True]
     assert connection.get_autocommit()
     assert Room.objects.get().sockets == 2
 
