@@ -81,10 +81,14 @@ def upsert_statements(
     connection = connections[using]
     meta = model._meta
     fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in columns]
-    key = (model, using, *map(tuple, (columns, conflict, replace, keep_latest)))
-    texts = _UPSERTS.get((*key, tuple(returning)))
+    shape = (
+        model,
+        using,
+        *map(tuple, (columns, conflict, replace, keep_latest, returning)),
+    )
+    texts = _UPSERTS.get(shape)
     if texts is None:
-        texts = _UPSERTS[(*key, tuple(returning))] = _upsert_texts(
+        texts = _UPSERTS[shape] = _upsert_texts(
             model, connection, fields, conflict, replace, keep_latest, returning
         )
     target, from_json, from_arrays, tail = texts
