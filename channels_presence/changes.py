@@ -260,7 +260,10 @@ def apply(
                 users=users,
             )
         except BaseException:
-            _undo_adds(layer, [(r, s) for r, s, _ in joined if not pairs[r, s].before])
+            # Unless it committed: then the rows stand, and so must the adds.
+            if not current.committed:
+                fresh = [(r, s) for r, s, _ in joined if not pairs[r, s].before]
+                _undo_adds(layer, fresh)
             raise
         result.added = [p for change in changes.values() for p in change.added]
         result.removed = [p for change in changes.values() for p in change.removed]

@@ -370,9 +370,8 @@ def atomic(using: str) -> Iterator[Transaction]:
 
     Where :func:`together` combines statements and the connection is in
     autocommit, with no transaction open, its BEGIN and COMMIT go with its
-    statements
-    (:class:`Transaction`). Meanwhile psycopg stays in autocommit while
-    Django takes the connection for one in a transaction, as after
+    statements (:class:`Transaction`). Meanwhile psycopg stays in autocommit
+    while Django takes the connection for one in a transaction, as after
     ``set_autocommit(False)``: the ORM's ``select_for_update()`` works, and
     an ``atomic()`` inside is a savepoint. A statement may run in it by any
     path: the first sends BEGIN if :meth:`Transaction.run` did not.

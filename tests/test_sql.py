@@ -15,10 +15,12 @@ from django.db import DatabaseError, connection, transaction
 from django.db.models.signals import post_delete
 from django.test.utils import CaptureQueriesContext
 
-from channels_presence import operations, sql
+from channels_presence import changes, operations, sql
 from channels_presence.changes import Join, Leave
+from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.signals import presence_changed
+from tests.helpers import group_members
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -87,6 +89,25 @@ def test_a_failed_last_round_trip_rolls_the_whole_change_set_back():
     # The connection goes on working.
     operations.apply([Join(ROOM, "specific.a!2")])
     assert len(_state()[0]) == 2
+
+
+@combined
+def test_a_failure_after_the_commit_keeps_the_rows_and_their_groups(monkeypatch):
+    def fail(*args: Any) -> None:
+        raise RuntimeError("a bug after COMMIT")
+
+    # A room this process knows: its state needs no read, so COMMIT goes
+    # with the room's update, before the members are built.
+    operations.apply([Join(ROOM, "specific.a!0", events=7)])
+    monkeypatch.setattr(changes, "_members_after", fail)
+    with pytest.raises(RuntimeError, match="after COMMIT"):
+        operations.apply([Join(ROOM, "specific.a!1", events=7)])
+
+    # Committed: the row stands, and the socket stays in the room's groups.
+    assert _state()[0] == [(ROOM, "specific.a!0"), (ROOM, "specific.a!1")]
+    assert "specific.a!1" in group_members(ROOM)
+    assert "specific.a!1" in group_members(events_group(ROOM))
+    assert connection.get_autocommit()
 
 
 def test_a_failure_between_round_trips_rolls_back(monkeypatch):
