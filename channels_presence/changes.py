@@ -38,7 +38,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, cast
 from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.contrib.auth import get_user_model
-from django.db import models, router, transaction
+from django.db import models, router
 from django.db.models import QuerySet
 from django.db.models.deletion import Collector
 from django.utils import timezone
@@ -249,13 +249,12 @@ def apply(
                 for (room, socket), pair in pairs.items()
                 if pair.departed and pair.after is None
             )
-            _commit(
+            written = _commit(
                 current,
                 changes,
                 rooms,
                 layer,
                 writes=_writes(current, pairs, rooms, left),
-                written=lambda results: _number(changes, results),
                 departed=departed,
                 users=users,
             )
@@ -265,6 +264,8 @@ def apply(
                 fresh = [(r, s) for r, s, _ in joined if not pairs[r, s].before]
                 _undo_adds(layer, fresh)
             raise
+        # Before the deliveries that name them go out, after commit.
+        _number(changes, written)
         result.added = [p for change in changes.values() for p in change.added]
         result.removed = [p for change in changes.values() for p in change.removed]
     return result
@@ -451,7 +452,7 @@ def _lock_and_read(
         everyone = presence_model.objects.using(using).all()
         for part in sql.any_of(everyone, "channel_name", everywhere):
             names.update(part.values_list("room__channel_name", flat=True))
-    rooms = _lock_rooms(names, create=joining)
+    rooms = _lock_rooms(current, names, create=joining)
     presences, departures = _reads(sockets, using)
     results = current.run(presences + departures)
     read = results[: len(presences)], results[len(presences) :]
@@ -546,7 +547,9 @@ def _new_rooms(names: list[str], using: str) -> list[sql.Statement]:
     )
 
 
-def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
+def _lock_rooms(
+    current: sql.Transaction, names: Iterable[str], *, create: set[str]
+) -> dict[str, Room]:
     """Lock the rooms' rows, sorted by name; make those of ``create`` first.
 
     A room that prune_rooms deleted between the two is made again.
@@ -555,14 +558,15 @@ def _lock_rooms(names: Iterable[str], *, create: set[str]) -> dict[str, Room]:
     wanted = sorted(set(names))
     if not wanted:
         return {}
-    using = router.db_for_write(room_model)
+    using = current.connection.alias
     for _attempt in range(ROOM_ATTEMPTS):
         missing = sorted(create)
         if missing:
-            sql.together(transaction.get_connection(using), _new_rooms(missing, using))
+            current.run(_new_rooms(missing, using))
         found = {
             room.channel_name: room
-            for room in room_model.objects.select_for_update()
+            for room in room_model.objects.using(using)
+            .select_for_update()
             .filter(channel_name__in=wanted)
             .order_by("channel_name")
         }
@@ -746,7 +750,7 @@ def _remove(
         names = room_model.objects.filter(pk__in=room_ids).values_list(
             "channel_name", flat=True
         )
-        rooms = _lock_rooms(names, create=set())
+        rooms = _lock_rooms(current, names, create=set())
         by_id = {room.pk: room for room in rooms.values()}
         rows = _delete(presences.filter(room_id__in=list(by_id)))
         gone = [
@@ -943,19 +947,17 @@ def _commit(
     layer: BaseChannelLayer,
     *,
     writes: Sequence[sql.Statement] = (),
-    written: Callable[[list[list[tuple[Any, ...]]]], None] | None = None,
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
     users: dict[Any, Any] | None = None,
-) -> None:
+) -> list[list[tuple[Any, ...]]]:
     """Write, count, version and describe the change sets; deliver them
-    after commit.
+    after commit. Returns the rows that ``writes`` returned.
 
     ``writes``: the change sets' own statements, run in one round trip with
-    the count of their member keys' sockets, their rows given to
-    ``written``; then the rooms' update, with ``COMMIT`` unless a room's
-    state must be read after it. ``users``: users already read in this
-    transaction, by pk (the joins' own).
+    the count of their member keys' sockets; then the rooms' update, with
+    ``COMMIT`` unless a room's state must be read after it. ``users``: users
+    already read in this transaction, by pk (the joins' own).
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
@@ -966,8 +968,6 @@ def _commit(
     wanted = {(change.room.pk, key) for change in changed for key in change.keys}
     counting = _key_count_statements(wanted, current.connection.alias)
     results = current.run([*writes, *counting]) if writes or counting else []
-    if written is not None:
-        written(results[: len(writes)])
     counted = _tally((row for rows in results[len(writes) :] for row in rows), wanted)
     for change in changed:
         room = change.room
@@ -1024,6 +1024,7 @@ def _commit(
     deliveries = [_delivery(change, users) for change in changes.values()]
     current.on_commit(lambda: known.keep(kept))
     broadcast.on_commit(current, layer, deliveries, departed=departed, notices=notices)
+    return results[: len(writes)]
 
 
 def _transitions(change: RoomChange, counted: dict[tuple[int, str], int]) -> None:

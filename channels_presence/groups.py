@@ -414,7 +414,7 @@ def _redis_send_now(
     # sorted set's scores): ``first``'s are the earlier.
     now = time.time()
     pushes = _push_commands(layer, first, now)
-    send = _GroupSend(layer, messages, now + 1e-6 if first else None)
+    send = _GroupSend(layer, messages, now + 1e-6 if first else now)
     replies = _pipelined_now(clients, pushes + send.members())
     found = replies[len(pushes) :]
     pushed = replies[: len(pushes)] + _pipelined_now(clients, send.pushes(found))
