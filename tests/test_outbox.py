@@ -500,6 +500,49 @@ def test_each_message_is_stamped_with_the_time_it_was_published(
     assert all(before <= stamp <= time.time() for stamp in stamps)
 
 
+def test_messages_follow_celerys_routes_unless_the_presence_queue_is_set(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    app = fail_fast_app(broker.url)
+    app.conf.task_routes = {ADD: {"queue": "routed"}}
+    box = make_outbox(app)
+    # One at a time: joins and leaves pending together go as one message.
+    box.send(ADD, "room", "specific.route!1", None, 1.0)
+    assert box.flush(5)
+    box.send(LEAVE_ALL, "specific.route!2", at=1.0)
+    assert box.flush(5)
+    with override_settings(CHANNELS_PRESENCE_QUEUE="presence"):
+        box.send(ADD, "room", "specific.route!3", None, 1.0)
+        assert box.flush(5)
+    with broker.client() as client:
+        queues = {
+            queue: [json.loads(body)["headers"] for body in client.lrange(queue, 0, -1)]
+            for queue in ("routed", "celery", "presence")
+        }
+    assert [headers["task"] for headers in queues["routed"]] == [ADD]
+    assert [headers["task"] for headers in queues["celery"]] == [LEAVE_ALL]
+    assert [headers["task"] for headers in queues["presence"]] == [ADD]
+
+
+def test_messages_ask_for_no_result_and_show_their_arguments_briefly(
+    broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
+) -> None:
+    box = make_outbox()
+    box._publish(ADD, ("room", "specific.show!1", None, 1.0), {})
+    box._publish(
+        BATCH_TASK, ([[LEAVE_ALL, ["specific.show!1"], {}]] * 300,), {}, carrying=300
+    )
+    box._publish(TOUCH_TASK, ([f"specific.show!{i}" for i in range(900)],), {"at": 2.0})
+    with broker.client() as client:
+        raw = [json.loads(body)["headers"] for body in client.lrange("celery", 0, -1)]
+    add, batch, touch = raw[::-1]
+    assert all(headers["ignore_result"] is True for headers in raw)
+    assert add["argsrepr"] == "('room', 'specific.show!1', None, 1.0)"
+    assert batch["argsrepr"] == "(300 joins and leaves)"
+    assert touch["argsrepr"] == "(900 sockets)"
+    assert touch["kwargsrepr"] == "{'at': 2.0}"
+
+
 DEFAULT_APP_SCRIPT = """
 import django
 django.setup()
