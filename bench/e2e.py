@@ -48,10 +48,14 @@ from urllib.parse import unquote, urlsplit
 
 import psycopg
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60.0
+#: How long a socket may take to open, its first frame included.
+OPEN_TIMEOUT = 30.0
+#: A socket that does not open: refused, counted, and the run goes on.
+REFUSED = (OSError, TimeoutError, InvalidHandshake, ConnectionClosed)
 #: Handshakes in flight at once while the population connects.
 CONNECTING = 20
 
@@ -131,10 +135,17 @@ class Client:
     async def open(self, port: int) -> None:
         self.socket = await connect(
             f"ws://127.0.0.1:{port}/ws/{self.room}/",
-            open_timeout=30,
+            open_timeout=OPEN_TIMEOUT,
             max_queue=None,
         )
-        hello = json.loads(await self.socket.recv())
+        try:
+            # Bounded too: a server that accepted the socket and never said
+            # hello hung a whole run.
+            first = await asyncio.wait_for(self.socket.recv(), OPEN_TIMEOUT)
+        except BaseException:
+            await self.socket.close()
+            raise
+        hello = json.loads(first)
         self.channel = hello.get("ref") or hello["channel"]
         self.reader = asyncio.create_task(self._read())
 
@@ -210,7 +221,7 @@ async def populate(port: int, args: argparse.Namespace) -> System:
         async with gate:
             try:
                 await client.open(port)
-            except (OSError, TimeoutError, InvalidHandshake):
+            except REFUSED:
                 system.refused += 1
                 return
         system.members.setdefault(client.room, []).append(client)
@@ -244,7 +255,7 @@ async def probe(system: System, n: int, args: argparse.Namespace) -> None:
     start = time.monotonic()
     try:
         await client.open(system.port)
-    except (OSError, TimeoutError, InvalidHandshake):
+    except REFUSED:
         system.refused += 1
         return
     system.joins += await seen_by(audience, "join", client.channel, start, args.settle)
