@@ -46,8 +46,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from channels.layers import BaseChannelLayer
 from django.apps import apps
+from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import models, router
+from django.db import connections, models, router
 from django.db.models import QuerySet
 from django.db.models.deletion import Collector
 from django.utils import timezone
@@ -224,7 +225,7 @@ def apply(
     now = timezone.now()
     using = router.db_for_write(presence_model)
     with sql.atomic(using) as current:
-        rooms, rows, departures = _lock_and_read(current, calls, sockets)
+        rooms, rows, departures, members = _lock_and_read(current, calls, sockets)
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
         pairs = _play(calls, rows, departures, left, users, now, result)
@@ -257,6 +258,7 @@ def apply(
                 writes=_writes(current, pairs, rooms, left),
                 departed=departed,
                 users=users,
+                members=members,
             )
         except BaseException:
             # Unless it committed: then the rows stand, and so must the adds.
@@ -421,6 +423,7 @@ _Read = tuple[
     dict[str, "Room"],
     dict[tuple[str, str], "_Row"],
     dict[tuple[str, str], datetime],
+    dict[Any, protocol.Members],
 ]
 
 
@@ -429,12 +432,15 @@ def _lock_and_read(
 ) -> _Read:
     """Steps 1 and 2: lock the sockets and the rooms, then read what they have.
 
-    The locked rooms by name, the sockets' presences in them and the sockets'
-    departures. On PostgreSQL in one round trip, BEGIN included (a lone join
-    waits for each one with its locks held); else, or when a room that
-    already existed when the join made sure of it was deleted before it was
-    locked (a concurrent prune_rooms), one statement after another, as its
-    retries always went.
+    The locked rooms by name, the sockets' presences in them, the sockets'
+    departures, and the members of the listed rooms that sockets join for
+    their state, by room id, where this process did not know them (read
+    here, as the change set starts: else a later round trip reads them). On
+    PostgreSQL in one round trip, BEGIN included (a lone join waits for each
+    one with its locks held); else, or when a room that already existed when
+    the join made sure of it was deleted before it was locked (a concurrent
+    prune_rooms), one statement after another, as its retries always went,
+    and the members are read later.
     """
     _, presence_model = _models()
     names = {call.room for call in calls if not isinstance(call, LeaveAll)}
@@ -443,7 +449,7 @@ def _lock_and_read(
     connection = current.connection
     using = connection.alias
     if sql.can_combine(connection):
-        found = _read_at_once(current, sockets, names, everywhere, joining)
+        found = _read_at_once(current, calls, sockets, names, everywhere, joining)
         if found is not None:
             return found
     locks.lock_sockets(sockets)
@@ -456,11 +462,12 @@ def _lock_and_read(
     presences, departures = _reads(sockets, using)
     results = current.run(presences + departures)
     read = results[: len(presences)], results[len(presences) :]
-    return rooms, *_read(rooms, *read, using)
+    return rooms, *_read(rooms, *read, using), {}
 
 
 def _read_at_once(
     current: sql.Transaction,
+    calls: Sequence[Call],
     sockets: list[str],
     names: set[str],
     everywhere: list[str],
@@ -472,8 +479,10 @@ def _read_at_once(
     the new rooms, the rooms locked in name order (with those that the
     leave_all sockets are in, found by a subquery here), then every presence
     of the sockets (those in rooms not locked are dropped here, not by the
-    query) and their departures. None if a room that already existed was
-    deleted between the upsert and its lock (a committed prune_rooms).
+    query), their departures, and the members of the rooms that subscribed
+    sockets join and this process does not know. None if a room that already
+    existed was deleted between the upsert and its lock (a committed
+    prune_rooms).
     """
     room_model, presence_model = _models()
     connection = current.connection
@@ -517,10 +526,23 @@ def _read_at_once(
         )
     )
     presences, departures = _reads(sockets, using)
-    results = current.run([*statements, *presences, *departures])
+    stating = sorted(
+        {
+            call.room
+            for call in calls
+            if isinstance(call, Join) and call.events & protocol.STATE_EVENTS
+        }
+    )
+    unknown = [name for name in stating if not known.fresh(name)]
+    members = _member_statements(unknown, using) if conf.BROADCAST else []
+    results = current.run([*statements, *presences, *departures, *members])
     room_rows = results[room_at]
-    found_presences = results[room_at + 1 : room_at + 1 + len(presences)]
-    found_departures = results[room_at + 1 + len(presences) :]
+    at = room_at + 1
+    found_presences = results[at : at + len(presences)]
+    at += len(presences)
+    found_departures = results[at : at + len(departures)]
+    at += len(departures)
+    found_members = [row for rows in results[at:] for row in rows]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -532,7 +554,12 @@ def _read_at_once(
     }
     if not joining <= rooms.keys():
         return None
-    return rooms, *_read(rooms, found_presences, found_departures, using)
+    read = [rooms[name] for name in unknown if name in rooms and rooms[name].listed]
+    return (
+        rooms,
+        *_read(rooms, found_presences, found_departures, using),
+        _members(read, found_members, using) if members else {},
+    )
 
 
 def _new_rooms(names: list[str], using: str) -> list[sql.Statement]:
@@ -950,6 +977,7 @@ def _commit(
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
     users: dict[Any, Any] | None = None,
+    members: dict[Any, protocol.Members] | None = None,
 ) -> list[list[tuple[Any, ...]]]:
     """Write, count, version and describe the change sets; deliver them
     after commit. Returns the rows that ``writes`` returned.
@@ -957,7 +985,9 @@ def _commit(
     ``writes``: the change sets' own statements, run in one round trip with
     the count of their member keys' sockets; then the rooms' update, with
     ``COMMIT`` unless a room's state must be read after it. ``users``: users
-    already read in this transaction, by pk (the joins' own).
+    already read in this transaction, by pk (the joins' own). ``members``:
+    rooms' members read in it as it started (before the change sets), by
+    room id.
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
@@ -1013,16 +1043,17 @@ def _commit(
     read = {pk: user for pk, user in (users or {}).items() if pk in named}
     users = {**read, **_users(named - read.keys())}
     _describe(changed, users)
-    before = _known_before(changes)
+    before, read_first = _known_before(changes, members or {})
     # A room's state that must be read is read after the writes, in the
     # transaction; else COMMIT goes with the rooms' update.
-    if any(members is None for members in before.values()):
+    if any(found is None for found in before.values()):
         current.run(statements)
     else:
         current.finish(statements)
-    kept = _members_after(changes, before)
+    kept = _members_after(changes, before, read_first)
     deliveries = [_delivery(change, users) for change in changes.values()]
-    current.on_commit(lambda: known.keep(kept))
+    names = {change.room.pk: change.room.channel_name for change in changes.values()}
+    current.on_commit(lambda: known.keep(kept, names))
     broadcast.on_commit(current, layer, deliveries, departed=departed, notices=notices)
     return results[: len(writes)]
 
@@ -1063,33 +1094,42 @@ def _describe(changed: list[RoomChange], users: dict[Any, Any]) -> None:
 
 
 def _known_before(
-    changes: dict[str, RoomChange],
-) -> dict[Any, protocol.Members | None]:
+    changes: dict[str, RoomChange], members: dict[Any, protocol.Members]
+) -> tuple[dict[Any, protocol.Members | None], set[Any]]:
     """The members this process knows of each listed room, before the change
     set (None: not known), for :func:`_members_after`; of every room that a
-    subscribed socket joined, and every room that the change set changes."""
+    subscribed socket joined, and every room that the change set changes.
+    Known from earlier change sets, or from ``members``, read as this one
+    started: the ids of those are the second item."""
     if not conf.BROADCAST:
-        return {}
-    found = {}
+        return {}, set()
+    found: dict[Any, protocol.Members | None] = {}
+    read = set()
     for change in changes.values():
         room = change.room
         if room.listed and (change.joiners or change.entries):
-            members = known.get(room.pk, change.start)
-            if members is not None or change.joiners:
-                found[room.pk] = members
-    return found
+            found_now = known.get(room.pk, change.start)
+            if found_now is None and room.pk in members:
+                found_now = members[room.pk]
+                read.add(room.pk)
+            if found_now is not None or change.joiners:
+                found[room.pk] = found_now
+    return found, read
 
 
 def _members_after(
-    changes: dict[str, RoomChange], known_before: dict[Any, protocol.Members | None]
+    changes: dict[str, RoomChange],
+    known_before: dict[Any, protocol.Members | None],
+    read_before: set[Any],
 ) -> dict[Any, tuple[int, Any, bool]]:
     """Each joined room's state, built once; the members this process now knows.
 
     A room whose members this process knows at the version the change set
     started from (it wrote the change set before, and nothing else moved the
     room since: ``known_before``) gets them with the change set applied: no
-    read. The others that subscribed sockets joined are read, in one query
-    for all. Returns what to keep once the transaction commits: ``{room id:
+    read (``read_before``: those whose members were read as it started). The
+    others that subscribed sockets joined are read, in one query for all.
+    Returns what to keep once the transaction commits: ``{room id:
     (version, members or None, read now)}``, None for rooms this process no
     longer knows.
     """
@@ -1104,7 +1144,7 @@ def _members_after(
             kept[room.pk] = (room.version, None, False)
         elif before is not None:
             members[room.pk] = protocol.applied(before, change.entries.values())
-            kept[room.pk] = (room.version, members[room.pk], False)
+            kept[room.pk] = (room.version, members[room.pk], room.pk in read_before)
         elif change.entries:
             kept[room.pk] = (room.version, None, False)
     unknown = [
@@ -1146,9 +1186,11 @@ class KnownMembers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rooms: OrderedDict[Any, tuple[int, float, protocol.Members]] = (
+        # {room id: (version, read at, members, room name)}
+        self._rooms: OrderedDict[Any, tuple[int, float, protocol.Members, str]] = (
             OrderedDict()
         )
+        self._ids: dict[str, Any] = {}
 
     def get(self, room_id: Any, version: int) -> protocol.Members | None:
         """The room's members at ``version``, if this process knows them."""
@@ -1160,28 +1202,44 @@ class KnownMembers:
             return None
         return found[2]
 
-    def keep(self, rooms: dict[Any, tuple[int, protocol.Members | None, bool]]) -> None:
+    def fresh(self, name: str) -> bool:
+        """Whether this process knows members of room ``name``, not yet to be
+        read again: at which version, only the room's row can tell."""
+        with self._lock:
+            found = self._rooms.get(self._ids.get(name))
+        return found is not None and time.monotonic() - found[1] <= self.MAX_AGE
+
+    def keep(
+        self,
+        rooms: dict[Any, tuple[int, protocol.Members | None, bool]],
+        names: dict[Any, str],
+    ) -> None:
         """Know these rooms at these versions (None: forget the room).
 
         The third item says whether the members were read from the database
         now, else rebuilt from what the process knew: those are read again
-        MAX_AGE after their last read.
+        MAX_AGE after their last read. ``names``: each room's name, by id.
         """
         now = time.monotonic()
         with self._lock:
             for room_id, (version, members, read) in rooms.items():
                 old = self._rooms.pop(room_id, None)
+                if old is not None:
+                    self._ids.pop(old[3], None)
                 if members is None or (old is None and not read):
                     continue
                 since = now if read or old is None else old[1]
-                self._rooms[room_id] = (version, since, members)
+                self._rooms[room_id] = (version, since, members, names[room_id])
+                self._ids[names[room_id]] = room_id
             while len(self._rooms) > self.MAX_ROOMS:
-                self._rooms.popitem(last=False)
+                _, (*_, name) = self._rooms.popitem(last=False)
+                self._ids.pop(name, None)
 
     def clear(self) -> None:
         """Forget every room."""
         with self._lock:
             self._rooms.clear()
+            self._ids.clear()
 
 
 #: This process's known members.
@@ -1262,16 +1320,26 @@ def read_members(rooms: Sequence[Room]) -> dict[int, list[Entry]]:
     the frame's seconds exactly as ``datetime.timestamp()`` would.
     """
     _, presence_model = _models()
-    fields = broadcast.member_fields()
-    lookups = ["user__" + path for path in fields.values()]
     presences = presence_model.objects.filter(room_id__in=[room.pk for room in rooms])
+    return _entries(rooms, _member_values(presences), presences.db)
+
+
+def _member_values(presences: QuerySet[Presence]) -> QuerySet[Any]:
+    """What :func:`_entries` reads of each of ``presences``."""
+    lookups = ["user__" + path for path in broadcast.member_fields().values()]
     epoch = sql.epoch_micros(presences, "joined_at")
     if epoch is not None:
         presences = presences.annotate(joined_us=epoch)
-        joined = "joined_us"
-    else:
-        joined = "joined_at"
-    rows = presences.values_list("room_id", "key", "ref", joined, "user_id", *lookups)
+    joined = "joined_at" if epoch is None else "joined_us"
+    return presences.values_list("room_id", "key", "ref", joined, "user_id", *lookups)
+
+
+def _entries(
+    rooms: Sequence[Room], rows: Iterable[Sequence[Any]], using: str
+) -> dict[int, list[Entry]]:
+    """The entries of ``rows`` (:func:`_member_values`), by room id."""
+    fields = broadcast.member_fields()
+    in_micros = sql.epoch_micros(_models()[1].objects.using(using), "joined_at")
     found: dict[int, list[Entry]] = {room.pk: [] for room in rooms}
     plain = broadcast.plain
     for room_id, key, ref, joined_at, user_id, *values in rows:
@@ -1280,10 +1348,52 @@ def read_members(rooms: Sequence[Room]) -> dict[int, list[Entry]]:
             if user_id is not None
             else None
         )
-        seconds = joined_at / 1_000_000 if epoch is not None else joined_at.timestamp()
+        seconds = (
+            joined_at / 1_000_000 if in_micros is not None else joined_at.timestamp()
+        )
         meta = {"ref": ref, "joined_at": seconds, "meta": {}}
         found[room_id].append(Entry(key, user, meta))
     return found
+
+
+def _member_statements(names: list[str], using: str) -> list[sql.Statement]:
+    """The members of the listed rooms of ``names``, as :func:`_members` reads
+    them: one statement (PostgreSQL)."""
+    if not names:
+        return []
+    room_model, presence_model = _models()
+    quote = connections[using].ops.quote_name
+    column = f"{quote(room_model._meta.db_table)}.{quote('channel_name')}"
+
+    def build(names: Any) -> list[QuerySet[Any]]:
+        presences = presence_model.objects.using(using).filter(room__listed=True)
+        # The room's name, in the join that the filter above makes.
+        named = presences.extra(where=[f"{column} = ANY(%s)"], params=[names])
+        return [_member_values(named)]
+
+    # Its SQL depends on the member fields, which settings name.
+    return sql.compiled(f"changes.members {_member_columns()}", using, build, names)
+
+
+def _member_columns() -> tuple[Any, ...]:
+    """What the columns of :func:`_member_values` depend on."""
+    return (tuple(broadcast.member_fields().items()), settings.USE_TZ)
+
+
+def _members(
+    rooms: Sequence[Room], rows: list[Any], using: str
+) -> dict[Any, protocol.Members]:
+    """The members of ``rooms`` in ``rows`` (:func:`_member_statements`)."""
+    presences = _models()[1].objects.using(using)
+    rows = sql.converted(
+        ("changes.members", using, _member_columns()),
+        lambda: _member_values(presences),
+        rows,
+    )
+    return {
+        room_id: protocol.members(entries)
+        for room_id, entries in _entries(rooms, rows, using).items()
+    }
 
 
 def _payload(

@@ -578,6 +578,30 @@ def convert(
 _UNCONVERTED: set[tuple[type[models.Model], str, tuple[str, ...]]] = set()
 
 
+def converted(
+    key: Any, build: Callable[[], QuerySet[Any]], rows: list[Any]
+) -> list[Any]:
+    """Rows of raw values of the columns of ``build()``, a ``values_list()``
+    queryset, converted as it would convert them: for rows that
+    :func:`together` read. ``key`` names the queryset's columns: once they
+    are known to need no converter, the queryset is not built again."""
+    if key in _UNCONVERTED_QUERIES:
+        return rows
+    queryset = build()
+    compiler = queryset.query.get_compiler(queryset.db)
+    compiler.setup_query()
+    columns = [column for column, _, _ in compiler.select[: compiler.col_count]]
+    converters = compiler.get_converters(columns)
+    if not converters:
+        _UNCONVERTED_QUERIES.add(key)
+        return rows
+    return list(compiler.apply_converters(rows, converters))
+
+
+#: The keys of :func:`converted` querysets whose values no converter changes.
+_UNCONVERTED_QUERIES: set[Any] = set()
+
+
 def epoch_micros(queryset: QuerySet[Any], name: str) -> Any:
     """An expression of field ``name`` in epoch microseconds, or None.
 

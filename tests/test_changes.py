@@ -644,6 +644,65 @@ def test_a_change_set_this_process_did_not_see_makes_it_read_the_room_again(alic
     assert any("joined_at" in q["sql"] for q in queries.captured_queries[-8:])
 
 
+@override_settings(
+    CHANNELS_PRESENCE_MEMBER_FIELDS={
+        "id": "pk",
+        "username": "username",
+        "joined": "date_joined",
+    }
+)
+def test_a_join_into_a_room_this_process_forgot_reads_its_members_with_the_locks(
+    alice, bob
+):
+    layer: Any = get_channel_layer()
+    operations.join("lobby", "specific.f!1", alice, subscribe=True)
+    operations.join("lobby", "specific.f!2", bob, subscribe=True)
+    operations.join("lobby", "specific.f!3", subscribe=True)
+    operations.join("elsewhere", "specific.f!4", alice, subscribe=True)
+    # As a worker that has not seen the room for a minute (MAX_AGE), or
+    # ever, finds it.
+    changes.known.clear()
+
+    joiner = async_to_sync(layer.new_channel)()
+    with CaptureQueriesContext(connection) as queries:
+        operations.join("lobby", joiner, subscribe=["state"])
+
+    state = _state_for(joiner)
+    assert state == operations.read_state("lobby")
+    assert sorted(state["members"]) == sorted(
+        {f"u:{alice.pk}", f"u:{bob.pk}", *[k for k in state["members"] if "v:" in k]}
+    )
+    assert len(state["members"]) == 4
+    assert "specific.f!4" not in str(state)
+    if sql.can_combine(connection):
+        # Read with the locks: the room's update still goes with COMMIT.
+        first, _, last = [q["sql"] for q in queries.captured_queries]
+        assert first.startswith("BEGIN; ") and '"joined_at"' in first
+        assert last.endswith("; COMMIT")
+    # Known now: the next joiner's state is built without a read.
+    other = async_to_sync(layer.new_channel)()
+    with CaptureQueriesContext(connection) as queries:
+        operations.join("lobby", other, subscribe=["state"])
+    assert _state_for(other) == operations.read_state("lobby")
+    assert not any("EPOCH" in q["sql"] for q in queries.captured_queries)
+
+
+@override_settings(CHANNELS_PRESENCE_MAX_LISTED_MEMBERS=1)
+def test_a_joiner_of_a_room_that_is_not_listed_is_sent_counts_only():
+    operations.join("big", "specific.u!1", subscribe=True)
+    operations.join("big", "specific.u!2", subscribe=True)
+    assert not Room.objects.get(channel_name="big").listed
+    changes.known.clear()
+    layer: Any = get_channel_layer()
+    joiner = async_to_sync(layer.new_channel)()
+
+    operations.join("big", joiner, subscribe=["state"])
+
+    state = _state_for(joiner)
+    assert state["members"] is None
+    assert state["counts"]["sockets"] == 3
+
+
 def test_removed_presences_are_built_as_the_orm_builds_them(alice):
     operations.join("lobby", "specific.built!1", alice)
     operations.join("lobby", "specific.built!2")
