@@ -677,7 +677,8 @@ def test_a_join_into_a_room_this_process_forgot_reads_its_members_with_the_locks
     if sql.can_combine(connection):
         # Read with the locks: the room's update still goes with COMMIT.
         first, _, last = [q["sql"] for q in queries.captured_queries]
-        assert first.startswith("BEGIN; ") and '"joined_at"' in first
+        assert first.startswith("BEGIN; ")
+        assert '"joined_at"' in first
         assert last.endswith("; COMMIT")
     # Known now: the next joiner's state is built without a read.
     other = async_to_sync(layer.new_channel)()
