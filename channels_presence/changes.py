@@ -38,8 +38,8 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -235,10 +235,10 @@ def apply(
             for (room, socket), pair in sorted(pairs.items())
             if pair.joined and pair.after is not None
         ]
-        # The sockets put in rooms join the rooms' groups under their locks,
-        # before COMMIT (while the writes go); if writing fails, those that
-        # were not in the room leave again.
-        added = groups.add_started(layer, joined) if joined else _nothing
+        # The sockets put in rooms join the rooms' groups first, under their
+        # locks; if writing fails, those that were not in the room leave again.
+        if joined:
+            groups.add_now(layer, joined)
         try:
             changes = _changes(
                 pairs,
@@ -259,13 +259,12 @@ def apply(
                 departed=departed,
                 users=users,
                 members=members,
-                added=added,
             )
         except BaseException:
             # Unless it committed: then the rows stand, and so must the adds.
             if not current.committed:
                 fresh = [(r, s) for r, s, _ in joined if not pairs[r, s].before]
-                _undo_adds(layer, fresh, added)
+                _undo_adds(layer, fresh)
             raise
         # Before the deliveries that name them go out, after commit.
         _number(changes, written)
@@ -286,17 +285,8 @@ def _number(
                 presence.pk = ids[change.room.pk, presence.channel_name]
 
 
-def _nothing() -> None:
-    pass
-
-
-def _undo_adds(
-    layer: BaseChannelLayer, fresh: list[tuple[str, str]], added: Callable[[], None]
-) -> None:
-    """Writing failed: the sockets new to their rooms leave the groups again,
-    once ``added`` (their adds) ended, however it ended."""
-    with suppress(Exception):  # what failed is raised by the caller
-        added()
+def _undo_adds(layer: BaseChannelLayer, fresh: list[tuple[str, str]]) -> None:
+    """Writing failed: the sockets new to their rooms leave the groups again."""
     if not fresh:
         return
     try:
@@ -988,7 +978,6 @@ def _commit(
     notices: Sequence[tuple[str, list[str]]] = (),
     users: dict[Any, Any] | None = None,
     members: dict[Any, protocol.Members] | None = None,
-    added: Callable[[], None] = _nothing,
 ) -> list[list[tuple[Any, ...]]]:
     """Write, count, version and describe the change sets; deliver them
     after commit. Returns the rows that ``writes`` returned.
@@ -998,7 +987,7 @@ def _commit(
     ``COMMIT`` unless a room's state must be read after it. ``users``: users
     already read in this transaction, by pk (the joins' own). ``members``:
     rooms' members read in it as it started (before the change sets), by
-    room id. ``added`` waits for the joiners' group adds: before COMMIT.
+    room id.
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
@@ -1055,7 +1044,6 @@ def _commit(
     users = {**read, **_users(named - read.keys())}
     _describe(changed, users)
     before, read_first = _known_before(changes, members or {})
-    added()
     # A room's state that must be read is read after the writes, in the
     # transaction; else COMMIT goes with the rooms' update.
     if any(found is None for found in before.values()):

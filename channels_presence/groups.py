@@ -10,7 +10,6 @@ message type it has no handler for, so a 1.0.0-style consumer must never get one
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import logging
 import os
@@ -156,39 +155,6 @@ def add_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> N
     joins = list(joins)
     if not _now(layer, ADD, _added(joins)):
         run_sync(add, layer, joins)
-
-
-def add_started(
-    layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]
-) -> Callable[[], None]:
-    """:func:`add_now`, started in a thread of this process; call what it
-    returns to wait for its end (it raises what the add raised).
-
-    A change set adds its joiners to their groups once it holds their locks,
-    and before it commits: the adds' round trip to Redis goes while its
-    writes' round trip to the database does, where it waited for one and
-    then the other.
-    """
-    joins = list(joins)
-    return _background().submit(add_now, layer, joins).result
-
-
-def _background() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's thread for :func:`add_started` (a forked child makes its own)."""
-    global _THREAD
-    with _THREAD_MADE:
-        if _THREAD is None or _THREAD[0] != os.getpid():
-            _THREAD = (
-                os.getpid(),
-                concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="channels-presence-groups"
-                ),
-            )
-        return _THREAD[1]
-
-
-_THREAD: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-_THREAD_MADE = threading.Lock()
 
 
 def leave_now(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:

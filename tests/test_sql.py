@@ -8,8 +8,6 @@ all or nothing, and what follows the commit runs after it.
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import pytest
@@ -126,47 +124,6 @@ def test_a_failure_between_round_trips_rolls_back(monkeypatch):
     assert _state() == before
     assert connection.get_autocommit()
     assert not connection.in_atomic_block
-
-
-def test_a_joins_group_add_goes_with_its_writes_and_ends_before_its_commit(
-    monkeypatch,
-):
-    from channels_presence import groups
-
-    operations.join(ROOM, "specific.a!1")
-    order: list[str] = []
-    threads: set[str] = set()
-    add_now = groups.add_now
-
-    def slow_add(*args: Any) -> None:
-        threads.add(threading.current_thread().name)
-        time.sleep(0.3)
-        add_now(*args)
-        order.append("added")
-
-    def watch(execute: Any, sql_: str, *args: Any) -> Any:
-        if 'INSERT INTO "channels_presence_presence"' in sql_:
-            order.append("writes")
-        return execute(sql_, *args)
-
-    def committed(**kwargs: Any) -> None:
-        order.append("committed")
-
-    monkeypatch.setattr(groups, "add_now", slow_add)
-    presence_changed.connect(committed, dispatch_uid="tests.committed")
-    try:
-        with connection.execute_wrapper(watch):
-            operations.apply([Join(ROOM, "specific.a!2", events=7)])
-    finally:
-        presence_changed.disconnect(dispatch_uid="tests.committed")
-
-    # The add went in a thread of its own while the writes ran, and ended
-    # before the commit.
-    assert threads
-    assert threading.current_thread().name not in threads
-    assert order == ["writes", "added", "committed"]
-    assert "specific.a!2" in group_members(ROOM)
-    assert "specific.a!2" in group_members(events_group(ROOM))
 
 
 def test_inside_a_transaction_it_is_a_savepoint_that_the_outer_rollback_undoes(
