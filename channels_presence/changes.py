@@ -1225,15 +1225,21 @@ class KnownMembers:
             for room_id, (version, members, read) in rooms.items():
                 old = self._rooms.pop(room_id, None)
                 if old is not None:
-                    self._ids.pop(old[3], None)
+                    self._forget_name(old[3], room_id)
                 if members is None or (old is None and not read):
                     continue
                 since = now if read or old is None else old[1]
                 self._rooms[room_id] = (version, since, members, names[room_id])
                 self._ids[names[room_id]] = room_id
             while len(self._rooms) > self.MAX_ROOMS:
-                _, (*_, name) = self._rooms.popitem(last=False)
-                self._ids.pop(name, None)
+                room_id, (*_, name) = self._rooms.popitem(last=False)
+                self._forget_name(name, room_id)
+
+    def _forget_name(self, name: str, room_id: Any) -> None:
+        # Called with the lock held. A room of that name made again since
+        # (pruned, then joined) has another id: that one stays known.
+        if self._ids.get(name) == room_id:
+            del self._ids[name]
 
     def clear(self) -> None:
         """Forget every room."""

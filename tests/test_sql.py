@@ -147,6 +147,24 @@ def test_inside_a_transaction_it_is_a_savepoint_that_the_outer_rollback_undoes(
     assert signals == []
 
 
+def test_rows_read_raw_are_converted_as_their_queryset_converts_them():
+    operations.join(ROOM, "specific.c!1")
+    operations.join(ROOM, "specific.c!2")
+
+    def build() -> Any:
+        return Presence.objects.order_by("pk").values_list(
+            "channel_name", "joined_at", "room__changed_at", "events"
+        )
+
+    ((raw,),) = [sql.together(connection, [sql.statement(build())])]
+    key = ("tests.converted", connection.vendor)
+    expected = list(build())
+    assert [tuple(row) for row in sql.converted(key, build, raw)] == expected
+    # Again, whether or not the columns needed converting (on SQLite the
+    # timestamps do: they are read as text).
+    assert [tuple(row) for row in sql.converted(key, build, raw)] == expected
+
+
 def test_what_follows_the_commit_sees_it_and_may_query():
     seen: list[int] = []
 
