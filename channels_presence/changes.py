@@ -1327,7 +1327,7 @@ def read_members(rooms: Sequence[Room]) -> dict[int, list[Entry]]:
     """
     _, presence_model = _models()
     presences = presence_model.objects.filter(room_id__in=[room.pk for room in rooms])
-    return _entries(rooms, _member_values(presences), presences.db)
+    return _entries(rooms, _member_values(presences))
 
 
 def _member_values(presences: QuerySet[Presence]) -> QuerySet[Any]:
@@ -1341,11 +1341,10 @@ def _member_values(presences: QuerySet[Presence]) -> QuerySet[Any]:
 
 
 def _entries(
-    rooms: Sequence[Room], rows: Iterable[Sequence[Any]], using: str
+    rooms: Sequence[Room], rows: Iterable[Sequence[Any]]
 ) -> dict[int, list[Entry]]:
     """The entries of ``rows`` (:func:`_member_values`), by room id."""
     fields = broadcast.member_fields()
-    in_micros = sql.epoch_micros(_models()[1].objects.using(using), "joined_at")
     found: dict[int, list[Entry]] = {room.pk: [] for room in rooms}
     plain = broadcast.plain
     for room_id, key, ref, joined_at, user_id, *values in rows:
@@ -1354,8 +1353,11 @@ def _entries(
             if user_id is not None
             else None
         )
+        # Epoch microseconds where the query could ask for them.
         seconds = (
-            joined_at / 1_000_000 if in_micros is not None else joined_at.timestamp()
+            joined_at / 1_000_000
+            if isinstance(joined_at, int)
+            else joined_at.timestamp()
         )
         meta = {"ref": ref, "joined_at": seconds, "meta": {}}
         found[room_id].append(Entry(key, user, meta))
@@ -1368,12 +1370,15 @@ def _member_statements(names: list[str], using: str) -> list[sql.Statement]:
     if not names:
         return []
     room_model, presence_model = _models()
+
     quote = connections[using].ops.quote_name
     column = f"{quote(room_model._meta.db_table)}.{quote('channel_name')}"
 
     def build(names: Any) -> list[QuerySet[Any]]:
         presences = presence_model.objects.using(using).filter(room__listed=True)
-        # The room's name, in the join that the filter above makes.
+        # The room's name, in the join that the filter above makes (what
+        # sql.any_of does for a column of the queryset's own table; in a
+        # subquery the table would be aliased).
         named = presences.extra(where=[f"{column} = ANY(%s)"], params=[names])
         return [_member_values(named)]
 
@@ -1398,7 +1403,7 @@ def _members(
     )
     return {
         room_id: protocol.members(entries)
-        for room_id, entries in _entries(rooms, rows, using).items()
+        for room_id, entries in _entries(rooms, rows).items()
     }
 
 

@@ -558,24 +558,12 @@ def convert(
     model: type[models.Model], using: str, names: Sequence[str], rows: list[Any]
 ) -> list[Any]:
     """Rows of raw column values, converted as a queryset would convert them."""
-    unconverted = (model, using, tuple(names))
-    if unconverted in _UNCONVERTED:
-        return rows
-    meta = model._meta
-    fields = [cast("models.Field[Any, Any]", meta.get_field(name)) for name in names]
-    compiler = model._base_manager.using(using).values("pk").query.get_compiler(using)
-    converters = compiler.get_converters(
-        [field.get_col(meta.db_table) for field in fields]
+    # The same for every row, ever: a lone join asks three times.
+    return converted(
+        (model, using, tuple(names)),
+        lambda: model._base_manager.using(using).values_list(*names),
+        rows,
     )
-    if not converters:
-        # The same for every row, ever: a lone join asks three times.
-        _UNCONVERTED.add(unconverted)
-        return rows
-    return list(compiler.apply_converters(rows, converters))
-
-
-#: (model, database, names) whose values no converter changes (PostgreSQL's).
-_UNCONVERTED: set[tuple[type[models.Model], str, tuple[str, ...]]] = set()
 
 
 def converted(
@@ -585,7 +573,7 @@ def converted(
     queryset, converted as it would convert them: for rows that
     :func:`together` read. ``key`` names the queryset's columns: once they
     are known to need no converter, the queryset is not built again."""
-    if key in _UNCONVERTED_QUERIES:
+    if key in _UNCONVERTED:
         return rows
     queryset = build()
     compiler = queryset.query.get_compiler(queryset.db)
@@ -593,13 +581,14 @@ def converted(
     columns = [column for column, _, _ in compiler.select[: compiler.col_count]]
     converters = compiler.get_converters(columns)
     if not converters:
-        _UNCONVERTED_QUERIES.add(key)
+        _UNCONVERTED.add(key)
         return rows
     return list(compiler.apply_converters(rows, converters))
 
 
-#: The keys of :func:`converted` querysets whose values no converter changes.
-_UNCONVERTED_QUERIES: set[Any] = set()
+#: The keys of :func:`converted` querysets whose values no converter changes
+#: (PostgreSQL's, mostly).
+_UNCONVERTED: set[Any] = set()
 
 
 def epoch_micros(queryset: QuerySet[Any], name: str) -> Any:
