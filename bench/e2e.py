@@ -91,7 +91,9 @@ def main() -> None:
                 baseline_server(url, args.baseline_python)
             )
             shape += "; the two servers up at once, their probes alternating"
-        result.update(asyncio.run(measure(ports, args)))
+        measured, trouble = asyncio.run(measure(ports, args))
+        result.update(measured)
+        result["notes"].extend(trouble)
     result["notes"].append(f"end to end, ours: {shape}; {summary(result['ours'])}")
     if args.baseline_python:
         result["notes"].append(
@@ -131,6 +133,8 @@ class Client:
         self.socket: ClientConnection | None = None
         self.events: list[tuple[float, str, str]] = []  # (when, kind, channel)
         self.reader: asyncio.Task[None] | None = None
+        #: Why this client stopped reading before its socket closed, if it did.
+        self.failed = ""
 
     async def open(self, port: int) -> None:
         self.socket = await connect(
@@ -172,8 +176,10 @@ class Client:
                         self.events.append((now, "join", event["added"]))
                     if event.get("removed"):
                         self.events.append((now, "leave", event["removed"]))
-        except Exception:
+        except ConnectionClosed:
             return
+        except Exception as error:  # a frame this client did not understand
+            self.failed = f"{type(error).__name__}: {error}"
 
 
 @dataclass
@@ -191,24 +197,47 @@ class System:
     joins: list[float] = field(default_factory=list)
     leaves: list[float] = field(default_factory=list)
 
+    def trouble(self) -> list[str]:
+        """The server's trouble (:meth:`Server.trouble`), and its clients'."""
+        failed = [c for c in self.population if c.failed]
+        return SERVERS[self.port].trouble() + [
+            f"client {c.index} stopped reading: {c.failed}" for c in failed[:5]
+        ]
+
 
 async def measure(
     ports: dict[str, int], args: argparse.Namespace
-) -> dict[str, dict[str, dict[str, Any]]]:
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[str]]:
     """Open each server's population, then time ``--probes`` joins and leaves
-    on each, the servers taking turns (see the module's docstring)."""
+    on each, the servers taking turns (see the module's docstring).
+
+    Returns each server's rows, and notes on what went wrong where a
+    population did not settle or events were missed."""
     systems = {name: await populate(port, args) for name, port in ports.items()}
+    trouble = [
+        f"end to end, {name}'s population did not settle: {line}"
+        for name, system in systems.items()
+        if not system.settled
+        for line in system.trouble()
+    ]
     order = list(systems)
     for n in range(args.probes):
         for name in order if n % 2 == 0 else order[::-1]:
             await probe(systems[name], n, args)
+    expected = args.probes * args.room_size
+    trouble += [
+        f"end to end, {name} missed events: {line}"
+        for name, system in systems.items()
+        if len(system.joins) < expected or len(system.leaves) < expected
+        for line in system.trouble()
+    ]
     for system in systems.values():
         closing = [c.socket.close() for c in system.population if c.socket]
         await asyncio.gather(*closing, return_exceptions=True)
         for client in system.population:
             if client.reader is not None:
                 client.reader.cancel()
-    return {name: rows(system, args) for name, system in systems.items()}
+    return {name: rows(system, args) for name, system in systems.items()}, trouble
 
 
 async def populate(port: int, args: argparse.Namespace) -> System:
@@ -369,6 +398,51 @@ def free_port() -> int:
         return port
 
 
+#: What a server's log says of trouble.
+TROUBLE = ("over capacity", "ERROR", "WARNING", "CRITICAL", "Traceback")
+
+
+@dataclass
+class Server:
+    """A server under test: its processes, and its keys' prefix in Redis."""
+
+    prefix: str
+    processes: list[Process]
+
+    def trouble(self) -> list[str]:
+        """What went wrong, for a note: its processes' lines of trouble, and
+        the messages still queued in its channels' keys."""
+        found = [
+            f"{p.name}: {line}"
+            for p in self.processes
+            for line in p.lines
+            if any(marker in line for marker in TROUBLE)
+        ]
+        if len(found) > 20:
+            found = [*found[:20], f"... and {len(found) - 20} more lines"]
+        return found + queued(self.prefix)
+
+
+#: The servers running, by port.
+SERVERS: dict[int, Server] = {}
+
+
+def queued(prefix: str) -> list[str]:
+    """The messages waiting in each channel key of ``prefix`` (not received)."""
+    import redis
+
+    client = redis.Redis.from_url(
+        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    try:
+        return [
+            f"{key.decode()}: {client.zcard(key)} messages not received"
+            for key in client.scan_iter(f"{prefix}specific.*", count=1000)
+        ]
+    finally:
+        client.close()
+
+
 class Process:
     """A subprocess whose output is kept; ready once a line contains ``ready``."""
 
@@ -376,6 +450,7 @@ class Process:
         self, command: list[str], env: dict[str, str], cwd: Path, ready: str
     ) -> None:
         self.lines: list[str] = []
+        self.name = "celery" if "celery" in command else Path(command[0]).name
         self._ready = threading.Event()
         self._marker = ready
         self.process = subprocess.Popen(
@@ -519,8 +594,10 @@ def ours_server(url: str, **extra: str) -> Iterator[int]:
                 " ready.",
             )
             with running(daphne, worker):
+                SERVERS[port] = Server(f"cp-bench-{run}", [daphne, worker])
                 yield port
         finally:
+            SERVERS.pop(port, None)
             delete_keys(f"cp-bench-{run}")
 
 
@@ -563,8 +640,10 @@ def baseline_server(url: str, python: str, **extra: str) -> Iterator[int]:
                 "Listening on TCP address",
             )
             with running(daphne):
+                SERVERS[port] = Server(f"cp-baseline-{run}", [daphne])
                 yield port
         finally:
+            SERVERS.pop(port, None)
             delete_keys(f"cp-baseline-{run}")
 
 
