@@ -10,10 +10,13 @@
    can join again;
 3. the departed sockets leave the rooms' groups, unless a newer join put them
    back since the commit;
-4. ``presence.state`` to each subscribed socket that joined, the room's state
-   built once and sent as one message per server process;
-5. each room's ``presence.diff`` to its events group, through the per-process
-   :class:`Throttle` (``CHANNELS_PRESENCE_EVENT_INTERVAL``).
+4. each room's ``presence.diff`` to its events group, through the per-process
+   :class:`Throttle` (``CHANNELS_PRESENCE_EVENT_INTERVAL``);
+5. ``presence.state`` to each subscribed socket that joined, the room's state
+   built once and sent as one message per server process, in the round trip
+   of the diffs sent at once and after them: the room's other sockets hear of
+   the join first. A joiner gets its state instead of the diff sent with it,
+   which the state holds.
 
 The change set is committed before any of this: a channel layer that fails here
 is logged, and never undoes or repeats it. Clients converge through versions
@@ -248,8 +251,8 @@ class Throttle:
     ) -> None:
         """Send ``diffs`` now, or hold them for the timer, room by room.
 
-        ``states``: the joined sockets' states, sent now, before the diffs
-        sent now, in the same round trips.
+        ``states``: the joined sockets' states, sent now, to them instead
+        of their rooms' diffs sent now (see :func:`groups.send_now`).
         """
         interval = conf.EVENT_INTERVAL
         now = time.monotonic()
@@ -340,10 +343,16 @@ class Throttle:
         states: Sequence[tuple[list[str], dict[str, Any]]] = (),
     ) -> None:
         messages = [(groups.events_group(diff.room), diff.frame()) for diff in diffs]
+        # A room's joined sockets get its state instead of the diff sent with
+        # it: both are of the one change set of the room that they joined in.
+        instead = [
+            (groups.events_group(state["room"]), joiners, state)
+            for joiners, state in states
+        ]
         what = f"{len(messages)} presence diffs"
         if states:
             what += f" and {len(states)} joined rooms' states"
-        _guard(what, groups.send_now, layer, messages, states)
+        _guard(what, groups.send_now, layer, messages, instead)
 
 
 #: This process's throttle.

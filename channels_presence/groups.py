@@ -406,19 +406,24 @@ def _redis_send_now(
     layer: RedisChannelLayer,
     clients: list[redis.Redis],
     messages: list[tuple[str, dict[str, Any]]],
-    first: list[tuple[list[str], dict[str, Any]]],
+    instead: list[Instead],
 ) -> None:
-    """:func:`_redis_send` on blocking clients; ``first`` pushed to their
-    channels in the round that reads the groups' members."""
+    """:func:`_redis_send` on blocking clients, with ``instead`` (see
+    :func:`send_now`) pushed in the round that pushes the groups' messages."""
+    skipped: dict[str, set[str]] = {}
+    for group, names, _ in instead:
+        skipped.setdefault(group, set()).update(names)
+    send = _GroupSend(layer, messages)
+    found = _pipelined_now(clients, send.members())
+    pushes = send.pushes(found, skipped)
     # A channel's messages are received in the order of their times (its
-    # sorted set's scores): ``first``'s are the earlier.
-    now = time.time()
-    pushes = _push_commands(layer, first, now)
-    send = _GroupSend(layer, messages, now + 1e-6 if first else now)
-    replies = _pipelined_now(clients, pushes + send.members())
-    found = replies[len(pushes) :]
-    pushed = replies[: len(pushes)] + _pipelined_now(clients, send.pushes(found))
-    _log_over_capacity(pushed)
+    # sorted set's scores): ``instead``'s are the later.
+    pushes += _push_commands(
+        layer,
+        [(names, message) for _, names, message in instead],
+        send.now + (len(pushes) + 1) * 1e-6,
+    )
+    _log_over_capacity(_pipelined_now(clients, pushes))
 
 
 class _GroupSend:
@@ -453,17 +458,18 @@ class _GroupSend:
             for g in self.groups
         ]
 
-    def pushes(self, found: list[Any]) -> list[Command]:
-        """Round two: each message pushed to the members found in round one."""
-        return _push_commands(
-            self.layer,
-            [
-                ([name.decode() for name in names], message)
-                for group, (_, names) in zip(self.groups, found, strict=True)
-                for message in self.by_group[group]
-            ],
-            self.now,
-        )
+    def pushes(
+        self, found: list[Any], skipped: dict[str, set[str]] | None = None
+    ) -> list[Command]:
+        """Round two: each message pushed to the members found in round one
+        (but those ``skipped`` for its group)."""
+        deliveries = []
+        for group, (_, found_names) in zip(self.groups, found, strict=True):
+            names = [name.decode() for name in found_names]
+            if skipped and group in skipped:
+                names = [name for name in names if name not in skipped[group]]
+            deliveries += [(names, message) for message in self.by_group[group]]
+        return _push_commands(self.layer, deliveries, self.now)
 
 
 async def _redis_push(
@@ -582,27 +588,37 @@ async def send(
     await _in_batches(layer.group_send(group, message) for group, message in messages)
 
 
+#: A message for some members of a group instead of the group's own messages
+#: of the same send: (group, channel names, message).
+Instead = tuple[str, list[str], dict[str, Any]]
+
+
 def send_now(
     layer: BaseChannelLayer,
     messages: Iterable[tuple[str, dict[str, Any]]],
-    first: Iterable[tuple[list[str], dict[str, Any]]] = (),
+    instead: Iterable[Instead] = (),
 ) -> None:
     """:func:`send`, from sync code (a worker's sends); see :func:`add_now`.
 
-    ``first``: messages for channels (not groups), each reaching its channels
-    before any of ``messages`` does; on channels_redis in the same round
-    trips (a joined socket's state goes before its room's diff).
+    ``instead``: messages for channels of a group, sent to them in place of
+    that group's messages (joined sockets get their room's state, which
+    holds the diff sent with it). On channels_redis they are pushed in the
+    same round trip as the groups' messages, after them: a server process
+    receives one message at a time, and the room's other sockets are the
+    ones waiting. Elsewhere they are sent first, and the group's messages
+    reach those channels too (a client drops a diff its state holds).
     """
     messages = list(messages)
-    deliveries = [(list(names), message) for names, message in first]
+    replacing = [(group, list(names), message) for group, names, message in instead]
     clients = _blocking_clients(layer)
     if clients is None:
-        if deliveries:
+        if replacing:
+            deliveries = [(names, message) for _, names, message in replacing]
             run_sync(send_to_channels, layer, deliveries)
         run_sync(send, layer, messages)
         return
     assert isinstance(layer, RedisChannelLayer)
-    _redis_send_now(layer, clients, messages, deliveries)
+    _redis_send_now(layer, clients, messages, replacing)
 
 
 async def apply(

@@ -352,6 +352,25 @@ async def test_a_subscribed_socket_gets_the_rooms_state_once_its_join_is_applied
     assert_no_channel_names(state, socket)
 
 
+async def test_a_joiner_gets_its_state_instead_of_its_own_joins_diff():
+    # The state holds the join: the joiner is sent it alone, and the room's
+    # other sockets the diff.
+    present = await layer().new_channel()
+    await sync_to_async(operations.join)("lobby", present, subscribe=True)
+    await receive_until_marker(present)
+    joiner = await layer().new_channel()
+    await asyncio.sleep(0.15)  # past the throttle's interval: sent at once
+
+    await sync_to_async(operations.join)("lobby", joiner, subscribe=True)
+
+    (state,) = await receive_until_marker(joiner)
+    (diff,) = await receive_until_marker(present)
+    assert (state["type"], diff["type"]) == ("presence.state", "presence.diff")
+    assert state["version"] == diff["version"] == diff["from"] + 1
+    assert diff["joins"].keys() <= state["members"].keys()
+    assert len(state["members"]) == 2
+
+
 async def test_a_socket_that_handles_no_state_gets_none():
     socket = await layer().new_channel()
     await sync_to_async(operations.join)("lobby", socket, subscribe=["diff"])
@@ -379,7 +398,13 @@ async def test_sockets_joining_in_one_batch_share_one_state_read():
     await Room.objects.aremove("lobby", sockets[0])
     many = await sync_to_async(_join_many)(sockets)
 
-    states = [(await receive_until_marker(s))[0] for s in sockets]
+    states = [
+        frame
+        for s in sockets
+        for frame in await receive_until_marker(s)
+        if frame["type"] == "presence.state"
+    ]
+    assert len(states) == len(sockets)
     assert all(state == states[0] for state in states)
     assert len(states[0]["members"]) == 5
     # The room's state is built once, not once per joiner (and here not read
