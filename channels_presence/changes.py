@@ -40,7 +40,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -224,8 +224,11 @@ def apply(
     sockets = sorted({call.channel_name for call in calls})
     now = timezone.now()
     using = router.db_for_write(presence_model)
+    # Each join's key, made once: the locks' round trip counts its sockets.
+    calls = [_keyed(call) for call in calls]
     with sql.atomic(using) as current:
-        rooms, rows, departures, members = _lock_and_read(current, calls, sockets)
+        read = _lock_and_read(current, calls, sockets)
+        rooms, rows, departures, members, counted = read
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
         pairs = _play(calls, rows, departures, left, users, now, result)
@@ -259,6 +262,7 @@ def apply(
                 departed=departed,
                 users=users,
                 members=members,
+                counted=counted,
             )
         except BaseException:
             # Unless it committed: then the rows stand, and so must the adds.
@@ -355,6 +359,7 @@ def _play(
                 user_id = None
             key = call.key
             if key is None or (user_id is None and protocol.is_user_key(key)):
+                # A user deleted since: the socket joins anonymously.
                 key = protocol.member_key(call.room, call.channel_name, user_id)
             if row is None or row.key != key:
                 target.new_row = row is None or target.new_row
@@ -424,7 +429,38 @@ _Read = tuple[
     dict[tuple[str, str], "_Row"],
     dict[tuple[str, str], datetime],
     dict[Any, protocol.Members],
+    "_Counted | None",
 ]
+
+
+@dataclass
+class _Counted:
+    """The sockets of each (room id, member key) of ``pairs`` before a change
+    set's writes, read under its locks: its joins' pairs, and those of its
+    sockets' presences."""
+
+    pairs: set[tuple[int, str]]
+    counts: dict[tuple[int, str], int]
+
+    def after(self, changes: Iterable[RoomChange]) -> dict[tuple[int, str], int] | None:
+        """The counts once the change sets are written; None if a key they
+        change was not counted (a join whose user was deleted since)."""
+        counted = {}
+        for change in changes:
+            for key, delta in change.keys.items():
+                pair = (change.room.pk, key)
+                if pair not in self.pairs:
+                    return None
+                counted[pair] = self.counts.get(pair, 0) + delta
+        return counted
+
+
+def _keyed(call: Call) -> Call:
+    """A join with its member key made (from its user, else its socket)."""
+    if not isinstance(call, Join) or call.key is not None:
+        return call
+    key = protocol.member_key(call.room, call.channel_name, call.user_id)
+    return replace(call, key=key)
 
 
 def _lock_and_read(
@@ -440,7 +476,9 @@ def _lock_and_read(
     one with its locks held); else, or when a room that already existed when
     the join made sure of it was deleted before it was locked (a concurrent
     prune_rooms), one statement after another, as its retries always went,
-    and the members are read later.
+    and the members are read later. On PostgreSQL, last, the sockets of the
+    member keys the change set may change (:class:`_Counted`; None on the
+    other path, which counts them after its writes).
     """
     _, presence_model = _models()
     names = {call.room for call in calls if not isinstance(call, LeaveAll)}
@@ -462,7 +500,7 @@ def _lock_and_read(
     presences, departures = _reads(sockets, using)
     results = current.run(presences + departures)
     read = results[: len(presences)], results[len(presences) :]
-    return rooms, *_read(rooms, *read, using), {}
+    return rooms, *_read(rooms, *read, using), {}, None
 
 
 def _read_at_once(
@@ -479,8 +517,10 @@ def _read_at_once(
     the new rooms, the rooms locked in name order (with those that the
     leave_all sockets are in, found by a subquery here), then every presence
     of the sockets (those in rooms not locked are dropped here, not by the
-    query), their departures, and the members of the rooms that subscribed
-    sockets join and this process does not know. None if a room that already
+    query), their departures, the sockets of the member keys that the change
+    set may change (so that its writes and the rooms' update can be one round
+    trip), and the members of the rooms that subscribed sockets join and this
+    process does not know. None if a room that already
     existed was deleted between the upsert and its lock (a committed
     prune_rooms).
     """
@@ -526,6 +566,24 @@ def _read_at_once(
         )
     )
     presences, departures = _reads(sockets, using)
+    # The sockets of each member key that the change set may change, in its
+    # room: each join's, and each of the sockets' presences'. By pairs, so
+    # that each is a lookup in the (room, key) index, whatever the room's size.
+    presence_table = quote(presence_model._meta.db_table)
+    room_id, key, socket = (
+        quote(cast(Any, presence_model._meta.get_field(name)).column)
+        for name in ("room", "key", "channel_name")
+    )
+    joins = sorted({(c.room, c.key) for c in calls if isinstance(c, Join) and c.key})
+    counting = (
+        f"SELECT p.{room_id}, p.{key}, COUNT(*) FROM {presence_table} AS p "
+        f"WHERE (p.{room_id}, p.{key}) IN (SELECT {columns(room_model, ['id'])}, "
+        f"j.key FROM {room_table} JOIN unnest(%s::varchar[], %s::varchar[]) AS "
+        f"j(room, key) ON {columns(room_model, ['channel_name'])} = j.room "
+        f"UNION SELECT q.{room_id}, q.{key} FROM {presence_table} AS q "
+        f"WHERE q.{socket} = ANY(%s)) GROUP BY 1, 2",
+        [[room for room, _ in joins], [key for _, key in joins], sockets],
+    )
     stating = sorted(
         {
             call.room
@@ -535,14 +593,15 @@ def _read_at_once(
     )
     unknown = [name for name in stating if not known.fresh(name)]
     members = _member_statements(unknown, using) if conf.BROADCAST else []
-    results = current.run([*statements, *presences, *departures, *members])
+    results = current.run([*statements, *presences, *departures, counting, *members])
     room_rows = results[room_at]
     at = room_at + 1
     found_presences = results[at : at + len(presences)]
     at += len(presences)
     found_departures = results[at : at + len(departures)]
     at += len(departures)
-    found_members = [row for rows in results[at:] for row in rows]
+    counts = {(pk, key): count for pk, key, count in results[at]}
+    found_members = [row for rows in results[at + 1 :] for row in rows]
     rooms = {
         room.channel_name: room
         for room in sql.instances(
@@ -555,10 +614,17 @@ def _read_at_once(
     if not joining <= rooms.keys():
         return None
     read = [rooms[name] for name in unknown if name in rooms and rooms[name].listed]
+    rows, left = _read(rooms, found_presences, found_departures, using)
     return (
         rooms,
-        *_read(rooms, found_presences, found_departures, using),
+        rows,
+        left,
         _members(read, found_members, using) if members else {},
+        _Counted(
+            {(rooms[room].pk, key) for room, key in joins if room in rooms}
+            | {(rooms[row.room].pk, row.key) for row in rows.values()},
+            counts,
+        ),
     )
 
 
@@ -978,31 +1044,38 @@ def _commit(
     notices: Sequence[tuple[str, list[str]]] = (),
     users: dict[Any, Any] | None = None,
     members: dict[Any, protocol.Members] | None = None,
+    counted: _Counted | None = None,
 ) -> list[list[tuple[Any, ...]]]:
     """Write, count, version and describe the change sets; deliver them
     after commit. Returns the rows that ``writes`` returned.
 
-    ``writes``: the change sets' own statements, run in one round trip with
-    the count of their member keys' sockets; then the rooms' update, with
-    ``COMMIT`` unless a room's state must be read after it. ``users``: users
-    already read in this transaction, by pk (the joins' own). ``members``:
-    rooms' members read in it as it started (before the change sets), by
-    room id.
+    ``writes``: the change sets' own statements. ``counted``: their member
+    keys' sockets before them, read with the locks; then the writes and the
+    rooms' update are one round trip. Else the writes go with a count of
+    those sockets after them, and the rooms' update follows. ``COMMIT`` goes
+    with the rooms' update unless a room's state must be read after it.
+    ``users``: users already read in this transaction, by pk (the joins'
+    own). ``members``: rooms' members read in it as it started (before the
+    change sets), by room id.
     """
     room_model, _ = _models()
     changed = [change for change in changes.values() if change.changed]
     now = timezone.now()
     updated = []
-    # The keys of every row before and after (more than changed, which the
-    # count filters), counted once written.
-    wanted = {(change.room.pk, key) for change in changed for key in change.keys}
-    counting = _key_count_statements(wanted, current.connection.alias)
-    results = current.run([*writes, *counting]) if writes or counting else []
-    counted = _tally((row for rows in results[len(writes) :] for row in rows), wanted)
+    after = counted.after(changed) if counted is not None else None
+    written: list[list[tuple[Any, ...]]] | None = None
+    if after is None:
+        # The keys of every row before and after (more than changed, which
+        # the count filters), counted once written.
+        wanted = {(change.room.pk, key) for change in changed for key in change.keys}
+        counting = _key_count_statements(wanted, current.connection.alias)
+        results = current.run([*writes, *counting]) if writes or counting else []
+        after = _tally((row for rows in results[len(writes) :] for row in rows), wanted)
+        written = results[: len(writes)]
     for change in changed:
         room = change.room
         change.start = room.version
-        _transitions(change, counted)
+        _transitions(change, after)
         if not change.entries:
             change.counts = Counts(room.users, room.visitors, room.sockets)
             continue
@@ -1046,16 +1119,19 @@ def _commit(
     before, read_first = _known_before(changes, members or {})
     # A room's state that must be read is read after the writes, in the
     # transaction; else COMMIT goes with the rooms' update.
+    last = [*writes, *statements] if written is None else statements
     if any(found is None for found in before.values()):
-        current.run(statements)
+        ran = current.run(last)
     else:
-        current.finish(statements)
+        ran = current.finish(last)
+    if written is None:
+        written = ran[: len(writes)]
     kept = _members_after(changes, before, read_first)
     deliveries = [_delivery(change, users) for change in changes.values()]
     names = {change.room.pk: change.room.channel_name for change in changes.values()}
     current.on_commit(lambda: known.keep(kept, names))
     broadcast.on_commit(current, layer, deliveries, departed=departed, notices=notices)
-    return results[: len(writes)]
+    return written
 
 
 def _transitions(change: RoomChange, counted: dict[tuple[int, str], int]) -> None:
