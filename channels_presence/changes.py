@@ -359,7 +359,7 @@ def _play(
                 user_id = None
             key = call.key
             if key is None or (user_id is None and protocol.is_user_key(key)):
-                # A user deleted since: the socket joins anonymously.
+                # Made by apply(); but a user deleted since joins anonymously.
                 key = protocol.member_key(call.room, call.channel_name, user_id)
             if row is None or row.key != key:
                 target.new_row = row is None or target.new_row
@@ -520,9 +520,8 @@ def _read_at_once(
     query), their departures, the sockets of the member keys that the change
     set may change (so that its writes and the rooms' update can be one round
     trip), and the members of the rooms that subscribed sockets join and this
-    process does not know. None if a room that already
-    existed was deleted between the upsert and its lock (a committed
-    prune_rooms).
+    process does not know. None if a room that already existed was deleted
+    between the upsert and its lock (a committed prune_rooms).
     """
     room_model, presence_model = _models()
     connection = current.connection
