@@ -794,7 +794,8 @@ def room_cost_rows(room: str, leaving: str) -> list[Row]:
     (leave,) = received(watcher)
     operations.join(room, joiner, subscribe=True)
     (diff,) = received(watcher)
-    (state, _) = received(joiner)
+    # The joiner gets the state, which holds its join, instead of the diff.
+    (state,) = received(joiner)
     async_to_sync(layer.group_discard)(events_group(room), watcher)
     diff_bytes = len(json.dumps(diff))
     leave_bytes = len(json.dumps(leave))
@@ -804,10 +805,10 @@ def room_cost_rows(room: str, leaving: str) -> list[Row]:
         Row(
             f"  a join in a room of {sockets:,}: frames and bytes",
             "",
-            f"1 diff of {diff_bytes:,} B to each of the {sockets:,} sockets "
-            f"({diff_bytes * sockets / 1e3:,.0f} kB in all, one Redis message "
-            f"per server process) + 1 state of {state_bytes / 1e3:,.0f} kB to "
-            "the joiner",
+            f"1 diff of {diff_bytes:,} B to each of the {sockets - 1:,} other "
+            f"sockets ({diff_bytes * (sockets - 1) / 1e3:,.0f} kB in all, one "
+            "Redis message per server process) + 1 state of "
+            f"{state_bytes / 1e3:,.0f} kB to the joiner, instead of the diff",
         ).figure_of("room1000.join.diff_bytes", diff_bytes, "B"),
         Row(
             f"  a leave in a room of {sockets:,}: frames and bytes",
