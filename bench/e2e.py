@@ -298,7 +298,11 @@ async def probe(system: System, n: int, args: argparse.Namespace) -> None:
     except REFUSED:
         system.refused += 1
         return
-    system.joins += await seen_by(audience, "join", client.channel, start, args.settle)
+    seen = await seen_by(audience, "join", client.channel, start, args.settle)
+    system.joins += seen
+    if len(seen) < len(audience):
+        # Said at once: a run whose probes all miss takes --settle each.
+        print(f"probe {n} on port {system.port}: {missed(audience, client)}")
     start = time.monotonic()
     assert client.socket is not None
     await client.socket.close()
@@ -307,6 +311,28 @@ async def probe(system: System, n: int, args: argparse.Namespace) -> None:
     )
     if client.reader is not None:
         client.reader.cancel()
+
+
+def missed(audience: list[Client], joiner: Client) -> str:
+    """Which clients of ``audience`` did not see ``joiner``'s join, and what
+    each last received."""
+    now = time.monotonic()
+    lines = []
+    for member in audience:
+        if any(n == joiner.channel for _, kind, n in member.events if kind == "join"):
+            continue
+        last = (
+            f"its last event {now - member.events[-1][0]:.1f} s ago"
+            if member.events
+            else "no event ever"
+        )
+        state = member.socket.state.name if member.socket else "never opened"
+        lines.append(
+            f"client {member.index} ({state}, {len(member.events)} events, {last}"
+            + (f", stopped reading: {member.failed}" if member.failed else "")
+            + ")"
+        )
+    return f"{len(lines)} of {len(audience)} did not see the join: " + "; ".join(lines)
 
 
 def rows(system: System, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
