@@ -33,12 +33,14 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -425,7 +427,9 @@ def free_port() -> int:
 
 
 #: What a server's log says of trouble.
-TROUBLE = ("over capacity", "ERROR", "WARNING", "CRITICAL", "Traceback")
+TROUBLE = ("over capacity", "ERROR", "WARNING", "CRITICAL")
+#: A log line's time, which would make each repeated line look new.
+LOGGED_AT = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+\s+")
 
 
 @dataclass
@@ -438,14 +442,18 @@ class Server:
     def trouble(self) -> list[str]:
         """What went wrong, for a note: its processes' lines of trouble, and
         the messages still queued in its channels' keys."""
-        found = [
-            f"{p.name}: {line}"
+        lines = Counter(
+            f"{p.name}: {LOGGED_AT.sub('', line)}"
             for p in self.processes
             for line in p.lines
             if any(marker in line for marker in TROUBLE)
+        )
+        found = [
+            line if n == 1 else f"{line} ({n} times)"
+            for line, n in lines.most_common(20)
         ]
-        if len(found) > 20:
-            found = [*found[:20], f"... and {len(found) - 20} more lines"]
+        if len(lines) > 20:
+            found.append(f"... and {len(lines) - 20} other lines")
         return found + queued(self.prefix)
 
 
