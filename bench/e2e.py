@@ -138,6 +138,13 @@ class Client:
         #: Why this client stopped reading before its socket closed, if it did.
         self.failed = ""
 
+    def saw(self, kind: str, channel: str) -> float | None:
+        """When this client first received ``kind`` for ``channel``, if it did."""
+        for when, what, name in self.events:
+            if what == kind and name == channel:
+                return when
+        return None
+
     async def open(self, port: int) -> None:
         self.socket = await connect(
             f"ws://127.0.0.1:{port}/ws/{self.room}/",
@@ -321,7 +328,7 @@ def missed(audience: list[Client], joiner: Client) -> str:
     now = time.monotonic()
     lines = []
     for member in audience:
-        if any(n == joiner.channel for _, kind, n in member.events if kind == "join"):
+        if member.saw("join", joiner.channel) is not None:
             continue
         last = (
             f"its last event {now - member.events[-1][0]:.1f} s ago"
@@ -374,10 +381,9 @@ async def seen_by(
     def seen() -> list[float]:
         found = []
         for member in audience:
-            for when, what, name in member.events:
-                if what == kind and name == channel:
-                    found.append((when - start) * 1e3)
-                    break
+            when = member.saw(kind, channel)
+            if when is not None:
+                found.append((when - start) * 1e3)
         return found
 
     deadline = time.monotonic() + seconds
@@ -461,13 +467,16 @@ class Server:
 SERVERS: dict[int, Server] = {}
 
 
-def queued(prefix: str) -> list[str]:
-    """The messages waiting in each channel key of ``prefix`` (not received)."""
+def redis_client() -> Any:
+    """A client of the Redis that the servers use (``REDIS_URL``)."""
     import redis
 
-    client = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    return redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+
+
+def queued(prefix: str) -> list[str]:
+    """The messages waiting in each channel key of ``prefix`` (not received)."""
+    client = redis_client()
     try:
         return [
             f"{key.decode()}: {client.zcard(key)} messages not received"
@@ -554,11 +563,7 @@ def running(*processes: Process) -> Iterator[None]:
 
 
 def delete_keys(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(
-        os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-    )
+    client = redis_client()
     try:
         keys = list(client.scan_iter(f"{prefix}*", count=1000))
         for start in range(0, len(keys), 1000):

@@ -582,17 +582,21 @@ def _read_at_once(
         for name in ("room", "key", "channel_name")
     )
     joins = sorted({(c.room, c.key) for c in calls if isinstance(c, Join) and c.key})
-    counting = (
-        f"SELECT p.{room_id}, p.{key}, COUNT(*) FROM {presence_table} AS p "
-        f"WHERE (p.{room_id}, p.{key}) IN (SELECT {columns(room_model, ['id'])}, "
-        f"j.key FROM {room_table} JOIN unnest(%s::varchar[], %s::varchar[]) AS "
-        f"j(room, key) ON {columns(room_model, ['channel_name'])} = j.room "
-        f"UNION SELECT q.{room_id}, q.{key} FROM {presence_table} AS q "
-        f"WHERE q.{socket} = ANY(%s)) GROUP BY 1, 2",
-        [[room for room, _ in joins], [key for _, key in joins], sockets],
-    )
     count_first = len(calls) <= COUNT_FIRST_CALLS
-    counted = [counting] if count_first else []
+    counted: list[sql.Statement] = []
+    if count_first:
+        counted.append(
+            (
+                f"SELECT p.{room_id}, p.{key}, COUNT(*) FROM {presence_table} AS p "
+                f"WHERE (p.{room_id}, p.{key}) IN (SELECT "
+                f"{columns(room_model, ['id'])}, j.key FROM {room_table} JOIN "
+                "unnest(%s::varchar[], %s::varchar[]) AS j(room, key) ON "
+                f"{columns(room_model, ['channel_name'])} = j.room UNION SELECT "
+                f"q.{room_id}, q.{key} FROM {presence_table} AS q WHERE "
+                f"q.{socket} = ANY(%s)) GROUP BY 1, 2",
+                [[room for room, _ in joins], [key for _, key in joins], sockets],
+            )
+        )
     stating = sorted(
         {
             call.room
@@ -1074,7 +1078,8 @@ def _commit(
     now = timezone.now()
     updated = []
     after = counted.after(changed) if counted is not None else None
-    written: list[list[tuple[Any, ...]]] | None = None
+    # The writes not run yet, and the rows of those run.
+    pending, written = list(writes), []
     if after is None:
         # The keys of every row before and after (more than changed, which
         # the count filters), counted once written.
@@ -1082,7 +1087,7 @@ def _commit(
         counting = _key_count_statements(wanted, current.connection.alias)
         results = current.run([*writes, *counting]) if writes or counting else []
         after = _tally((row for rows in results[len(writes) :] for row in rows), wanted)
-        written = results[: len(writes)]
+        pending, written = [], results[: len(writes)]
     for change in changed:
         room = change.room
         change.start = room.version
@@ -1130,13 +1135,11 @@ def _commit(
     before, read_first = _known_before(changes, members or {})
     # A room's state that must be read is read after the writes, in the
     # transaction; else COMMIT goes with the rooms' update.
-    last = [*writes, *statements] if written is None else statements
     if any(found is None for found in before.values()):
-        ran = current.run(last)
+        ran = current.run([*pending, *statements])
     else:
-        ran = current.finish(last)
-    if written is None:
-        written = ran[: len(writes)]
+        ran = current.finish([*pending, *statements])
+    written += ran[: len(pending)]
     kept = _members_after(changes, before, read_first)
     deliveries = [_delivery(change, users) for change in changes.values()]
     names = {change.room.pk: change.room.channel_name for change in changes.values()}
