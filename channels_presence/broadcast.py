@@ -219,11 +219,36 @@ def _guard(what: str, call: Callable[..., None], *args: Any) -> bool:
 # The throttle.
 
 
+#: The sockets a room may have before its throttle's interval grows. A server
+#: process spends some 300 µs of CPU on each socket's frame (the channel
+#: layer's receive, the consumer, the websocket), so ten diffs a second to a
+#: room of a thousand sockets on one daphne would take three of its cores,
+#: and it would fall seconds behind in a storm. A room of more sockets gets
+#: its diffs less often, in proportion, each diff merging more changes: at
+#: most SOCKETS_PER_INTERVAL socket-frames per EVENT_INTERVAL per room and
+#: worker process, with the interval at most MAX_INTERVAL_FACTOR times
+#: EVENT_INTERVAL.
+SOCKETS_PER_INTERVAL = 300
+MAX_INTERVAL_FACTOR = 10
+
+
+def interval(sockets: int) -> float:
+    """The throttle's interval for a room of ``sockets``.
+
+    ``CHANNELS_PRESENCE_EVENT_INTERVAL`` up to SOCKETS_PER_INTERVAL sockets,
+    longer in proportion above, up to MAX_INTERVAL_FACTOR times as long.
+    """
+    factor = min(max(1.0, sockets / SOCKETS_PER_INTERVAL), MAX_INTERVAL_FACTOR)
+    return float(conf.EVENT_INTERVAL) * factor
+
+
 @dataclass
 class _Room:
     layer: BaseChannelLayer
     sent_at: float = float("-inf")
     pending: list[Diff] = field(default_factory=list)
+    # The room's interval, from its latest diff's sockets (see interval()).
+    interval: float = 0.0
 
 
 class Throttle:
@@ -233,10 +258,15 @@ class Throttle:
     those that follow within the interval wait, merged where their versions
     follow on, for a timer at the interval's end (a background thread), and
     are flushed when the process exits. A lone join is seen at once; a storm
-    costs each socket at most ten frames a second per room per process.
+    costs each socket at most ten frames a second per room per process, and
+    fewer in a room of more than SOCKETS_PER_INTERVAL sockets (see
+    :func:`interval`).
+
+    ``clock``: the monotonic clock it reads (tests give it their own).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._rooms: dict[tuple[int, str], _Room] = {}
@@ -254,8 +284,7 @@ class Throttle:
         ``states``: the joined sockets' states, sent now, to them instead
         of their rooms' diffs sent now (see :func:`groups.send_now`).
         """
-        interval = conf.EVENT_INTERVAL
-        now = time.monotonic()
+        now = self._clock()
         ready: list[Diff] = []
         waiting = False
         with self._lock:
@@ -264,7 +293,8 @@ class Throttle:
                 room = self._rooms.get(key)
                 if room is None:
                     room = self._rooms[key] = _Room(layer)
-                if not room.pending and now - room.sent_at >= interval:
+                room.interval = interval(diff.counts.sockets)
+                if not room.pending and now - room.sent_at >= room.interval:
                     room.sent_at = now
                     ready.append(diff)
                 else:
@@ -286,11 +316,10 @@ class Throttle:
 
     def _take(self, now: float) -> list[tuple[BaseChannelLayer, list[Diff]]]:
         # Called with the lock held: the held diffs due at ``now``, by layer.
-        interval = conf.EVENT_INTERVAL
-        sent_at = min(now, time.monotonic())
+        sent_at = min(now, self._clock())
         by_layer: dict[int, tuple[BaseChannelLayer, list[Diff]]] = {}
         for key, room in list(self._rooms.items()):
-            if now - room.sent_at < interval:
+            if now - room.sent_at < room.interval:
                 continue
             if room.pending:
                 by_layer.setdefault(id(room.layer), (room.layer, []))[1].extend(
@@ -305,8 +334,8 @@ class Throttle:
 
     def _next_due(self) -> float | None:
         # Called with the lock held.
-        times = [room.sent_at for room in self._rooms.values() if room.pending]
-        return min(times) + conf.EVENT_INTERVAL if times else None
+        times = [r.sent_at + r.interval for r in self._rooms.values() if r.pending]
+        return min(times) if times else None
 
     def _ensure_running(self) -> None:
         # Called with the lock held. A forked child starts its own thread.
@@ -326,13 +355,13 @@ class Throttle:
                 self._wake.wait()
                 self._wake.clear()
                 continue
-            delay = due_at - time.monotonic()
+            delay = due_at - self._clock()
             if delay > 0:
                 self._wake.wait(delay)
                 self._wake.clear()
                 continue
             with self._lock:
-                due = self._take(time.monotonic())
+                due = self._take(self._clock())
             for layer, diffs in due:
                 self._send(layer, diffs)
 

@@ -168,7 +168,10 @@ class RoomView:
         else:
             if self._refs is None:
                 self._refs = _refs_of(self._members)
-            self._members, lost = _listed(self._members, diff, self._refs)
+            # Without a log nobody holds the members before: change them in place.
+            self._members, lost = _listed(
+                self._members, diff, self._refs, in_place=not self._log
+            )
         self._version = diff["version"]
         self._counts = diff["counts"]
         self._record("diff", before, lost)
@@ -223,16 +226,21 @@ def _refs_of(members: Members) -> dict[str, str]:
 
 
 def _listed(
-    members: Members, diff: dict[str, Any], refs: dict[str, str] | None = None
+    members: Members,
+    diff: dict[str, Any],
+    refs: dict[str, str] | None = None,
+    *,
+    in_place: bool = False,
 ) -> tuple[Members, dict[str, list[dict[str, Any]]]]:
     """``members`` with a listed diff applied, and the metas each key lost.
 
-    ``members`` is left as it was: the keys the diff touches are copied.
-    ``refs`` (which key holds each ref of ``members``) is updated to match
-    the result; without it, it is built here. A diff costs what it touches,
+    ``members`` is left as it was, unless ``in_place``: the keys the diff
+    touches are copied either way (they may be a frame's). ``refs`` (which
+    key holds each ref of ``members``) is updated to match the result;
+    without it, it is built here. In place, a diff costs what it touches,
     not the room's size: a client of a room of thousands gets many.
     """
-    after = dict(members)
+    after = members if in_place else dict(members)
     refs = _refs_of(members) if refs is None else refs
     copied: set[str] = set()
     lost: dict[str, list[dict[str, Any]]] = {}

@@ -459,6 +459,56 @@ async def test_a_held_diff_is_flushed_at_exit(throttled):
     assert frame["type"] == "presence.diff"
 
 
+class _Recorded(broadcast.Throttle):
+    """A throttle on a clock of the test's, recording what it sends; no timer."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+        super().__init__(clock=lambda: self.now)
+        self.sent: list[tuple[str, int]] = []
+
+    def _ensure_running(self) -> None:
+        pass
+
+    def _send(self, layer: Any, diffs: list[Any], states: Any = ()) -> None:
+        self.sent += [(diff.room, diff.version) for diff in diffs]
+
+    def due(self) -> None:
+        with self._lock:
+            taken = self._take(self.now)
+        for layer, diffs in taken:
+            self._send(layer, diffs)
+
+
+def _diff(room: str, version: int, sockets: int) -> protocol.Diff:
+    return protocol.Diff(room, version - 1, version, protocol.Counts(sockets=sockets))
+
+
+@override_settings(CHANNELS_PRESENCE_EVENT_INTERVAL=0.1)
+def test_a_room_of_many_sockets_gets_its_diffs_less_often_in_proportion():
+    many = broadcast.SOCKETS_PER_INTERVAL * 3
+    assert broadcast.interval(10) == pytest.approx(0.1)
+    assert broadcast.interval(many) == pytest.approx(0.3)
+    assert broadcast.interval(10**9) == pytest.approx(
+        0.1 * broadcast.MAX_INTERVAL_FACTOR
+    )
+    throttle = _Recorded()
+    layer = object()
+
+    throttle.submit(layer, [_diff("big", 1, many), _diff("small", 1, 10)])
+    assert throttle.sent == [("big", 1), ("small", 1)]  # lone changes: at once
+    throttle.now += 0.15
+    throttle.submit(layer, [_diff("big", 2, many), _diff("small", 2, 10)])
+    # The small room's interval is over; the big room's is three times as long.
+    assert throttle.sent[2:] == [("small", 2)]
+    throttle.now += 0.1
+    throttle.due()
+    assert throttle.sent[3:] == []
+    throttle.now += 0.06
+    throttle.due()
+    assert throttle.sent[3:] == [("big", 2)]
+
+
 async def test_frames_hold_the_configured_member_fields_only():
     carol = await make_user("carol", email="carol@example.com", first_name="Carol")
     watcher = await subscribe("lobby")

@@ -256,3 +256,19 @@ def test_the_python_reducer_agrees_with_presence_js(case: dict[str, Any]) -> Non
     assert [
         {k: v for k, v in change.items() if k != "members"} for change in view.applied
     ] == applied, case["why"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
+def test_the_reducer_without_a_log_agrees_and_leaves_the_frames_as_they_were(
+    case: dict[str, Any],
+) -> None:
+    # Without a log a diff changes the view's members in place (a benchmark's
+    # thousand clients); never a frame's, which other clients may share.
+    frames = json.loads(json.dumps(case["frames"]))
+    view = RoomView("lobby", log=False)
+    for frame in frames:
+        view.receive(frame)
+    assert frames == case["frames"], case["why"]
+    assert view.version == case["expect"]["version"], case["why"]
+    assert view.members == case["expect"]["members"], case["why"]
+    assert view.applied == []
