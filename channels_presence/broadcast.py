@@ -219,27 +219,27 @@ def _guard(what: str, call: Callable[..., None], *args: Any) -> bool:
 # The throttle.
 
 
-#: The sockets a room may have before its throttle's interval grows. A server
-#: process spends some 300 µs of CPU on each socket's frame (the channel
-#: layer's receive, the consumer, the websocket), so ten diffs a second to a
-#: room of a thousand sockets on one daphne would take three of its cores,
-#: and it would fall seconds behind in a storm. A room of more sockets gets
-#: its diffs less often, in proportion, each diff merging more changes: at
-#: most SOCKETS_PER_INTERVAL socket-frames per EVENT_INTERVAL per room and
-#: worker process, with the interval at most MAX_INTERVAL_FACTOR times
-#: EVENT_INTERVAL.
-SOCKETS_PER_INTERVAL = 300
+#: A room's throttle interval is at most this many times EVENT_INTERVAL.
 MAX_INTERVAL_FACTOR = 10
 
 
 def interval(sockets: int) -> float:
     """The throttle's interval for a room of ``sockets``.
 
-    ``CHANNELS_PRESENCE_EVENT_INTERVAL`` up to SOCKETS_PER_INTERVAL sockets,
-    longer in proportion above, up to MAX_INTERVAL_FACTOR times as long.
+    ``CHANNELS_PRESENCE_EVENT_INTERVAL`` up to ``CHANNELS_PRESENCE_EVENT_SOCKETS``
+    sockets (300), longer in proportion above, up to MAX_INTERVAL_FACTOR times
+    as long. A server process spends some 300 µs of CPU on each socket's frame
+    (the channel layer's receive, the consumer, the websocket), so ten diffs a
+    second to a room of a thousand sockets on one daphne would take three of
+    its cores, and a storm's joins would wait seconds for their states. A
+    bigger room gets fewer, larger diffs instead: at most EVENT_SOCKETS
+    socket-frames per EVENT_INTERVAL per room and worker process.
     """
-    factor = min(max(1.0, sockets / SOCKETS_PER_INTERVAL), MAX_INTERVAL_FACTOR)
-    return float(conf.EVENT_INTERVAL) * factor
+    base = float(conf.EVENT_INTERVAL)
+    most = conf.EVENT_SOCKETS
+    if most is None or sockets <= most:
+        return base
+    return base * min(sockets / most, MAX_INTERVAL_FACTOR)
 
 
 @dataclass
@@ -259,8 +259,8 @@ class Throttle:
     follow on, for a timer at the interval's end (a background thread), and
     are flushed when the process exits. A lone join is seen at once; a storm
     costs each socket at most ten frames a second per room per process, and
-    fewer in a room of more than SOCKETS_PER_INTERVAL sockets (see
-    :func:`interval`).
+    fewer in a room of more than ``CHANNELS_PRESENCE_EVENT_SOCKETS`` sockets
+    (see :func:`interval`).
 
     ``clock``: the monotonic clock it reads (tests give it their own).
     """

@@ -214,8 +214,21 @@ def check_limits(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """E007: a bad MAX_ROOMS_PER_CONNECTION; E008: bad MEMBER_FIELDS;
-    E009: a bad MAX_LISTED_MEMBERS."""
+    E009: a bad MAX_LISTED_MEMBERS; E010: a bad EVENT_SOCKETS."""
     errors: list[checks.CheckMessage] = []
+    sockets = getattr(settings, PREFIX + "EVENT_SOCKETS", None)
+    if sockets is not None and (
+        isinstance(sockets, bool) or not isinstance(sockets, int) or sockets < 1
+    ):
+        errors.append(
+            checks.Error(
+                f"{PREFIX}EVENT_SOCKETS is {sockets!r}; it must be a whole "
+                "number of sockets, 1 or more, or None to keep every room's "
+                "diffs at EVENT_INTERVAL.",
+                hint="Remove it to use the default, 300 sockets.",
+                id="channels_presence.E010",
+            )
+        )
     listed = getattr(settings, PREFIX + "MAX_LISTED_MEMBERS", None)
     if listed is not None and (
         isinstance(listed, bool) or not isinstance(listed, int) or listed < 1

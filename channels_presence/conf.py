@@ -117,6 +117,12 @@ class Settings:
         return cast(float, getattr(settings, PREFIX + "EVENT_INTERVAL", 0.1))
 
     @property
+    def EVENT_SOCKETS(self) -> int | None:
+        """Sockets a room may have before its diffs go out less often, in
+        proportion; None keeps every room at EVENT_INTERVAL."""
+        return cast("int | None", getattr(settings, PREFIX + "EVENT_SOCKETS", 300))
+
+    @property
     def MAX_LISTED_MEMBERS(self) -> int:
         """Above this many member keys, a room's frames carry counts only."""
         return cast(int, getattr(settings, PREFIX + "MAX_LISTED_MEMBERS", 1_000))

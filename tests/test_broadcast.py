@@ -484,10 +484,13 @@ def _diff(room: str, version: int, sockets: int) -> protocol.Diff:
     return protocol.Diff(room, version - 1, version, protocol.Counts(sockets=sockets))
 
 
-@override_settings(CHANNELS_PRESENCE_EVENT_INTERVAL=0.1)
+@override_settings(
+    CHANNELS_PRESENCE_EVENT_INTERVAL=0.1, CHANNELS_PRESENCE_EVENT_SOCKETS=100
+)
 def test_a_room_of_many_sockets_gets_its_diffs_less_often_in_proportion():
-    many = broadcast.SOCKETS_PER_INTERVAL * 3
+    many = 300
     assert broadcast.interval(10) == pytest.approx(0.1)
+    assert broadcast.interval(100) == pytest.approx(0.1)
     assert broadcast.interval(many) == pytest.approx(0.3)
     assert broadcast.interval(10**9) == pytest.approx(
         0.1 * broadcast.MAX_INTERVAL_FACTOR
@@ -507,6 +510,19 @@ def test_a_room_of_many_sockets_gets_its_diffs_less_often_in_proportion():
     throttle.now += 0.06
     throttle.due()
     assert throttle.sent[3:] == [("big", 2)]
+
+
+@override_settings(
+    CHANNELS_PRESENCE_EVENT_INTERVAL=0.1, CHANNELS_PRESENCE_EVENT_SOCKETS=None
+)
+def test_event_sockets_none_keeps_every_room_at_the_event_interval():
+    assert broadcast.interval(10**6) == pytest.approx(0.1)
+    throttle = _Recorded()
+    layer = object()
+    throttle.submit(layer, [_diff("big", 1, 10**6)])
+    throttle.now += 0.15
+    throttle.submit(layer, [_diff("big", 2, 10**6)])
+    assert throttle.sent == [("big", 1), ("big", 2)]
 
 
 async def test_frames_hold_the_configured_member_fields_only():

@@ -586,6 +586,24 @@ def test_a_bad_max_listed_members_is_reported_at_startup(value: Any) -> None:
     assert "MAX_LISTED_MEMBERS" in found[0].msg
 
 
+@pytest.mark.parametrize("value", [0, -1, 2.5, "300", True])
+def test_a_bad_event_sockets_is_reported_at_startup(value: Any) -> None:
+    from django.core.checks import run_checks
+
+    with override_settings(CHANNELS_PRESENCE_EVENT_SOCKETS=value):
+        found = [m for m in run_checks() if m.id == "channels_presence.E010"]
+    assert len(found) == 1
+    assert "EVENT_SOCKETS" in found[0].msg
+
+
+@pytest.mark.parametrize("value", [1, 300, None])
+def test_a_good_event_sockets_passes_the_checks(value: Any) -> None:
+    from django.core.checks import run_checks
+
+    with override_settings(CHANNELS_PRESENCE_EVENT_SOCKETS=value):
+        assert not [m for m in run_checks() if m.id == "channels_presence.E010"]
+
+
 @pytest.mark.parametrize("value", [-0.1, "fast"])
 def test_a_bad_event_interval_is_reported_at_startup(value: Any) -> None:
     from django.core.checks import run_checks
