@@ -35,7 +35,9 @@ class RoomView:
     """One room as one client sees it, and what each applied frame changed.
 
     ``log=False`` keeps no ``applied`` log: a client of a room of thousands
-    that needs only the view (a benchmark's) spends nothing on it.
+    that needs only the view (a benchmark's) spends nothing on it. Such a
+    view applies a diff to its members in place: a ``members`` map read from
+    it changes with it.
     """
 
     def __init__(self, room: str, *, log: bool = True) -> None:
