@@ -236,10 +236,10 @@ def apply(
     calls = [_keyed(call) for call in calls]
     with sql.atomic(using) as current:
         read = _lock_and_read(current, calls, sockets)
-        rooms, rows, departures, members, counted = read
+        rooms = read.rooms
         users = _users({call.user_id for call in calls if isinstance(call, Join)})
         left: dict[tuple[str, str], datetime] = {}
-        pairs = _play(calls, rows, departures, left, users, now, result)
+        pairs = _play(calls, read.rows, read.departures, left, users, now, result)
         result.rooms = rooms
         joined = [
             (room, socket, pair.after.events)
@@ -269,8 +269,8 @@ def apply(
                 writes=_writes(current, pairs, rooms, left),
                 departed=departed,
                 users=users,
-                members=members,
-                counted=counted,
+                members=read.members,
+                counted=read.counted,
             )
         except BaseException:
             # Unless it committed: then the rows stand, and so must the adds.
@@ -432,15 +432,6 @@ def _remember(
         departures[socket, room] = left[socket, room] = at
 
 
-_Read = tuple[
-    dict[str, "Room"],
-    dict[tuple[str, str], "_Row"],
-    dict[tuple[str, str], datetime],
-    dict[Any, protocol.Members],
-    "_Counted | None",
-]
-
-
 @dataclass
 class _Counted:
     """The sockets of each (room id, member key) of ``pairs`` before a change
@@ -461,6 +452,23 @@ class _Counted:
                     return None
                 counted[pair] = self.counts.get(pair, 0) + delta
         return counted
+
+
+@dataclass
+class _Read:
+    """What a change set read under its locks (steps 1 and 2)."""
+
+    #: The locked rooms, by name.
+    rooms: dict[str, Room]
+    #: The sockets' presences in them, by (room, socket).
+    rows: dict[tuple[str, str], _Row]
+    #: The sockets' departures, by (socket, room).
+    departures: dict[tuple[str, str], datetime]
+    #: The members of the listed rooms that sockets join for their state,
+    #: by room id, where this process did not know them and read them here.
+    members: dict[Any, protocol.Members]
+    #: The sockets of the member keys it may change (None: counted after).
+    counted: _Counted | None
 
 
 def _keyed(call: Call) -> Call:
@@ -507,8 +515,10 @@ def _lock_and_read(
     rooms = _lock_rooms(current, names, create=joining)
     presences, departures = _reads(sockets, using)
     results = current.run(presences + departures)
-    read = results[: len(presences)], results[len(presences) :]
-    return rooms, *_read(rooms, *read, using), {}, None
+    rows, left = _read(
+        rooms, results[: len(presences)], results[len(presences) :], using
+    )
+    return _Read(rooms, rows, left, {}, None)
 
 
 def _read_at_once(
@@ -628,7 +638,7 @@ def _read_at_once(
         return None
     read = [rooms[name] for name in unknown if name in rooms and rooms[name].listed]
     rows, left = _read(rooms, found_presences, found_departures, using)
-    return (
+    return _Read(
         rooms,
         rows,
         left,
