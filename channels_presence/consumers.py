@@ -41,6 +41,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -136,12 +137,22 @@ class PresenceConsumerMixin:
         self._presence_syncing: set[str] = set()
         self._presence_tasks: set[asyncio.Task[None]] = set()
 
+        # The consumer keeps this function (Channels' ``base_send``): holding
+        # the consumer strongly in turn would make each closed socket's
+        # objects a cycle that only the cyclic collector frees, and its full
+        # passes (a tenth of a second for a daphne of a thousand sockets)
+        # would come more often.
+        consumer = weakref.ref(self)
+
         async def send_and_watch(message: dict[str, Any]) -> None:
+            watched = consumer()
             # Accepting and then closing is how connect() refuses with a code.
-            if message.get("type") == "websocket.accept":
-                self._presence_open = self._presence_accepted = True
+            if watched is None:
+                pass
+            elif message.get("type") == "websocket.accept":
+                watched._presence_open = watched._presence_accepted = True
             elif message.get("type") == "websocket.close":
-                self._presence_open = False
+                watched._presence_open = False
             await send(message)
 
         try:
