@@ -309,8 +309,12 @@ class Throttle:
 
     def flush(self) -> None:
         """Send every held diff now."""
+        self._send_due(float("inf"))
+
+    def _send_due(self, now: float) -> None:
+        """Send the held diffs due at ``now``."""
         with self._lock:
-            due = self._take(float("inf"))
+            due = self._take(now)
         for layer, diffs in due:
             self._send(layer, diffs)
 
@@ -360,10 +364,7 @@ class Throttle:
                 self._wake.wait(delay)
                 self._wake.clear()
                 continue
-            with self._lock:
-                due = self._take(self._clock())
-            for layer, diffs in due:
-                self._send(layer, diffs)
+            self._send_due(self._clock())
 
     def _send(
         self,

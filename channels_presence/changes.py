@@ -515,10 +515,8 @@ def _lock_and_read(
     rooms = _lock_rooms(current, names, create=joining)
     presences, departures = _reads(sockets, using)
     results = current.run(presences + departures)
-    rows, left = _read(
-        rooms, results[: len(presences)], results[len(presences) :], using
-    )
-    return _Read(rooms, rows, left, {}, None)
+    read = results[: len(presences)], results[len(presences) :]
+    return _Read(rooms, *_read(rooms, *read, using), {}, None)
 
 
 def _read_at_once(
@@ -637,11 +635,11 @@ def _read_at_once(
     if not joining <= rooms.keys():
         return None
     read = [rooms[name] for name in unknown if name in rooms and rooms[name].listed]
-    rows, left = _read(rooms, found_presences, found_departures, using)
+    rows, departed = _read(rooms, found_presences, found_departures, using)
     return _Read(
         rooms,
         rows,
-        left,
+        departed,
         _members(read, found_members, using) if members else {},
         _Counted(
             {(rooms[room].pk, key) for room, key in joins if room in rooms}

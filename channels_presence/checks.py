@@ -209,50 +209,51 @@ def check_leases(
     return []
 
 
+def _whole_number(
+    name: str, unit: str, default: str, code: str, *, none: str = ""
+) -> checks.CheckMessage | None:
+    """The error of the setting ``name`` unless it is unset, None, or a whole
+    number of ``unit``, 1 or more; ``none``, if given, says what None means."""
+    value = getattr(settings, PREFIX + name, None)
+    if value is None or (
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    ):
+        return None
+    return checks.Error(
+        f"{PREFIX}{name} is {value!r}; it must be a whole number of {unit}, "
+        f"1 or more{', or ' + none if none else ''}.",
+        hint=f"Remove it to use the default, {default}.",
+        id=f"channels_presence.{code}",
+    )
+
+
 @checks.register()
 def check_limits(
     app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
 ) -> list[checks.CheckMessage]:
     """E007: a bad MAX_ROOMS_PER_CONNECTION; E008: bad MEMBER_FIELDS;
     E009: a bad MAX_LISTED_MEMBERS; E010: a bad EVENT_SOCKETS."""
-    errors: list[checks.CheckMessage] = []
-    sockets = getattr(settings, PREFIX + "EVENT_SOCKETS", None)
-    if sockets is not None and (
-        isinstance(sockets, bool) or not isinstance(sockets, int) or sockets < 1
-    ):
-        errors.append(
-            checks.Error(
-                f"{PREFIX}EVENT_SOCKETS is {sockets!r}; it must be a whole "
-                "number of sockets, 1 or more, or None to keep every room's "
-                "diffs at EVENT_INTERVAL.",
-                hint="Remove it to use the default, 300 sockets.",
-                id="channels_presence.E010",
-            )
+    errors = [
+        error
+        for error in (
+            _whole_number(
+                "EVENT_SOCKETS",
+                "sockets",
+                "300 sockets",
+                "E010",
+                none="None to keep every room's diffs at EVENT_INTERVAL",
+            ),
+            _whole_number("MAX_LISTED_MEMBERS", "members", "1,000 members", "E009"),
+            _whole_number(
+                "MAX_ROOMS_PER_CONNECTION",
+                "rooms",
+                "100 rooms",
+                "E007",
+                none="None for no limit",
+            ),
         )
-    listed = getattr(settings, PREFIX + "MAX_LISTED_MEMBERS", None)
-    if listed is not None and (
-        isinstance(listed, bool) or not isinstance(listed, int) or listed < 1
-    ):
-        errors.append(
-            checks.Error(
-                f"{PREFIX}MAX_LISTED_MEMBERS is {listed!r}; it must be a whole "
-                "number of members, 1 or more.",
-                hint="Remove it to use the default, 1,000 members.",
-                id="channels_presence.E009",
-            )
-        )
-    limit = getattr(settings, PREFIX + "MAX_ROOMS_PER_CONNECTION", None)
-    if limit is not None and (
-        isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-    ):
-        errors.append(
-            checks.Error(
-                f"{PREFIX}MAX_ROOMS_PER_CONNECTION is {limit!r}; it must be a "
-                "whole number of rooms, 1 or more, or None for no limit.",
-                hint="Remove it to use the default, 100 rooms.",
-                id="channels_presence.E007",
-            )
-        )
+        if error is not None
+    ]
     fields = conf.MEMBER_FIELDS
     if fields is None:
         return errors

@@ -45,7 +45,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from asgiref.sync import iscoroutinefunction
 from channels.db import database_sync_to_async
@@ -145,14 +145,15 @@ class PresenceConsumerMixin:
         consumer = weakref.ref(self)
 
         async def send_and_watch(message: dict[str, Any]) -> None:
-            watched = consumer()
             # Accepting and then closing is how connect() refuses with a code.
-            if watched is None:
-                pass
-            elif message.get("type") == "websocket.accept":
-                watched._presence_open = watched._presence_accepted = True
-            elif message.get("type") == "websocket.close":
-                watched._presence_open = False
+            kind = message.get("type")
+            if kind in ("websocket.accept", "websocket.close"):
+                # Alive: it is the consumer that sends.
+                watched = cast(PresenceConsumerMixin, consumer())
+                if kind == "websocket.accept":
+                    watched._presence_open = watched._presence_accepted = True
+                else:
+                    watched._presence_open = False
             await send(message)
 
         try:

@@ -474,10 +474,7 @@ class _Recorded(broadcast.Throttle):
         self.sent += [(diff.room, diff.version) for diff in diffs]
 
     def due(self) -> None:
-        with self._lock:
-            taken = self._take(self.now)
-        for layer, diffs in taken:
-            self._send(layer, diffs)
+        self._send_due(self.now)
 
 
 def _diff(room: str, version: int, sockets: int) -> protocol.Diff:

@@ -576,24 +576,20 @@ def test_tasks_apply_a_batch_as_one_change_set(alice):
     assert group_members("lobby") == {f"specific.b!{n}" for n in range(3)}
 
 
+@pytest.mark.parametrize(
+    ("setting", "code"),
+    [("MAX_LISTED_MEMBERS", "E009"), ("EVENT_SOCKETS", "E010")],
+)
 @pytest.mark.parametrize("value", [0, -1, 2.5, "1000", True])
-def test_a_bad_max_listed_members_is_reported_at_startup(value: Any) -> None:
+def test_a_bad_room_size_setting_is_reported_at_startup(
+    setting: str, code: str, value: Any
+) -> None:
     from django.core.checks import run_checks
 
-    with override_settings(CHANNELS_PRESENCE_MAX_LISTED_MEMBERS=value):
-        found = [m for m in run_checks() if m.id == "channels_presence.E009"]
+    with override_settings(**{f"CHANNELS_PRESENCE_{setting}": value}):
+        found = [m for m in run_checks() if m.id == f"channels_presence.{code}"]
     assert len(found) == 1
-    assert "MAX_LISTED_MEMBERS" in found[0].msg
-
-
-@pytest.mark.parametrize("value", [0, -1, 2.5, "300", True])
-def test_a_bad_event_sockets_is_reported_at_startup(value: Any) -> None:
-    from django.core.checks import run_checks
-
-    with override_settings(CHANNELS_PRESENCE_EVENT_SOCKETS=value):
-        found = [m for m in run_checks() if m.id == "channels_presence.E010"]
-    assert len(found) == 1
-    assert "EVENT_SOCKETS" in found[0].msg
+    assert setting in found[0].msg
 
 
 @pytest.mark.parametrize("value", [1, 300, None])
