@@ -25,6 +25,14 @@ With 1.0.0 beside ours, both servers run at once, each with its population
 first on even probes, 1.0.0 first on odd ones. The machine is shared: a burst
 of someone else's work falls on both alike, where one after the other it fell
 on whichever was being measured, and decided which p99 was the lower.
+
+600 probes a server: a probe's events come ten at a time (one per member of
+its room), so with 200 probes the p99 of 2,000 events was the second or third
+worst probe, and the full passes of a daphne's garbage collector (150-250 ms
+with 1,000 sockets, ours and 1.0.0's alike; one to three in each server's 200
+probes) decided it whenever two of them landed on probes. With 600 it is the
+sixth worst probe; in the runs of 600 traced so far, each daphne made two
+full passes during the probes.
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ def main() -> None:
     parser.add_argument("--room-size", type=int, default=10)
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--settle", type=float, default=15.0)
-    parser.add_argument("--probes", type=int, default=200)
+    parser.add_argument("--probes", type=int, default=600)
     parser.add_argument("--baseline-python")
     args = parser.parse_args()
     if args.smoke:
