@@ -571,9 +571,15 @@ def running(*processes: Process) -> Iterator[None]:
 
 
 def delete_keys(prefix: str) -> None:
+    """Delete the keys of a run: the layer's and broker's, under ``prefix``,
+    and the leases and worker heartbeat, under ``channels-presence:`` and it."""
     client = redis_client()
     try:
-        keys = list(client.scan_iter(f"{prefix}*", count=1000))
+        keys = [
+            key
+            for pattern in (f"{prefix}*", f"channels-presence:{prefix}*")
+            for key in client.scan_iter(pattern, count=1000)
+        ]
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
     finally:

@@ -1142,15 +1142,10 @@ class Database:
 def cleanup(database: Database) -> None:
     """Send what the outbox holds, delete the run's Redis keys, drop the database."""
     from bench import settings as bench
+    from bench.e2e import delete_keys
 
     outbox.default.close()
-    client = redis.Redis.from_url(bench.REDIS_URL)
-    try:
-        keys = list(client.scan_iter(f"{bench.KEY_PREFIX}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_keys(bench.KEY_PREFIX)
     database.drop()
 
 

@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+import redis
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.layers import get_channel_layer
+from django.conf import settings
 from django.db import connections
 
 from channels_presence import broadcast, changes, sync
@@ -20,6 +22,25 @@ from tests.helpers import new_channel_layer
 def _celery_app_is_current() -> None:
     """Tasks are sent with the project's app, whatever app a test made current."""
     celery_app.set_current()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_keys_left_in_redis() -> Iterator[None]:
+    """After the run, delete its keys outside the channel layer's prefix.
+
+    The leases and the worker heartbeat live under ``channels-presence:``
+    and the layer's prefix (``leases.key_prefix``), where the layer's flush
+    after each test does not reach; the heartbeat would stay a week.
+    """
+    yield
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        pattern = f"channels-presence:cp-test-{settings.RUN}*"
+        keys = list(client.scan_iter(pattern, count=1000))
+        for start in range(0, len(keys), 1000):
+            client.delete(*keys[start : start + 1000])
+    finally:
+        client.close()
 
 
 @pytest.fixture(autouse=True)
