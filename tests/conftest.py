@@ -12,7 +12,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connections
 
-from channels_presence import broadcast, changes, sync
+from channels_presence import broadcast, changes, leases, sync
 from channels_presence.signals import presence_changed
 from tasks import app as celery_app
 from tests.helpers import new_channel_layer
@@ -28,15 +28,14 @@ def _celery_app_is_current() -> None:
 def _no_keys_left_in_redis() -> Iterator[None]:
     """After the run, delete its keys outside the channel layer's prefix.
 
-    The leases and the worker heartbeat live under ``channels-presence:``
-    and the layer's prefix (``leases.key_prefix``), where the layer's flush
+    The leases and the worker heartbeat live under ``leases.key_prefix()``
+    (``channels-presence:`` and the layer's prefix), where the layer's flush
     after each test does not reach; the heartbeat would stay a week.
     """
     yield
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
-        pattern = f"channels-presence:cp-test-{settings.RUN}*"
-        keys = list(client.scan_iter(pattern, count=1000))
+        keys = list(client.scan_iter(f"{leases.key_prefix()}*", count=1000))
         for start in range(0, len(keys), 1000):
             client.delete(*keys[start : start + 1000])
     finally:
