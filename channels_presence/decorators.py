@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, cast
@@ -18,6 +19,8 @@ from typing import Any, TypeVar, cast
 from asgiref.sync import iscoroutinefunction
 
 from . import dispatch
+
+logger = logging.getLogger("channels_presence")
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -41,6 +44,9 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
     ``presence_version`` beacons, ignored unless it has that handler too) and
     ``presence_expired(self, event)``; without them it never receives a
     message it cannot handle. The events are the frames of wire protocol 2.
+    Without ``presence_expired``, a socket that was dropped from the room (a
+    prune took it for gone) joins it again at its next message through
+    ``touch_presence``.
     """
     if not (isinstance(room, str) or callable(room)):
         raise TypeError(
@@ -63,7 +69,7 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
                             self,
                             _room_name(room, self),
                             self.scope.get("user"),
-                            subscribe=_subscribes(self),
+                            subscribe=_subscribes(self, is_async=True),
                         )
                     except dispatch.TooManyRooms as error:
                         for message in error.messages():
@@ -82,7 +88,7 @@ def add_presence(room: RoomSpec) -> Callable[[Handler], Handler]:
                         self,
                         _room_name(room, self),
                         self.scope.get("user"),
-                        subscribe=_subscribes(self),
+                        subscribe=_subscribes(self, is_async=False),
                     )
                 except dispatch.TooManyRooms as error:
                     for message in error.messages():
@@ -100,7 +106,9 @@ def touch_presence(func: Handler) -> Handler:
     Touches closer together than CHANNELS_PRESENCE_TOUCH_INTERVAL are coalesced.
     A heartbeat (a text frame, or JSON content, that is the JSON string
     ``"heartbeat"``) is only a touch: the handler is not called. Binary frames
-    reach the handler.
+    reach the handler. A socket that was dropped from a room it joined through
+    ``add_presence``, and whose consumer has no ``presence_expired``, joins it
+    again first.
     """
     takes_content = _takes_json_content(func)
 
@@ -108,6 +116,8 @@ def touch_presence(func: Handler) -> Handler:
 
         @functools.wraps(func)
         async def touch_async(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if REJOIN in self.__dict__:
+                await _rejoin_async(self)
             await dispatch.atouch(self)
             if _is_heartbeat(takes_content, args, kwargs):
                 return None
@@ -117,6 +127,8 @@ def touch_presence(func: Handler) -> Handler:
 
     @functools.wraps(func)
     def touch_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if REJOIN in self.__dict__:
+            _rejoin_sync(self)
         dispatch.touch(self)
         if _is_heartbeat(takes_content, args, kwargs):
             return None
@@ -214,8 +226,14 @@ def _room_name(room: RoomSpec, consumer: Any) -> str:
     return name
 
 
-def _subscribes(consumer: Any) -> list[str]:
-    """The presence events ``consumer`` has handlers for, by name."""
+def _subscribes(consumer: Any, *, is_async: bool) -> list[str]:
+    """The presence events ``consumer`` has handlers for, by name.
+
+    One without ``presence_expired`` is given one of ours, which has it join
+    again at its next message (see :func:`touch_presence`).
+    """
+    if not callable(getattr(consumer, "presence_expired", None)):
+        consumer.presence_expired = _rejoin_later(consumer, is_async=is_async)
     events = [
         name
         for name in ("state", "diff", "expired")
@@ -229,6 +247,57 @@ def _subscribes(consumer: Any) -> list[str]:
         else:
             consumer.presence_version = _ignore
     return events
+
+
+#: Where a decorated consumer keeps the rooms it joins again at its next message.
+REJOIN = "_presence_rejoin"
+
+
+def _rejoin_later(consumer: Any, *, is_async: bool) -> Callable[..., Any]:
+    """A ``presence_expired`` handler: the room is joined again at the next
+    message, after the prune's own group discards (sent after its notice)."""
+
+    def later(event: dict[str, Any]) -> None:
+        room = event.get("room")
+        if isinstance(room, str) and room in consumer.__dict__.get(
+            "_presence_joined", ()
+        ):
+            dispatch.forget_room(consumer, room)
+            consumer.__dict__.setdefault(REJOIN, set()).add(room)
+
+    if not is_async:
+        return later
+
+    async def later_async(event: dict[str, Any]) -> None:
+        later(event)
+
+    return later_async
+
+
+async def _rejoin_async(consumer: Any) -> None:
+    for room in sorted(consumer.__dict__.pop(REJOIN, ())):
+        try:
+            await dispatch.ajoin(
+                consumer,
+                room,
+                consumer.scope.get("user"),
+                subscribe=_subscribes(consumer, is_async=True),
+            )
+        except dispatch.TooManyRooms:
+            logger.warning("presence: %s could not join %r again", consumer, room)
+
+
+def _rejoin_sync(consumer: Any) -> None:
+    for room in sorted(consumer.__dict__.pop(REJOIN, ())):
+        try:
+            dispatch.join(
+                consumer,
+                room,
+                consumer.scope.get("user"),
+                subscribe=_subscribes(consumer, is_async=False),
+            )
+        except dispatch.TooManyRooms:
+            logger.warning("presence: %s could not join %r again", consumer, room)
 
 
 def _ignore(event: dict[str, Any]) -> None:

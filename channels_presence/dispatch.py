@@ -234,11 +234,19 @@ def touch(consumer: Any) -> None:
 
 
 def _touch_now(consumer: Any) -> None:
+    name = consumer.channel_name
+    joined: set[str] | None = consumer.__dict__.get("_presence_joined")
+    # The rooms it believes it is in: told to join again those it is not.
+    rooms = tuple(sorted(joined)) if joined else ()
     if conf.USE_CELERY:
-        outbox.default.touch(consumer.channel_name)
+        outbox.default.touch(name, rooms)
         return
     try:
-        operations.touch([consumer.channel_name])
+        operations.touch(
+            [name],
+            rooms={name: list(rooms)} if rooms else None,
+            channel_layer=consumer.channel_layer,
+        )
     except UNAVAILABLE as error:
         # Try again at the next message rather than a whole interval later.
         consumer._presence_touched_at = None

@@ -164,6 +164,24 @@ def leave_now(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None
         run_sync(leave, layer, pairs)
 
 
+def refresh_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> bool:
+    """Refresh each (room, socket, events) membership, from sync code.
+
+    channels_redis drops a group member whose score is older than the
+    layer's ``group_expiry`` at the group's next send. On channels_redis the
+    scores of members still there are set to now (``ZADD XX``: a socket
+    discarded meanwhile is not put back), and the groups' keys live another
+    ``group_expiry``; returns True. Elsewhere it is ``group_add``, which can
+    put back a socket that left meanwhile: returns False, and the caller
+    checks.
+    """
+    joins = list(joins)
+    if _now(layer, REFRESH, _added(joins)):
+        return True
+    run_sync(add, layer, joins)
+    return False
+
+
 def _now(layer: BaseChannelLayer, operation: str, calls: list[tuple[str, str]]) -> bool:
     """Run ``operation`` on blocking clients; False if the layer has none."""
     clients = _blocking_clients(layer)
@@ -243,6 +261,7 @@ def _blocking_client(host: Any) -> redis.Redis | None:
 
 ADD = "add"
 DISCARD = "discard"
+REFRESH = "refresh"
 
 
 def _group_commands(
@@ -264,8 +283,9 @@ def _group_commands(
 
     def command(key: bytes, channel_names: list[str]) -> Callable[[Any], None]:
         def add(pipe: Any) -> None:
-            if operation == ADD:
-                pipe.zadd(key, dict.fromkeys(channel_names, now))
+            if operation in (ADD, REFRESH):
+                members = dict.fromkeys(channel_names, now)
+                pipe.zadd(key, members, xx=operation == REFRESH)
                 pipe.expire(key, layer.group_expiry)
             else:
                 pipe.zrem(key, *channel_names)

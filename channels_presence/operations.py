@@ -24,10 +24,13 @@ from django.db import router, transaction
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
-from . import broadcast, changes, clock, groups, protocol, sql, validation
+from . import broadcast, changes, clock, groups, protocol, validation
 from .changes import Call, Join, Leave, LeaveAll
 from .conf import conf
 from .protocol import Counts, Entry
+
+# One implementation, with what a touch finds out: ``channels_presence.touches``.
+from .touches import touch as touch
 
 if TYPE_CHECKING:
     from .models import Presence, Room
@@ -196,22 +199,6 @@ def remove(
     per presence; their diffs give the reason ``removed``.
     """
     return changes.remove(presences, protocol.REMOVED, channel_layer=channel_layer)
-
-
-def touch(channel_names: Iterable[str], *, at: datetime | None = None) -> int:
-    """Mark the sockets as seen at ``at`` (now when None); return rows updated.
-
-    One UPDATE on the indexed socket column (more only past the database's
-    limit on parameters). It never moves ``last_seen`` backwards, never
-    creates a presence, and never changes a room's version.
-    """
-    names = validation.channel_names(channel_names)
-    _, presence_model = _models()
-    moment = clock.moment(at)
-    updated = 0
-    for part in sql.any_of(presence_model.objects.all(), "channel_name", names):
-        updated += part.filter(last_seen__lt=moment).update(last_seen=moment)
-    return updated
 
 
 def stale_presences(

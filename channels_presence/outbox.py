@@ -101,7 +101,8 @@ class Outbox:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._tasks: deque[Task] = deque()
-        self._touches: set[str] = set()
+        # The sockets to touch, and the rooms each believes it is in.
+        self._touches: dict[str, tuple[str, ...]] = {}
         # A touch batch being published: still pending until it is sent.
         self._touches_in_flight = 0
         self._touched_at = 0.0
@@ -131,8 +132,12 @@ class Outbox:
             self._tasks.append((name, args, kwargs))
         self._wake.set()
 
-    def touch(self, channel_name: str) -> None:
-        """Queue a touch of ``channel_name`` for the next touch_presences batch."""
+    def touch(self, channel_name: str, rooms: tuple[str, ...] = ()) -> None:
+        """Queue a touch of ``channel_name`` for the next touch_presences batch.
+
+        ``rooms``: the rooms the socket believes it is in; the worker tells
+        it to join again those where it has no presence.
+        """
         self._after_fork()
         first = False
         with self._lock:
@@ -142,7 +147,7 @@ class Outbox:
                     self._drop("a touch", 1)
                     return
                 first = not self._touches
-                self._touches.add(channel_name)
+            self._touches[channel_name] = rooms
             self._touched_at = time.time()
         if first:
             # With no touches pending the sender sleeps until woken: it has
@@ -289,17 +294,23 @@ class Outbox:
         if not touches_due:
             return
         with self._lock:
-            names, at = sorted(self._touches), self._touched_at
-            self._touches.clear()
-            self._touches_in_flight = len(names)
-        if not names:
+            touches, at = self._touches, self._touched_at
+            self._touches = {}
+            self._touches_in_flight = len(touches)
+        if not touches:
             return
+        names = sorted(touches)
+        kwargs: dict[str, Any] = {"at": at}
+        rooms = {name: list(rooms) for name, rooms in touches.items() if rooms}
+        if rooms:
+            kwargs["rooms"] = rooms
         try:
-            self._publish(TOUCH_TASK, (names,), {"at": at})
+            self._publish(TOUCH_TASK, (names,), kwargs)
         except UNREACHABLE:
             with self._lock:
                 room = max(self.limit - len(self._tasks) - len(self._touches), 0)
-                self._touches.update(names[:room])
+                for name in names[:room]:
+                    self._touches.setdefault(name, touches[name])
             raise
         finally:
             with self._lock:

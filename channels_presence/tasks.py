@@ -208,18 +208,28 @@ def apply_batch(calls: list[list[Any]]) -> None:
 @shared_task(
     name="channels_presence.tasks.touch_presences", ignore_result=True, **_RETRY
 )
-def touch_presences(user_channel_names: list[str], at: float | None = None) -> int:
+def touch_presences(
+    user_channel_names: list[str],
+    at: float | None = None,
+    rooms: dict[str, list[str]] | None = None,
+) -> int:
     """Mark the sockets as seen at ``at``: one UPDATE for the whole batch.
 
-    Never moves ``last_seen`` backwards, never creates a presence. A lost batch
-    costs nothing lasting: each socket touches again within TOUCH_INTERVAL.
+    Never moves ``last_seen`` backwards, nor past the worker's clock, never
+    creates a presence. The touched sockets' group memberships are kept
+    fresh, and a socket that has no presence in a room of ``rooms`` (which
+    rooms each socket believes it is in) is told to join again (see
+    ``channels_presence.touches``). A lost batch costs nothing lasting: each
+    socket touches again within TOUCH_INTERVAL.
     """
     if isinstance(user_channel_names, str):
         raise TypeError(
             "touch_presences takes a list of channel names, not one string: "
             f"pass [{user_channel_names!r}]"
         )
-    return operations.touch(user_channel_names, at=clock.from_timestamp(at))
+    return operations.touch(
+        user_channel_names, at=clock.from_timestamp(at), rooms=rooms
+    )
 
 
 @shared_task(name="channels_presence.tasks.prune_presences", ignore_result=True)

@@ -704,8 +704,10 @@ def test_touch_finds_sockets_by_index_not_by_table_scan():
     operations.join(ROOM, SOCKET, at=ago(45))
     with CaptureQueriesContext(connection) as queries:
         operations.touch([SOCKET, OTHER_SOCKET])
-    (update,) = [query["sql"] for query in queries]
+    # The update, then the names of the rooms whose groups are refreshed.
+    update, rooms = [query["sql"] for query in queries]
     assert update.startswith("UPDATE ")
+    assert rooms.startswith("SELECT ")
 
     with connection.cursor() as cursor:
         if connection.vendor == "postgresql":
@@ -761,7 +763,7 @@ def test_touch_never_creates_a_presence():
     assert _all_groups() == {}
 
 
-def test_touch_of_many_sockets_is_one_update():
+def test_touch_of_many_sockets_is_one_update_and_one_read_of_room_names():
     room = Room.objects.create(channel_name=ROOM)
     names = [f"specific.test!{i}" for i in range(500)]
     Presence.objects.bulk_create(
@@ -772,7 +774,7 @@ def test_touch_of_many_sockets_is_one_update():
         updated = operations.touch(names)
 
     assert updated == 500
-    assert [q["sql"].split()[0] for q in queries] == ["UPDATE"]
+    assert [q["sql"].split()[0] for q in queries] == ["UPDATE", "SELECT"]
     assert not Presence.objects.filter(last_seen__lt=ago(30)).exists()
 
 
