@@ -3,21 +3,28 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 from collections.abc import Sequence
 from typing import Any
 
 from celery import current_app
-from django.apps import AppConfig
+from django.apps import AppConfig, apps
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core import checks
 from django.core.exceptions import FieldError, ImproperlyConfigured
+from django.db import connections, router
+from django.db.backends.base.base import BaseDatabaseWrapper
 
 from . import leases, sentinel
 from .conf import FLAG_SETTINGS, NUMBER_SETTINGS, PREFIX, conf
 from .schedule import ENTRIES
 
 IN_MEMORY_LAYER = "channels.layers.InMemoryChannelLayer"
+#: The oldest SQLite with ``RETURNING``, which the batch writes and deletes use.
+OLDEST_SQLITE = (3, 35)
+#: SQLite transaction modes that take the write lock at BEGIN: writers queue.
+QUEUEING_MODES = frozenset({"IMMEDIATE", "EXCLUSIVE"})
 
 
 @checks.register()
@@ -207,6 +214,99 @@ def check_leases(
             )
         ]
     return []
+
+
+@checks.register()
+def check_databases(
+    app_configs: Sequence[AppConfig] | None = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """E011: a back end other than PostgreSQL or SQLite; E012: SQLite before
+    3.35; W003: SQLite whose transactions do not start IMMEDIATE.
+
+    Only the databases the routers write channels_presence's models to, read
+    from their connections' back end and settings, without connecting.
+    """
+    return [
+        message
+        for alias in presence_databases()
+        for message in database_messages(connections[alias])
+    ]
+
+
+def presence_databases() -> list[str]:
+    """The aliases of the databases channels_presence's models are written to."""
+    models = apps.get_app_config("channels_presence").get_models()
+    return sorted({router.db_for_write(model) for model in models})
+
+
+def database_messages(connection: BaseDatabaseWrapper) -> list[checks.CheckMessage]:
+    """What is wrong with keeping presence in ``connection``'s database."""
+    alias, vendor = connection.alias, connection.vendor
+    if vendor == "postgresql":
+        return []
+    if vendor != "sqlite":
+        return [
+            checks.Error(
+                f"The database {alias!r} ({connection.display_name}) holds "
+                "channels_presence's models, which need PostgreSQL or SQLite: "
+                f"{_UNSUPPORTED.get(vendor, _UNSUPPORTED[''])}",
+                hint="Use PostgreSQL (SQLite 3.35 or later does for a single "
+                "machine), for the whole site or, with a database router, for "
+                "channels_presence's models alone.",
+                id="channels_presence.E011",
+            )
+        ]
+    messages: list[checks.CheckMessage] = []
+    # The back end's DB-API module (sqlite3, unless a back end brings its own):
+    # its library's version is known without connecting.
+    library = getattr(connection, "Database", sqlite3)
+    if tuple(library.sqlite_version_info) < OLDEST_SQLITE:
+        messages.append(
+            checks.Error(
+                f"The database {alias!r} is SQLite {library.sqlite_version}, which"
+                " has no RETURNING: channels_presence writes and deletes each "
+                "batch of presences with one INSERT ... RETURNING and one "
+                "DELETE ... RETURNING.",
+                hint="Run Python with SQLite 3.35 or later (python -c 'import "
+                "sqlite3; print(sqlite3.sqlite_version)' shows which it has), "
+                "or use PostgreSQL.",
+                id="channels_presence.E012",
+            )
+        )
+    mode = (connection.settings_dict.get("OPTIONS") or {}).get("transaction_mode")
+    if not (isinstance(mode, str) and mode.upper() in QUEUEING_MODES):
+        messages.append(
+            checks.Warning(
+                f"The SQLite database {alias!r} holds channels_presence's models, "
+                "and its transactions take the write lock only at their first "
+                f"write (OPTIONS['transaction_mode'] is {mode!r}): one that has "
+                "read cannot wait for a writer that came in since, so concurrent "
+                "writers (workers, or daphnes applying presence inline) fail with "
+                "'database is locked' instead of queueing.",
+                hint=f'Set DATABASES["{alias}"]["OPTIONS"]["transaction_mode"] = '
+                '"IMMEDIATE" (Django 5.1 or later): each transaction then takes '
+                "the write lock at BEGIN, and a writer waits for it up to "
+                'OPTIONS["timeout"] seconds (5 unless set), e.g. '
+                '{"transaction_mode": "IMMEDIATE", "timeout": 20}.',
+                id="channels_presence.W003",
+            )
+        )
+    return messages
+
+
+#: Why E011: what channels_presence needs that each back end lacks.
+_UNSUPPORTED = {
+    "mysql": "MySQL and MariaDB have no INSERT ... ON CONFLICT, MySQL has no "
+    "RETURNING, and their named locks (GET_LOCK) are not released at commit, "
+    "as the locks that order one socket's joins and leaves must be "
+    "(PostgreSQL's advisory transaction locks, SQLite's single writer).",
+    "oracle": "Oracle has no INSERT ... ON CONFLICT and returns a DELETE's rows "
+    "only into variables; and one socket's joins and leaves are ordered by "
+    "PostgreSQL's advisory locks or SQLite's single writer, which it has not.",
+    "": "its SQL (INSERT ... ON CONFLICT, DELETE ... RETURNING) and the locks "
+    "that order one socket's joins and leaves are written for PostgreSQL and "
+    "SQLite only.",
+}
 
 
 def _whole_number(

@@ -11,6 +11,24 @@ from django.utils import timezone
 from . import validation
 
 
+def seconds() -> float:
+    """Now, as UNIX time in seconds, by this server's clock."""
+    return time.time()
+
+
+def skew(sent: float, received: float, other: float) -> float:
+    """How far ahead of ours another clock is, as far as a round trip can tell.
+
+    ``other`` is the other clock's reading, taken somewhere between ``sent`` and
+    ``received`` on ours: what half the round trip could explain is not
+    counted, so a slow answer never passes for a skewed clock. Negative when
+    the other clock is behind ours.
+    """
+    middle = (sent + received) / 2
+    ahead = other - middle
+    return math.copysign(max(abs(ahead) - (received - sent) / 2, 0.0), ahead)
+
+
 def micros() -> int:
     """Now, in microseconds since the epoch: a new room's first version."""
     return time.time_ns() // 1000

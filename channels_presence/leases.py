@@ -35,6 +35,11 @@ Either may name the master of a Redis Sentinel deployment (see
 not received, leases among them, and every server's refresh fails until the
 Sentinels name the new master: the two checks above keep it from taking live
 servers for dead, as for any Redis that lost the leases.
+
+Each renewal also reads Redis's clock (``TIME``, in the renewal's round trip):
+operations are ordered and presences pruned by the servers' clocks, so a
+server whose clock is more than MAX_CLOCK_SKEW off Redis's says so, once until
+it comes back.
 """
 
 from __future__ import annotations
@@ -54,7 +59,7 @@ from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from redis.exceptions import RedisError, ResponseError
 
-from . import operations, protocol, validation
+from . import clock, operations, protocol, validation
 from .conf import conf
 from .keystore import client, key_prefix, redis_config
 
@@ -73,6 +78,8 @@ CONFIRM_FRACTION = 1 / 2
 MARK_LIFETIME = 10
 #: Seconds between attempts while Redis cannot be reached, at most.
 RETRY_INTERVAL = 1.0
+#: Seconds this server's clock may be off Redis's before it is logged.
+MAX_CLOCK_SKEW = 5.0
 #: Longest server id: it is stored in a column of this length.
 SERVER_ID_LENGTH = validation.SERVER_MAX_LENGTH
 
@@ -99,6 +106,8 @@ class Lease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
+        # Whether this server's clock was last seen off Redis's (and logged).
+        self._skewed = False
         self.id = _new_id()
 
     def server(self) -> str:
@@ -130,7 +139,15 @@ class Lease:
             try:
                 if connection is None:
                     connection = client(timeout=period)
-                connection.set(lease_key(self.id), self.id, px=max(1, int(ttl * 1000)))
+                # Redis's clock comes with the renewal, in the same round trip.
+                sent = clock.seconds()
+                pipe = connection.pipeline(transaction=False)
+                pipe.set(lease_key(self.id), self.id, px=max(1, int(ttl * 1000)))
+                pipe.time()
+                _, (seconds, micros) = pipe.execute()
+                self._compare_clocks(
+                    clock.skew(sent, clock.seconds(), seconds + micros / 1e6)
+                )
             except (RedisError, OSError, ImproperlyConfigured) as error:
                 if not self._failing:
                     self._failing = True
@@ -152,6 +169,39 @@ class Lease:
             self._stop.wait(period)
         if connection is not None:
             connection.close()
+
+    def _compare_clocks(self, skew: float) -> None:
+        """Warn, once until it comes back, that this server's clock is off Redis's.
+
+        Every server compares its clock with the one Redis, so two servers
+        within MAX_CLOCK_SKEW of it are within twice that of each other.
+        """
+        if abs(skew) <= MAX_CLOCK_SKEW:
+            if self._skewed:
+                self._skewed = False
+                logger.info(
+                    "presence: the clock of server %s is back within %s s of Redis's",
+                    self.id,
+                    MAX_CLOCK_SKEW,
+                )
+            return
+        if self._skewed:
+            return
+        self._skewed = True
+        logger.warning(
+            "presence: the clock of server %s is %.1f s %s Redis's (more than %s "
+            "s). Presence orders a socket's joins and leaves by the clocks of the "
+            "processes that stamp them, so a leave sent from another server may be "
+            "ordered before the join it follows, or a rejoin before an earlier "
+            "leave and be dropped; and last_seen, stamped by this clock, is "
+            "compared with the clocks of the workers that prune, so presences may "
+            "be pruned early or late. Keep every server's clock in sync with NTP "
+            "(chrony or systemd-timesyncd).",
+            self.id,
+            abs(skew),
+            "ahead of" if skew < 0 else "behind",
+            MAX_CLOCK_SKEW,
+        )
 
     def release(self) -> None:
         """Stop refreshing and give the lease up: the process is leaving."""

@@ -5,11 +5,15 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery import Celery, current_app
 from django.core.checks import CheckMessage, Error, Warning, run_checks
+from django.db import connections
+from django.db.models import Model
+from django.db.utils import ConnectionHandler
 from django.test import override_settings
 from pytest_django import Settings
 
@@ -337,3 +341,172 @@ def test_no_broker_and_no_django_celery_beat_are_both_reported(
     settings.CHANNELS_PRESENCE_USE_CELERY = True
     settings.INSTALLED_APPS = _without_beat(settings)
     assert ids() == ["channels_presence.E004", "channels_presence.W002"]
+
+
+# Databases: E011 (a back end presence does not support), E012 (SQLite before
+# 3.35), W003 (SQLite whose writers fail instead of queueing). No MySQL, MariaDB
+# or Oracle driver is installed here: their connections are stand-ins with what
+# Django's have before they connect. The SQLite ones are real, never opened.
+
+
+class StandIn:
+    """An unopened connection to a back end this machine has no driver for."""
+
+    def __init__(self, vendor: str, display_name: str, alias: str = "default"):
+        self.vendor = vendor
+        self.display_name = display_name
+        self.alias = alias
+        self.settings_dict: dict[str, Any] = {"OPTIONS": {}}
+        self.connection = None
+
+
+def sqlite(alias: str = "default", **options: Any) -> Any:
+    """A real SQLite connection of ``alias`` with these OPTIONS, not opened."""
+    database = {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}
+    # Django wants a "default" among them; an empty one is its dummy back end.
+    return ConnectionHandler({"default": {}, alias: {**database, "OPTIONS": options}})[
+        alias
+    ]
+
+
+class PresenceElsewhere:
+    """A router: channels_presence's models in the database "presence"."""
+
+    def db_for_read(self, model: type[Model], **hints: Any) -> str | None:
+        return self.db_for_write(model, **hints)
+
+    def db_for_write(self, model: type[Model], **hints: Any) -> str | None:
+        return "presence" if model._meta.app_label == "channels_presence" else None
+
+
+ROUTED_ELSEWHERE = override_settings(
+    DATABASE_ROUTERS=[f"{__name__}.{PresenceElsewhere.__name__}"]
+)
+
+
+@pytest.fixture
+def databases(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """``databases(alias=connection, ...)``: the connections the checks see."""
+
+    def use(**found: Any) -> None:
+        monkeypatch.setattr(checks_module, "connections", found)
+
+    return use
+
+
+@pytest.mark.parametrize(
+    ("vendor", "name", "missing"),
+    [
+        ("mysql", "MySQL", "ON CONFLICT"),
+        ("oracle", "Oracle", "ON CONFLICT"),
+        ("microsoft", "SQL Server", "PostgreSQL and SQLite"),
+    ],
+)
+def test_a_database_other_than_postgresql_or_sqlite_is_e011_saying_why(
+    databases: Callable[..., None], vendor: str, name: str, missing: str
+) -> None:
+    databases(default=StandIn(vendor, name))
+    message = the_message("channels_presence.E011", Error)
+    assert f"'default' ({name})" in message.msg
+    assert missing in message.msg
+    assert "PostgreSQL" in str(message.hint)
+
+
+def test_e011_says_mysql_and_mariadb_lack_returning_and_locks_held_to_commit(
+    databases: Callable[..., None],
+) -> None:
+    databases(default=StandIn("mysql", "MySQL"))
+    message = the_message("channels_presence.E011", Error)
+    for reason in ("MariaDB", "RETURNING", "ON CONFLICT", "commit"):
+        assert reason in message.msg
+
+
+@pytest.mark.parametrize("version", [(3, 31, 0), (3, 34, 1)], ids=str)
+def test_sqlite_before_3_35_is_e012(
+    databases: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    version: tuple[int, int, int],
+) -> None:
+    connection = sqlite(transaction_mode="IMMEDIATE")
+    written = ".".join(map(str, version))
+    monkeypatch.setattr(
+        connection,
+        "Database",
+        SimpleNamespace(sqlite_version_info=version, sqlite_version=written),
+    )
+    databases(default=connection)
+    message = the_message("channels_presence.E012", Error)
+    assert f"SQLite {written}" in message.msg
+    assert "RETURNING" in message.msg
+    assert "3.35" in str(message.hint)
+
+
+@pytest.mark.parametrize("version", [(3, 35, 0), (3, 45, 1)], ids=str)
+def test_sqlite_from_3_35_on_is_fine(
+    databases: Callable[..., None],
+    monkeypatch: pytest.MonkeyPatch,
+    version: tuple[int, int, int],
+) -> None:
+    connection = sqlite(transaction_mode="IMMEDIATE")
+    monkeypatch.setattr(
+        connection,
+        "Database",
+        SimpleNamespace(
+            sqlite_version_info=version, sqlite_version=".".join(map(str, version))
+        ),
+    )
+    databases(default=connection)
+    assert ids() == []
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"transaction_mode": None}, {"transaction_mode": "DEFERRED"}],
+    ids=["unset", "None", "DEFERRED"],
+)
+def test_sqlite_without_immediate_transactions_is_w003_with_the_setting(
+    databases: Callable[..., None], options: dict[str, Any]
+) -> None:
+    databases(default=sqlite(**options))
+    message = the_message("channels_presence.W003", Warning)
+    assert "'default'" in message.msg
+    assert "database is locked" in message.msg
+    assert 'DATABASES["default"]["OPTIONS"]["transaction_mode"] = "IMMEDIATE"' in str(
+        message.hint
+    )
+
+
+@pytest.mark.parametrize("mode", ["IMMEDIATE", "immediate", "EXCLUSIVE"])
+def test_sqlite_whose_transactions_take_the_write_lock_at_once_is_fine(
+    databases: Callable[..., None], mode: str
+) -> None:
+    databases(default=sqlite(transaction_mode=mode))
+    assert ids() == []
+
+
+@pytest.mark.skipif(
+    connections["default"].vendor != "sqlite", reason="the suite's database is SQLite"
+)
+def test_the_suites_own_sqlite_without_immediate_transactions_is_w003(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = connections["default"].settings_dict["OPTIONS"]
+    assert ids() == []
+    monkeypatch.delitem(options, "transaction_mode")
+    assert ids() == ["channels_presence.W003"]
+
+
+def test_only_the_database_of_the_presence_models_is_checked(
+    databases: Callable[..., None],
+) -> None:
+    routed = sqlite("presence", transaction_mode="IMMEDIATE")
+    databases(default=StandIn("mysql", "MySQL"), presence=routed)
+    assert ids() == ["channels_presence.E011"]
+    with ROUTED_ELSEWHERE:
+        assert ids() == []
+    databases(default=sqlite(), presence=StandIn("oracle", "Oracle", "presence"))
+    with ROUTED_ELSEWHERE:
+        message = the_message("channels_presence.E011", Error)
+    assert "'presence' (Oracle)" in message.msg
+    # Read from the connection's class and settings: nothing was opened.
+    assert routed.connection is None

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +27,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.test import override_settings
 from django.urls import path
 
-from channels_presence import leases
+from channels_presence import clock, leases
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.tasks import add_presence
@@ -171,6 +174,115 @@ def test_leases_off_means_no_server_id_and_nothing_dead() -> None:
         assert leases.Lease().server() == ""
         assert leases.dead_servers(["gone"]) == []
         assert leases.prune_servers() == []
+
+
+# This server's clock beside Redis's.
+
+
+def _clock_lines(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    offsets: list[float],
+) -> list[logging.LogRecord]:
+    """Renew a lease once per offset, this server's clock that many seconds
+    ahead of the real one at each renewal; the lines logged about its clock.
+
+    Only the lease's own thread sees the offset: the process's default lease
+    may be renewing at the same time.
+    """
+    lease = leases.Lease()
+    reads = renewals = 0
+    real_lease_key = leases.lease_key
+
+    def seconds() -> float:
+        nonlocal reads
+        if threading.current_thread() is not lease._thread:
+            return time.time()
+        # Two reads a renewal: before its round trip to Redis, and after.
+        offset = offsets[min(reads // 2, len(offsets) - 1)]
+        reads += 1
+        return time.time() + offset
+
+    def lease_key(server: str) -> str:
+        nonlocal renewals
+        if threading.current_thread() is lease._thread:
+            renewals += 1
+        return real_lease_key(server)
+
+    monkeypatch.setattr(clock, "seconds", seconds)
+    monkeypatch.setattr(leases, "lease_key", lease_key)
+    caplog.set_level(logging.INFO, logger="channels_presence")
+    with override_settings(CHANNELS_PRESENCE_SERVER_LEASE=0.3):
+        lease.server()
+        try:
+            # Once the renewal after the last offset's has begun, every
+            # offset's renewal is over, and logged what it would.
+            async_to_sync(wait_until)(lambda: renewals > len(offsets))
+        finally:
+            lease.release()
+    return [
+        record
+        for record in caplog.records
+        if lease.id in record.getMessage() and "clock" in record.getMessage()
+    ]
+
+
+def test_a_clock_far_from_redis_is_logged_once_saying_what_goes_wrong(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = _clock_lines(monkeypatch, caplog, [30.0] * 6)
+    assert [line.levelno for line in lines] == [logging.WARNING]
+    message = lines[0].getMessage()
+    ahead = re.search(r"is ([\d.]+) s ahead of Redis's", message)
+    assert ahead, message
+    assert float(ahead[1]) == pytest.approx(30, abs=0.5)
+    for consequence in ("leave", "join", "pruned", "NTP"):
+        assert consequence in message
+
+
+def test_a_clock_behind_redis_is_logged_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = _clock_lines(monkeypatch, caplog, [-30.0] * 4)
+    assert [line.levelno for line in lines] == [logging.WARNING]
+    assert "behind" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("offset", [0.0, leases.MAX_CLOCK_SKEW - 1])
+def test_a_clock_within_the_limit_of_redis_is_not_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, offset: float
+) -> None:
+    assert _clock_lines(monkeypatch, caplog, [offset] * 6) == []
+
+
+def test_a_clock_that_comes_back_and_strays_again_is_logged_again(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = _clock_lines(monkeypatch, caplog, [30.0] * 3 + [0.0] * 3 + [30.0] * 3)
+    assert [line.levelno for line in lines] == [
+        logging.WARNING,
+        logging.INFO,
+        logging.WARNING,
+    ]
+    assert "back within" in lines[1].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("sent", "received", "redis_time", "skew"),
+    [
+        (100.0, 100.0, 100.0, 0.0),
+        # Redis read its clock somewhere in the round trip: within it, no skew.
+        (100.0, 100.4, 100.0, 0.0),
+        (100.0, 100.4, 100.4, 0.0),
+        # Beyond it, only what the round trip cannot explain.
+        (100.0, 100.4, 110.0, 9.6),
+        (100.0, 100.4, 90.0, -10.0),
+    ],
+)
+def test_the_skew_is_redis_time_less_ours_beyond_what_the_round_trip_explains(
+    sent: float, received: float, redis_time: float, skew: float
+) -> None:
+    assert clock.skew(sent, received, redis_time) == pytest.approx(skew)
 
 
 # Removing their presences.
