@@ -48,8 +48,8 @@ from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connections, models, router
-from django.db.models import QuerySet
+from django.db import models, router
+from django.db.models import F, QuerySet
 from django.db.models.deletion import Collector
 from django.utils import timezone
 
@@ -1467,17 +1467,12 @@ def _member_statements(names: list[str], using: str) -> list[sql.Statement]:
     them: one statement (PostgreSQL)."""
     if not names:
         return []
-    room_model, presence_model = _models()
-
-    quote = connections[using].ops.quote_name
-    column = f"{quote(room_model._meta.db_table)}.{quote('channel_name')}"
+    _, presence_model = _models()
 
     def build(names: Any) -> list[QuerySet[Any]]:
         presences = presence_model.objects.using(using).filter(room__listed=True)
-        # The room's name, in the join that the filter above makes (what
-        # sql.any_of does for a column of the queryset's own table; in a
-        # subquery the table would be aliased).
-        named = presences.extra(where=[f"{column} = ANY(%s)"], params=[names])
+        # The room's name, in the join that the filter above makes.
+        named = presences.filter(sql.AnyOf(F("room__channel_name"), names))
         return [_member_values(named)]
 
     # Its SQL depends on the member fields, which settings name.

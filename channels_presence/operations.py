@@ -14,17 +14,24 @@ checked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, overload
 
 from channels.layers import BaseChannelLayer
 from django.apps import apps
-from django.db import router, transaction
+from django.db import (
+    DatabaseError,
+    InterfaceError,
+    OperationalError,
+    router,
+    transaction,
+)
 from django.db.models import Exists, OuterRef, QuerySet
 from django.utils import timezone
 
-from . import broadcast, changes, clock, groups, protocol, validation
+from . import broadcast, changes, clock, groups, protocol, sql, validation
 from .changes import Call, Join, Leave, LeaveAll
 from .conf import conf
 from .protocol import Counts, Entry
@@ -34,6 +41,8 @@ from .touches import touch as touch
 
 if TYPE_CHECKING:
     from .models import Presence, Room
+
+logger = logging.getLogger("channels_presence")
 
 # Departures are remembered for this many times MAX_AGE (ten minutes by default).
 DEPARTURE_RETENTION = 10
@@ -190,6 +199,64 @@ def apply(
     return changes.apply(calls, channel_layer=channel_layer, presences=presences)
 
 
+#: What a database that is down or overloaded raises: the whole batch waits
+#: for it (the task retries). Any other database error is the batch's own.
+OUTAGE = (OperationalError, InterfaceError)
+
+
+def apply_isolated(
+    calls: Sequence[Call], *, channel_layer: BaseChannelLayer | None = None
+) -> list[Call]:
+    """:func:`apply`, such that one call the database refuses costs no other.
+
+    When the change set fails with a database error that is not an outage
+    (an ``IntegrityError`` from a race, say), nothing of it was written; each
+    call is then applied on its own, in order (socket time orders them as
+    before), and a call that fails is tried once more. Returns the calls
+    given up, each logged with its error. An outage (``OUTAGE``) is raised.
+    """
+    try:
+        apply(calls, channel_layer=channel_layer)
+        return []
+    except OUTAGE:
+        raise
+    except DatabaseError as error:
+        if len(calls) == 1:
+            failed = [(calls[0], error)]
+        else:
+            logger.warning(
+                "presence: a batch of %s calls failed (%s); applying each on its own",
+                len(calls),
+                error,
+            )
+            failed = _each(calls, channel_layer)
+    given_up = []
+    for call, _ in failed:
+        try:
+            apply([call], channel_layer=channel_layer)
+        except OUTAGE:
+            raise
+        except DatabaseError as again:
+            logger.error("presence: gave up %r: %s", call, again)
+            given_up.append(call)
+    return given_up
+
+
+def _each(
+    calls: Sequence[Call], channel_layer: BaseChannelLayer | None
+) -> list[tuple[Call, DatabaseError]]:
+    """Apply each call on its own; return those that failed, with their errors."""
+    failed = []
+    for call in calls:
+        try:
+            apply([call], channel_layer=channel_layer)
+        except OUTAGE:
+            raise
+        except DatabaseError as error:
+            failed.append((call, error))
+    return failed
+
+
 def remove(
     presences: QuerySet[Presence], *, channel_layer: BaseChannelLayer | None = None
 ) -> list[Presence]:
@@ -318,32 +385,20 @@ def empty_rooms() -> QuerySet[Room]:
 def prune_rooms() -> list[str]:
     """Delete the rooms that have no presence; return their names, sorted."""
     room_model, _ = _models()
-    with transaction.atomic():
-        empty = empty_rooms()
-        names = sorted(empty.values_list("channel_name", flat=True))
-        if not names:
-            return []
-        # One DELETE that checks emptiness again. QuerySet.delete() would first
-        # read the rooms, then cascade to their presences by room id, deleting
-        # a presence that joined in between without a signal or group discard.
-        using = router.db_for_write(room_model)
-        deleted = empty.filter(channel_name__in=names)._raw_delete(using)
-        if deleted != len(names):
-            kept = set(
-                room_model.objects.filter(channel_name__in=names).values_list(
-                    "channel_name", flat=True
-                )
-            )
-            names = [name for name in names if name not in kept]
-    return names
+    with transaction.atomic(using=router.db_for_write(room_model)):
+        # One DELETE ... RETURNING that checks emptiness as it deletes.
+        # QuerySet.delete() would first read the rooms, then cascade to their
+        # presences by room id, deleting a presence that joined in between
+        # without a signal or group discard.
+        deleted = sql.delete_returning(empty_rooms(), ["channel_name"])
+    return sorted(name for (name,) in deleted)
 
 
 def forget_departures() -> int:
     """Forget the departures older than :func:`departure_retention`; return how many."""
     cutoff = timezone.now() - timedelta(seconds=departure_retention())
     departures = apps.get_model("channels_presence", "Departure").objects
-    old = departures.filter(left_at__lt=cutoff)
-    deleted: int = old._raw_delete(router.db_for_write(old.model))
+    deleted: int = departures.filter(left_at__lt=cutoff).delete()[0]
     return deleted
 
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar, cast
 from django.conf import settings
 from django.db import connections, models, transaction
 from django.db.backends.base.base import BaseDatabaseWrapper
-from django.db.models import QuerySet, signals
+from django.db.models import F, Lookup, QuerySet, signals
 from django.db.models.base import ModelState
 from django.db.models.expressions import RawSQL
 
@@ -612,6 +612,19 @@ def epoch_micros(queryset: QuerySet[Any], name: str) -> Any:
     )
 
 
+class AnyOf(Lookup):  # type: ignore[type-arg]
+    """``lhs = ANY(%s)``: ``lhs`` equals one of a list, sent as one array
+    parameter (PostgreSQL). Used as an expression: ``filter(AnyOf(F(name), values))``.
+    """
+
+    lookup_name = "any_of"
+    prepare_rhs = False
+
+    def as_sql(self, compiler: Any, connection: BaseDatabaseWrapper) -> Any:
+        lhs, params = self.process_lhs(compiler, connection)
+        return f"{lhs} = ANY(%s)", [*params, self.rhs]
+
+
 def any_of(
     queryset: QuerySet[Any], column: str, values: list[Any]
 ) -> list[QuerySet[Any]]:
@@ -622,12 +635,8 @@ def any_of(
     Elsewhere, IN lists within the parameter limit.
     """
     connection = connections[queryset.db]
-    model = queryset.model
     if connection.vendor == "postgresql":
-        quote = connection.ops.quote_name
-        field = model._meta.pk if column == "pk" else model._meta.get_field(column)
-        qualified = f"{quote(model._meta.db_table)}.{quote(cast(Any, field).column)}"
-        return [queryset.extra(where=[f"{qualified} = ANY(%s)"], params=[values])]
+        return [queryset.filter(AnyOf(F(column), values))]
     size = max(1, max_params(connection) - 100)
     return [
         queryset.filter(**{f"{column}__in": values[start : start + size]})

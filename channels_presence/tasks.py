@@ -81,7 +81,7 @@ def add_presence(
     key, when the socket side knew it (a visitor's session). A user that no
     longer exists joins anonymously, with a warning.
     """
-    operations.apply(
+    operations.apply_isolated(
         [
             _add(
                 room_channel_name,
@@ -148,7 +148,7 @@ def remove_presence(
     room_channel_name: str, user_channel_name: str, at: float | None = None
 ) -> None:
     """Take socket ``user_channel_name`` out of room ``room_channel_name``."""
-    operations.apply([_remove(room_channel_name, user_channel_name, at)])
+    operations.apply_isolated([_remove(room_channel_name, user_channel_name, at)])
 
 
 @shared_task(
@@ -159,7 +159,7 @@ def remove_presence(
 )
 def leave_all(user_channel_name: str, at: float | None = None) -> None:
     """Take socket ``user_channel_name`` out of every room (it disconnected)."""
-    operations.apply([_leave_all(user_channel_name, at)])
+    operations.apply_isolated([_leave_all(user_channel_name, at)])
 
 
 @shared_task(
@@ -173,8 +173,12 @@ def apply_batch(calls: list[list[Any]]) -> None:
 
     What one process's outbox sends when more than one join or leave waits:
     one message instead of many, applied as one change set per room. A call
-    with bad input is logged and skipped; the others still apply. A retry
-    applies them all again, which changes nothing for those already applied.
+    with bad input is logged and skipped; the others still apply. A call that
+    the database refuses (an ``IntegrityError`` from a race, say) costs no
+    other: the calls are then applied one by one, the failed one tried once
+    more, then logged as given up (``operations.apply_isolated``). A retry
+    for an outage applies them all again, which changes nothing for those
+    already applied.
     """
     if not isinstance(calls, list | tuple):
         raise TypeError(
@@ -202,7 +206,7 @@ def apply_batch(calls: list[list[Any]]) -> None:
             logger.exception(
                 "apply_batch: %s with %r %r is bad; skipped", name, args, kwargs
             )
-    operations.apply(checked)
+    operations.apply_isolated(checked)
 
 
 @shared_task(
