@@ -8,20 +8,22 @@
    that raises is logged;
 2. ``presence.expired`` to the sockets a prune is dropping, so that a live one
    can join again;
-3. the departed sockets leave the rooms' groups, unless a newer join put them
-   back since the commit;
+3. the joined sockets join the rooms' groups, and the departed ones leave
+   them (:func:`settle`), no lock held;
 4. each room's ``presence.diff`` to its events group, through the per-process
    :class:`Throttle` (``CHANNELS_PRESENCE_EVENT_INTERVAL``);
 5. ``presence.state`` to each subscribed socket that joined, the room's state
    built once and sent as one message per server process, in the round trip
    of the diffs sent at once and after them: the room's other sockets hear of
    the join first. A joiner gets its state instead of the diff sent with it,
-   which the state holds.
+   which the state holds;
+6. the groups of those sockets are checked against their rows, and mended
+   where a change set of another worker committed in between (:func:`settle`).
 
 The change set is committed before any of this: a channel layer that fails here
 is logged, and never undoes or repeats it. Clients converge through versions
 (a later diff, or the prune's ``presence.version`` beacon, shows a gap, and
-they sync); group discards that failed are retried in the background until the
+they sync); group changes that failed are retried in the background until the
 layer answers (:class:`Retries`).
 """
 
@@ -39,10 +41,10 @@ from typing import TYPE_CHECKING, Any
 from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections, models, router
+from django.db import close_old_connections, connections, models, router
 from django.db.models import QuerySet
 
-from . import groups, locks, protocol, sql
+from . import groups, protocol, sql
 from .conf import conf
 from .outages import CHANNEL_LAYER, outage
 from .protocol import Diff
@@ -78,17 +80,18 @@ def on_commit(
     layer: BaseChannelLayer,
     deliveries: list[Delivery],
     *,
+    joined: Sequence[tuple[str, str, int]] = (),
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
 ) -> None:
     """Deliver the change sets once the ``current`` transaction commits."""
-    if not deliveries and not departed and not notices:
+    if not deliveries and not joined and not departed and not notices:
         return
 
     # A plain function: Django names a failed robust callback by its
     # __qualname__, which a functools.partial lacks.
     def after_commit() -> None:
-        deliver(layer, deliveries, departed=departed, notices=notices)
+        deliver(layer, deliveries, joined=joined, departed=departed, notices=notices)
 
     current.on_commit(after_commit)
 
@@ -97,6 +100,7 @@ def deliver(
     layer: BaseChannelLayer,
     deliveries: list[Delivery],
     *,
+    joined: Sequence[tuple[str, str, int]] = (),
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
 ) -> None:
@@ -109,70 +113,139 @@ def deliver(
             layer,
             [(sockets, protocol.expired(room)) for room, sockets in notices],
         )
-    if departed:
+    changed = _Settling(layer, joined, departed)
+    changed.act()
+    if conf.BROADCAST:
+        states = [
+            (delivery.joiners, delivery.state)
+            for delivery in deliveries
+            if delivery.state is not None and delivery.joiners
+        ]
+        diffs = [d.diff for d in deliveries if d.diff is not None]
+        if diffs or states:
+            throttle.submit(layer, diffs, states)
+    changed.check()
+
+
+#: Times :func:`settle` reads the rows again after changing groups, at most.
+SETTLE_ROUNDS = 5
+
+
+def settle(
+    layer: BaseChannelLayer,
+    joined: Sequence[tuple[str, str, int]],
+    departed: Sequence[tuple[str, str]],
+) -> None:
+    """Make the groups of these (room, socket) pairs follow their rows.
+
+    No transaction or lock is held while the channel layer is waited for.
+    The ``joined`` (room, socket, events) are put in their rooms' groups and
+    the ``departed`` taken out; then their rows are read again. Another
+    worker may have committed a newer join or leave of one of those sockets
+    in between, whose own group change ours undid: a pair whose row says
+    otherwise than what was done last is mended, and read again, until they
+    agree. Whoever changes a group checks so after it, and each change comes
+    after its commit: the last check sees the last commit. Raises what the
+    layer raises (``groups.UNAVAILABLE``).
+    """
+    settling = _Settling(layer, joined, departed, background=False)
+    settling.act()
+    settling.check()
+
+
+class _Settling:
+    """:func:`settle` in two steps, for :func:`deliver` to send between them."""
+
+    def __init__(
+        self,
+        layer: BaseChannelLayer,
+        joined: Sequence[tuple[str, str, int]],
+        departed: Sequence[tuple[str, str]],
+        *,
+        background: bool = True,
+    ) -> None:
+        self.layer = layer
+        # Whether a failure is left to Retries (else it is raised).
+        self.background = background
+        self.joined = list(joined)
+        self.departed = list(departed)
+        # What was done last to each pair: in its groups, or out.
+        self.inside = {(room, socket): True for room, socket, _ in self.joined}
+        self.inside.update(dict.fromkeys(self.departed, False))
+        self.failed = False
+
+    def act(self) -> None:
+        """Join and leave the groups; a failure is retried in the background."""
         try:
-            discard(layer, departed)
+            if self.joined:
+                groups.add_now(self.layer, self.joined)
+            if self.departed:
+                groups.leave_now(self.layer, self.departed)
         except groups.UNAVAILABLE as error:
+            if not self.background:
+                raise
             outage.failed(
-                f"group discards of {len(departed)} departed sockets",
+                f"group changes of {len(self.inside)} sockets",
                 error,
                 "they are retried in the background",
             )
-            retries.add(layer, departed)
+            retries.add(self.layer, self.joined, self.departed)
+            self.failed = True
         else:
-            outage.recovered(CHANNEL_LAYER)
-    if not conf.BROADCAST:
-        return
-    states = [
-        (delivery.joiners, delivery.state)
-        for delivery in deliveries
-        if delivery.state is not None and delivery.joiners
-    ]
-    diffs = [delivery.diff for delivery in deliveries if delivery.diff is not None]
-    if diffs or states:
-        throttle.submit(layer, diffs, states)
+            if self.inside:
+                outage.recovered(CHANNEL_LAYER)
+
+    def check(self) -> None:
+        """Read the pairs' rows again, and mend the groups until they agree."""
+        if self.failed or not self.inside:
+            return
+        for _ in range(SETTLE_ROUNDS):
+            rows = _rows_of(sorted({socket for _, socket in self.inside}))
+            adds = [
+                (room, socket, rows[room, socket])
+                for (room, socket), inside in self.inside.items()
+                if not inside and (room, socket) in rows
+            ]
+            drops = [
+                pair
+                for pair, inside in self.inside.items()
+                if inside and pair not in rows
+            ]
+            if not adds and not drops:
+                return
+            self.joined, self.departed = adds, drops
+            self.inside.update({(room, socket): True for room, socket, _ in adds})
+            self.inside.update(dict.fromkeys(drops, False))
+            self.act()
+            if self.failed:
+                return
+        logger.warning(
+            "presence: the groups of %s sockets still disagreed with their rows "
+            "after %s checks; the next change of each mends it",
+            len(self.inside),
+            SETTLE_ROUNDS,
+        )
 
 
-#: Up to this many departed sockets are locked one by one for their discard;
-#: more take the lock of every socket.
-SOCKET_LOCKS = 1_000
-
-
-def discard(layer: BaseChannelLayer, departed: Sequence[tuple[str, str]]) -> None:
-    """Take the departed (room, socket) pairs out of their rooms' groups.
-
-    Another worker may have applied a newer join of a departed socket since
-    our commit, group add included: discarding it now would leave that
-    presence outside its group for good. So the check and the discard run
-    under the sockets' locks (every socket's, for many), which a join holds
-    from its group add to its commit. On PostgreSQL the locks and the check
-    are one round trip, with the transaction's BEGIN.
-    """
-    sockets = sorted({channel_name for _, channel_name in departed})
+def _rows_of(sockets: list[str]) -> dict[tuple[str, str], int]:
+    """The presences of ``sockets`` now: their events, by (room, socket)."""
     presence_model = apps.get_model("channels_presence", "Presence")
     using = router.db_for_write(presence_model)
-    with sql.atomic(using) as current:
-        statements = []
-        if current.connection.vendor == "postgresql":
-            lock = locks.sockets_statement(sockets)
-            if len(sockets) > SOCKET_LOCKS or lock is None:
-                lock = locks.every_socket_statement()
-            statements.append(lock)
 
-        def presences(sockets: Any) -> list[QuerySet[Any]]:
-            found = presence_model.objects.using(using).order_by()
-            return [
-                part.values_list("room__channel_name", "channel_name")
-                for part in sql.any_of(found, "channel_name", sockets)
-            ]
+    def presences(sockets: Any) -> list[QuerySet[Any]]:
+        found = presence_model.objects.using(using).order_by()
+        return [
+            part.values_list("room__channel_name", "channel_name", "events")
+            for part in sql.any_of(found, "channel_name", sockets)
+        ]
 
-        locked = len(statements)
-        statements += sql.compiled("broadcast.discard", using, presences, sockets)
-        # The (room, socket) pairs that have a presence again.
-        back = {row for rows in current.run(statements)[locked:] for row in rows}
-        gone = [pair for pair in departed if pair not in back]
-        if gone:
-            groups.leave_now(layer, gone)
+    found: dict[tuple[str, str], int] = {}
+    for statement in sql.compiled("broadcast.rows", using, presences, sockets):
+        with connections[using].cursor() as cursor:
+            cursor.execute(*statement)
+            for room, socket, events in cursor.fetchall():
+                found[room, socket] = events
+    return found
 
 
 def _signals(deliveries: list[Delivery]) -> None:
@@ -390,25 +463,32 @@ throttle = Throttle()
 
 
 class Retries:
-    """Group discards that failed after commit, tried again until they succeed.
+    """Group changes that failed after commit, tried again until they succeed.
 
     A background thread retries after RETRY_FIRST seconds, backing off to
-    RETRY_MAX; each retry checks again, under the sockets' locks, that the
-    sockets are still gone.
+    RETRY_MAX; each retry settles them again (:func:`settle`), so that a
+    socket that joined or left since is left as its row now says.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._pending: list[tuple[BaseChannelLayer, list[tuple[str, str]]]] = []
+        self._pending: list[
+            tuple[BaseChannelLayer, list[tuple[str, str, int]], list[tuple[str, str]]]
+        ] = []
         # Pairs being retried now: still pending until that is done.
         self._in_flight = 0
         self._thread: threading.Thread | None = None
         self._pid = 0
 
-    def add(self, layer: BaseChannelLayer, departed: Sequence[tuple[str, str]]) -> None:
-        """Retry the discard of ``departed`` in the background."""
+    def add(
+        self,
+        layer: BaseChannelLayer,
+        joined: Sequence[tuple[str, str, int]],
+        departed: Sequence[tuple[str, str]],
+    ) -> None:
+        """Retry the group changes of ``joined`` and ``departed`` in the background."""
         with self._lock:
-            self._pending.append((layer, list(departed)))
+            self._pending.append((layer, list(joined), list(departed)))
             if self._thread is None or self._pid != os.getpid():
                 self._pid = os.getpid()
                 self._thread = threading.Thread(
@@ -417,29 +497,33 @@ class Retries:
                 self._thread.start()
 
     def pending(self) -> int:
-        """How many (room, socket) pairs wait for their discard."""
+        """How many (room, socket) pairs wait for their group change."""
         with self._lock:
-            return self._in_flight + sum(len(pairs) for _, pairs in self._pending)
+            return self._in_flight + sum(
+                len(joined) + len(departed) for _, joined, departed in self._pending
+            )
 
     def clear(self) -> None:
-        """Give up every pending discard (tests, whose layers come and go)."""
+        """Give up every pending change (tests, whose layers come and go)."""
         with self._lock:
             self._pending.clear()
 
     def retry(self) -> bool:
-        """Try every pending discard once; True if none is left."""
+        """Try every pending change once; True if none is left."""
         with self._lock:
             pending, self._pending = self._pending, []
-            self._in_flight = sum(len(pairs) for _, pairs in pending)
+            self._in_flight = sum(
+                len(joined) + len(departed) for _, joined, departed in pending
+            )
         failed = []
-        for layer, departed in pending:
+        for layer, joined, departed in pending:
             try:
-                discard(layer, departed)
+                settle(layer, joined, departed)
             except groups.UNAVAILABLE as error:
-                logger.debug("presence: a group discard failed again: %s", error)
-                failed.append((layer, departed))
+                logger.debug("presence: a group change failed again: %s", error)
+                failed.append((layer, joined, departed))
             except Exception:
-                logger.exception("presence: a group discard failed; given up")
+                logger.exception("presence: a group change failed; given up")
         close_old_connections()
         with self._lock:
             self._pending[:0] = failed
@@ -447,7 +531,7 @@ class Retries:
             done = not self._pending
         if pending and not failed:
             outage.recovered(CHANNEL_LAYER)
-            logger.info("presence: the departed sockets' group discards went through")
+            logger.info("presence: the sockets' group changes went through")
         return done
 
     def _run(self) -> None:

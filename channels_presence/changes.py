@@ -228,12 +228,34 @@ def apply(
     if not calls:
         return result
     layer = groups.get_layer(channel_layer)
-    room_model, presence_model = _models()
+    _, presence_model = _models()
     sockets = sorted({call.channel_name for call in calls})
     now = timezone.now()
     using = router.db_for_write(presence_model)
     # Each join's key, made once: the locks' round trip counts its sockets.
     calls = [_keyed(call) for call in calls]
+    # The socket side put the sockets in their rooms' groups before it handed
+    # their joins over: if writing fails, those new to their rooms leave them
+    # again, once the transaction (and its locks) is over.
+    undo: list[tuple[str, str]] = []
+    try:
+        return _apply(calls, sockets, layer, now, using, presences, result, undo)
+    finally:
+        if undo:
+            _undo_adds(layer, undo)
+
+
+def _apply(
+    calls: Sequence[Call],
+    sockets: list[str],
+    layer: BaseChannelLayer,
+    now: datetime,
+    using: str,
+    presences: bool,
+    result: Result,
+    undo: list[tuple[str, str]],
+) -> Result:
+    room_model, _ = _models()
     with sql.atomic(using) as current:
         read = _lock_and_read(current, calls, sockets)
         rooms = read.rooms
@@ -246,10 +268,6 @@ def apply(
             for (room, socket), pair in sorted(pairs.items())
             if pair.joined and pair.after is not None
         ]
-        # The sockets put in rooms join the rooms' groups first, under their
-        # locks; if writing fails, those that were not in the room leave again.
-        if joined:
-            groups.add_now(layer, joined)
         try:
             changes = _changes(
                 pairs,
@@ -267,16 +285,16 @@ def apply(
                 rooms,
                 layer,
                 writes=_writes(current, pairs, rooms, left),
+                joined=joined,
                 departed=departed,
                 users=users,
                 members=read.members,
                 counted=read.counted,
             )
         except BaseException:
-            # Unless it committed: then the rows stand, and so must the adds.
+            # Unless it committed: then the rows stand, and their groups.
             if not current.committed:
-                fresh = [(r, s) for r, s, _ in joined if not pairs[r, s].before]
-                _undo_adds(layer, fresh)
+                undo += [(r, s) for r, s, _ in joined if not pairs[r, s].before]
             raise
         # Before the deliveries that name them go out, after commit.
         _number(changes, written)
@@ -298,11 +316,10 @@ def _number(
 
 
 def _undo_adds(layer: BaseChannelLayer, fresh: list[tuple[str, str]]) -> None:
-    """Writing failed: the sockets new to their rooms leave the groups again."""
-    if not fresh:
-        return
+    """Writing failed: the sockets new to their rooms leave the groups again
+    (unless another change set has put them there since: ``broadcast.settle``)."""
     try:
-        groups.leave_now(layer, fresh)
+        broadcast.settle(layer, [], fresh)
     except groups.UNAVAILABLE:  # pragma: no cover - best effort
         logger.exception("presence: could not undo the group adds of %s", fresh)
 
@@ -1063,6 +1080,7 @@ def _commit(
     layer: BaseChannelLayer,
     *,
     writes: Sequence[sql.Statement] = (),
+    joined: Sequence[tuple[str, str, int]] = (),
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
     users: dict[Any, Any] | None = None,
@@ -1152,7 +1170,9 @@ def _commit(
     deliveries = [_delivery(change, users) for change in changes.values()]
     names = {change.room.pk: change.room.channel_name for change in changes.values()}
     current.on_commit(lambda: known.keep(kept, names))
-    broadcast.on_commit(current, layer, deliveries, departed=departed, notices=notices)
+    broadcast.on_commit(
+        current, layer, deliveries, joined=joined, departed=departed, notices=notices
+    )
     return written
 
 

@@ -3,8 +3,8 @@
 Every lock is held until the transaction that took it ends, and every
 transaction takes its locks in one order, so no two wait for each other:
 
-1. the lock of every socket, shared (or, for a removal of many sockets'
-   group memberships, exclusive);
+1. the lock of every socket, shared (an operator, or a test, can hold off
+   every join and leave by taking it exclusive);
 2. the locks of single sockets, sorted, all in one statement;
 3. the rows of the rooms it changes, sorted by name, all in one statement
    (``SELECT ... FOR UPDATE``, in ``changes``);
@@ -14,6 +14,8 @@ A join and a leave of one socket take its socket lock, so that each sees what
 the other committed, and socket time orders them. A change set takes its rooms'
 rows, so that versions and counts move by exactly one change set at a time. A
 prune takes only room rows: it never waits on a socket lock while holding one.
+No lock is held while the channel layer is waited for: groups change after
+commit, and are checked against the rows after (``broadcast.settle``).
 
 PostgreSQL takes advisory locks; SQLite lets one writer in at a time already
 (``BEGIN IMMEDIATE``), and needs none.
@@ -61,16 +63,6 @@ def sockets_statement(channel_names: Iterable[str]) -> Statement | None:
         "ORDER BY key) AS locked)",
         [EVERY_SOCKET, keys],
     )
-
-
-def every_socket_statement() -> Statement:
-    """The statement that waits until no socket's join or leave is running,
-    and holds them off (PostgreSQL).
-
-    For the group discards of a removal of many sockets (a prune), which
-    cannot take thousands of socket locks at once.
-    """
-    return ("SELECT pg_advisory_xact_lock(%s)", [EVERY_SOCKET])
 
 
 def socket_key(name: str) -> int:

@@ -696,11 +696,13 @@ def test_a_join_into_a_room_this_process_forgot_reads_its_members_with_the_locks
     assert "specific.f!4" not in str(state)
     if sql.can_combine(connection):
         # Read with the locks: the writes and the room's update go with
-        # COMMIT, in the second round trip.
-        first, last = [q["sql"] for q in queries.captured_queries]
+        # COMMIT, in the second round trip. After commit, with no lock, the
+        # socket's groups are checked against its rows (broadcast.settle).
+        first, last, check = [q["sql"] for q in queries.captured_queries]
         assert first.startswith("BEGIN; ")
         assert '"joined_at"' in first
         assert last.endswith("; COMMIT")
+        assert check.startswith("SELECT ")
     # Known now: the next joiner's state is built without a read.
     other = async_to_sync(layer.new_channel)()
     with CaptureQueriesContext(connection) as queries:
