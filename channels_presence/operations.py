@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any, overload
 
 from channels.layers import BaseChannelLayer
 from django.apps import apps
+from django.contrib.auth import get_user_model
 from django.db import (
     DatabaseError,
     InterfaceError,
     OperationalError,
+    connections,
     router,
     transaction,
 )
@@ -266,6 +268,45 @@ def remove(
     per presence; their diffs give the reason ``removed``.
     """
     return changes.remove(presences, protocol.REMOVED, channel_layer=channel_layer)
+
+
+def remove_user(
+    user: Any,
+    *,
+    using: str | None = None,
+    channel_layer: BaseChannelLayer | None = None,
+) -> list[Presence]:
+    """Take every socket of ``user`` out of its rooms; return the presences removed.
+
+    What deleting a user does first (``receivers``), in the transaction that
+    deletes it, on its database (``using``): as :func:`remove`, one change
+    set per room, but the diffs' leaves and ``user_left_room`` give the
+    reason ``user_deleted``. The user's row is left to the caller; where the
+    database can, it stays locked until the caller's transaction ends, so that
+    no join of the user commits behind the removal.
+    """
+    _, presence_model = _models()
+    db = using or router.db_for_write(presence_model)
+    presences = presence_model.objects.using(db).filter(user_id=user.pk)
+    # Inside the delete's transaction, whose failure this is: no savepoint.
+    with transaction.atomic(using=db, savepoint=False):
+        removed = changes.remove(
+            presences, protocol.USER_DELETED, channel_layer=channel_layer
+        )
+        if connections[db].features.has_select_for_update:
+            # A join of the user that another worker commits now, in a room
+            # the removal did not lock, would be deleted by the cascade with
+            # no change set. Once the user's row is locked, a join's
+            # foreign key check waits for it (and fails if the user goes);
+            # those that committed before are removed here. The room locks
+            # come first, as in a join, whose check comes at its commit.
+            # (SQLite lets one transaction write at a time.)
+            locked = get_user_model()._base_manager.using(db).select_for_update()
+            list(locked.filter(pk=user.pk).values_list("pk", flat=True))
+            removed += changes.remove(
+                presences, protocol.USER_DELETED, channel_layer=channel_layer
+            )
+    return removed
 
 
 def stale_presences(

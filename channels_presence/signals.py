@@ -22,7 +22,8 @@ user_joined_room = Signal()
 # Sent after commit, once, when a member key's last socket in a room goes.
 #   sender: the Room class
 #   room:   the Room instance
-#   user:   the user, or None for an anonymous visitor
+#   user:   the user, or None for an anonymous visitor; for "user_deleted",
+#           the user as it was (its row is gone)
 #   key:    the member key
 #   reason: why its last socket went: "left", "expired", "server_lost",
 #           "removed" or "user_deleted"
