@@ -118,8 +118,8 @@ class Outbox:
         self._dropping = False
         self._told_fallback = False
         self._watch = heartbeat.Watch()
+        # What was published, in joins and leaves and touch tasks (bench/ reads it).
         self.sent = 0
-        self.dropped = 0
 
     def send(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Queue task ``name`` for the broker; return at once."""
@@ -139,7 +139,7 @@ class Outbox:
             self._ensure_running()
             if channel_name not in self._touches:
                 if len(self._tasks) + len(self._touches) >= self.limit:
-                    self._drop("a touch", 1)
+                    self._drop("a touch")
                     return
                 first = not self._touches
                 self._touches.add(channel_name)
@@ -408,14 +408,13 @@ class Outbox:
     def _make_room(self) -> None:
         # Called with the lock held, when the outbox is full.
         if self._touches:
-            self._drop("touches", len(self._touches))
+            self._drop(f"{len(self._touches)} touches")
             self._touches.clear()
         else:
             self._tasks.popleft()
-            self._drop("the oldest join or leave", 1)
+            self._drop("the oldest join or leave")
 
-    def _drop(self, what: str, count: int) -> None:
-        self.dropped += count
+    def _drop(self, what: str) -> None:
         if self._dropping:
             return
         self._dropping = True

@@ -598,13 +598,13 @@ def test_a_full_outbox_drops_touches_first_then_the_oldest_joins_and_leaves(
     for n in range(10, 12):  # only joins and leaves left: the oldest go
         box.send(ADD, "lobby", f"specific.full!{n}", None, at=float(n))
     assert box.pending() == (10, 0)
-    assert box.dropped == 1 + 6 + 1 + 2
     full = [m for m in _records(caplog, logging.ERROR) if "is full" in m]
     assert len(full) == 1, full
 
     broker.start()
     assert box.flush(10)
     messages = broker.messages()
+    # Every touch was dropped (none reached the broker), and the two oldest joins.
     assert [m.kwargs["at"] for m in messages] == [float(n) for n in range(2, 12)]
     assert [m.task for m in messages] == [ADD, ADD, LEAVE_ALL] + [ADD] * 7
 
