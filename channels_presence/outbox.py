@@ -21,8 +21,9 @@ While the broker is down the outbox keeps what it holds and tries again every
 ends, not once per task. It holds at most ``limit`` items: past that, touches
 are dropped first (a socket touches again within TOUCH_INTERVAL), and only then
 the oldest joins and leaves, each drop logged. Whatever is pending when the
-process exits is sent then, on a best-effort basis, and logged if it could not be.
-Every line about the broker names it, its password masked.
+process exits is sent then by the sender thread, on a best-effort basis, and
+logged if it could not be. Every line about the broker names it, its password
+masked.
 
 Each message is stamped with the time it was published, and the sender thread
 watches whether a worker applies them (``channels_presence.heartbeat``): tasks
@@ -168,29 +169,34 @@ class Outbox:
         return self.pending() == (0, 0)
 
     def close(self) -> None:
-        """Stop the sender and send what is left; log what could not be sent."""
+        """Stop the sender once it has sent what is left; wait up to
+        ``exit_timeout`` for it. What could not be sent is logged.
+
+        The sender sends the rest itself, touches included: its producer and
+        connection are never used from two threads at once. A sender still
+        publishing when the wait ends is left to finish (this thread would
+        otherwise publish beside it, and publish its batch twice); what it
+        has not sent then is logged, and is lost if the process exits.
+        """
         # At the exit of a forked child, what is pending is its parent's.
         self._after_fork()
         self._stop.set()
         self._wake.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(self.exit_timeout)
-        try:
-            self._send_pending(touches_due=True)
-        except UNREACHABLE as error:
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(self.exit_timeout)
+        if thread.is_alive():
             tasks, touches = self.pending()
             logger.error(
-                "presence outbox: %d joins and leaves and %d touches could not be "
-                "sent at exit, the broker at %s is unavailable (%s); "
-                "prune_presences will catch up",
+                "presence outbox: %d joins and leaves and %d touches were not sent "
+                "within %s s at close: the sender is still publishing to the broker "
+                "at %s; lost if the process exits now, prune_presences will catch up",
                 tasks,
                 touches,
+                self.exit_timeout,
                 self._broker(),
-                error,
             )
-        finally:
-            self._disconnect()
 
     # The sender thread.
 
@@ -200,8 +206,8 @@ class Outbox:
             self._reset()
 
     def _ensure_running(self) -> None:
-        # Called with the lock held.
-        if self._thread is None:
+        # Called with the lock held. A closed outbox keeps what it is given.
+        if self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(
                 target=self._run, name="channels-presence-outbox", daemon=True
             )
@@ -209,6 +215,12 @@ class Outbox:
             atexit.register(self.close)
 
     def _run(self) -> None:
+        try:
+            self._sending()
+        finally:
+            self._last_send()
+
+    def _sending(self) -> None:
         while not self._stop.is_set():
             # A lone join goes at once: it is on the path of every join seen.
             # A burst gathers into one message (each publish costs the sender
@@ -240,6 +252,26 @@ class Outbox:
                 self._wake.wait(min(wait, watching) if watching else wait)
             else:
                 self._wake.wait(watching)
+
+    def _last_send(self) -> None:
+        """Once closed: send what is left, touches included, once."""
+        try:
+            self._send_pending(touches_due=True)
+        except UNREACHABLE as error:
+            tasks, touches = self.pending()
+            logger.error(
+                "presence outbox: %d joins and leaves and %d touches could not be "
+                "sent at exit, the broker at %s is unavailable (%s); "
+                "prune_presences will catch up",
+                tasks,
+                touches,
+                self._broker(),
+                error,
+            )
+        except Exception:
+            logger.exception("presence outbox: the sender failed at exit")
+        finally:
+            self._disconnect()
 
     def _gather(self) -> None:
         """While joins and leaves keep coming, let them gather a while longer.

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import kombu
 import pytest
 import redis
 from celery import Celery
@@ -818,6 +820,70 @@ def test_an_exit_with_the_broker_down_is_quick_with_celerys_default_options(
     assert done.code == 0, done.stderr
     assert LOST in done.stderr, done.stderr
     assert done.exit_took < 1.0 + 2, done.exit_took
+
+
+@pytest.fixture
+def slow_publishes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Each kombu publish takes half a second; what they did is recorded."""
+    seen: dict[str, Any] = {
+        "now": 0,
+        "most": 0,
+        "threads": [],
+        "started": threading.Event(),
+    }
+    lock = threading.Lock()
+    publish = kombu.Producer.publish
+
+    def slow(self: kombu.Producer, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            seen["now"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+            seen["threads"].append(threading.current_thread().name)
+        seen["started"].set()
+        try:
+            time.sleep(0.5)
+            return publish(self, *args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(kombu.Producer, "publish", slow)
+    return seen
+
+
+def test_close_never_publishes_beside_the_sender_and_loses_nothing(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    slow_publishes: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # close() is called mid-publish, and gives up waiting (exit_timeout)
+    # before the sender is done: the producer is still the sender's.
+    box = make_outbox(exit_timeout=0.2)
+    box.send(LEAVE_ALL, "specific.close!0", at=0.0)
+    assert slow_publishes["started"].wait(5)
+    box.send(ADD, "lobby", "specific.close!1", None, at=1.0)
+    box.send(LEAVE_ALL, "specific.close!1", at=2.0)
+    box.touch("specific.close!1")
+    started = time.monotonic()
+    box.close()
+    closing = time.monotonic() - started
+    sender = box._thread
+    assert sender is not None
+    sender.join(10)  # in a process that goes on, the sender sends the rest
+
+    assert slow_publishes["most"] == 1, "two publishes overlapped"
+    assert set(slow_publishes["threads"]) == {"channels-presence-outbox"}
+    assert closing < 0.45  # it waited exit_timeout, no more
+    assert [(m.task, m.args) for m in broker.messages()] == [
+        (LEAVE_ALL, ["specific.close!0"]),
+        (ADD, ["lobby", "specific.close!1", None]),
+        (LEAVE_ALL, ["specific.close!1"]),
+        (TOUCH_TASK, [["specific.close!1"]]),
+    ]
+    assert box.pending() == (0, 0)
+    (busy,) = [m for m in _records(caplog, logging.ERROR) if "still publishing" in m]
+    assert "3 joins and leaves and 1 touches" in busy, busy
 
 
 # 6. A forked child is not its parent.
