@@ -20,7 +20,9 @@ While the broker is down the outbox keeps what it holds and tries again every
 ``retry_interval`` seconds; the outage is logged when it starts and when it
 ends, not once per task. It holds at most ``limit`` items: past that, touches
 are dropped first (a socket touches again within TOUCH_INTERVAL), and only then
-the oldest joins and leaves, each drop logged. Whatever is pending when the
+the oldest joins and leaves, each drop logged. A publish that fails for another
+reason (an argument that cannot be serialized, a bug) would fail again: what it
+held is dropped, and logged with what that was. Whatever is pending when the
 process exits is sent then by the sender thread, on a best-effort basis, and
 logged if it could not be. Every line about the broker names it, its password
 masked.
@@ -40,6 +42,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -56,11 +59,17 @@ logger = logging.getLogger("channels_presence")
 
 TOUCH_TASK = "channels_presence.tasks.touch_presences"
 BATCH_TASK = "channels_presence.tasks.apply_batch"
+JOIN_TASKS = frozenset({"channels_presence.tasks.add_presence"})
+LEAVE_TASKS = frozenset(
+    {"channels_presence.tasks.remove_presence", "channels_presence.tasks.leave_all"}
+)
 # Joins and leaves sent in one apply_batch message, at most.
 BATCH_SIZE = 500
 
-# What a broker that is down or unreachable raises; anything else is a bug, and
-# the task that raised it is dropped (and logged) rather than retried forever.
+# What a broker that is down or unreachable raises (a Redis error reply too: a
+# replica that a failover has not promoted yet answers READONLY, a full one
+# OOM); anything else is a bug, and the tasks that raised it are dropped (and
+# logged, with what they were) rather than retried forever.
 UNREACHABLE = (BrokerError, RedisError, OSError, TimeoutError)
 
 Task = tuple[str, tuple[Any, ...], dict[str, Any]]
@@ -309,8 +318,8 @@ class Outbox:
                     self._publish(BATCH_TASK, (calls,), {}, carrying=len(batch))
             except UNREACHABLE:
                 raise
-            except Exception:
-                logger.exception("presence outbox: tasks %s could not be sent", batch)
+            except Exception as error:
+                self._lost(error, batch, [])
             with self._lock:
                 self._recent.append((time.monotonic(), len(batch)))
                 for task in batch:
@@ -333,6 +342,8 @@ class Outbox:
                 room = max(self.limit - len(self._tasks) - len(self._touches), 0)
                 self._touches.update(names[:room])
             raise
+        except Exception as error:
+            self._lost(error, [], names)
         finally:
             with self._lock:
                 self._touches_in_flight = 0
@@ -446,6 +457,19 @@ class Outbox:
             self._tasks.popleft()
             self._drop("the oldest join or leave")
 
+    def _lost(self, error: Exception, tasks: list[Task], touches: list[str]) -> None:
+        # Called in an except block: the traceback goes with the line.
+        logger.exception(
+            "presence outbox: dropped %s: publishing them to the broker at %s "
+            "failed (%s: %s), which is not an outage (an outage's are kept and "
+            "retried); they were %s",
+            _counted(tasks, touches),
+            self._broker(),
+            type(error).__name__,
+            error,
+            _listed(tasks, touches),
+        )
+
     def _drop(self, what: str) -> None:
         if self._dropping:
             return
@@ -486,6 +510,38 @@ class Outbox:
 
 #: The outbox of this process, that the decorators and the mixin use.
 default = Outbox()
+
+
+#: Tasks, and touched sockets, that a line about a dropped publish names.
+LISTED = 10
+
+
+def _counted(tasks: Sequence[Task], touches: Sequence[str]) -> str:
+    """How many joins, leaves (and other tasks) and touches: "2 joins, ..."."""
+    joins = sum(name in JOIN_TASKS for name, _, _ in tasks)
+    leaves = sum(name in LEAVE_TASKS for name, _, _ in tasks)
+    others = len(tasks) - joins - leaves
+    other = f", {others} other tasks" if others else ""
+    return f"{joins} joins, {leaves} leaves{other} and {len(touches)} touches"
+
+
+def _listed(tasks: Sequence[Task], touches: Sequence[str]) -> str:
+    """The first LISTED tasks, as calls, and touched sockets, for a log line."""
+    calls = [
+        f"{name.rpartition('.')[2]}({', '.join(map(repr, args))})"[:200]
+        for name, args, _ in tasks[:LISTED]
+    ]
+    parts = []
+    if tasks:
+        parts.append(", ".join(calls) + _more(len(tasks)))
+    if touches:
+        named = ", ".join(map(repr, touches[:LISTED]))
+        parts.append(f"touches of {named}{_more(len(touches))}")
+    return "; ".join(parts)
+
+
+def _more(count: int) -> str:
+    return f" and {count - LISTED} more" if count > LISTED else ""
 
 
 def _shown(name: str, args: tuple[Any, ...], carrying: int) -> str:
