@@ -5,19 +5,29 @@ room is in it, so the room's own messages reach its members (1.0.0's contract).
 Presence events go to a second group per room, the *events group*, which only
 sockets that asked for them join: Channels closes a consumer that receives a
 message type it has no handler for, so a 1.0.0-style consumer must never get one.
+
+On channels_redis's own layer, at a release that a test pins
+(``FAST_PATH_VERSIONS``), adds, discards and sends go straight to its keys, in
+pipelines, with a copy of its send script: the *fast path*. Every other layer,
+and channels_redis at any other release, takes the public API (``group_add``,
+``group_discard``, ``group_send``, ``send``): correct everywhere, only slower.
+:func:`fast_path` decides, and every use of channels_redis's internals asks it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import importlib.metadata
 import logging
 import os
+import re
 import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeGuard, TypeVar
 
 import redis
 from asgiref.sync import async_to_sync
@@ -41,6 +51,56 @@ PIPELINE_SIZE = 1_000
 UNAVAILABLE = (RedisError, OSError, TimeoutError)
 
 
+#: The channels-redis releases whose internals the fast path copies, from the
+#: first to the last, both included: their group_add, group_discard,
+#: group_send, send and receive, key layout and shard hash are the same, and
+#: tests/test_groups.py (which meets the fast path with channels_redis's own
+#: calls both ways) passed on each of 4.0.0, 4.1.0, 4.2.0, 4.2.1 and 4.3.0. A
+#: later release, even a bugfix one, takes the public API until that test has
+#: passed on it and this range names it: a layout changed under the fast path
+#: would lose messages silently, where the public path only costs round trips.
+#: (pyproject.toml leaves channels-redis uncapped for that reason: a new
+#: release must work, just not fast until it is pinned.)
+FAST_PATH_VERSIONS: tuple[tuple[int, int, int], tuple[int, int, int]] = (
+    (4, 0, 0),
+    (4, 3, 0),
+)
+
+
+def fast_path(layer: BaseChannelLayer) -> TypeGuard[RedisChannelLayer]:
+    """Whether channels_redis's internals may be used on ``layer``.
+
+    Only on ``RedisChannelLayer`` itself, not a subclass: a subclass exists to
+    change something (its keys, its serializer, what its group_send does),
+    and the fast path would skip that without a word. And only while the
+    installed channels-redis is a release of ``FAST_PATH_VERSIONS``.
+    """
+    if type(layer) is not RedisChannelLayer:
+        return False
+    release = _installed_channels_redis()
+    low, high = FAST_PATH_VERSIONS
+    return release is not None and low <= release <= high
+
+
+@functools.cache
+def _installed_channels_redis() -> tuple[int, int, int] | None:
+    """The installed channels-redis release, read once; None if not a final one."""
+    try:
+        return _release(importlib.metadata.version("channels-redis"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _release(version: str) -> tuple[int, int, int] | None:
+    """``(4, 3, 0)`` for "4.3.0" or "4.3"; None for a pre-, post-, dev or local
+    release, which no test can have pinned."""
+    found = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
+    if found is None:
+        return None
+    major, minor, patch = found.groups()
+    return int(major), int(minor), int(patch or 0)
+
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -53,7 +113,7 @@ _loops = threading.local()
 def keep_loops() -> None:
     """Let :func:`run_sync` reuse one event loop per thread in this process.
 
-    For a Celery worker's task processes, on a layer other than channels_redis
+    For a Celery worker's task processes, on a layer without the fast path
     (whose calls go through blocking clients there, see :func:`add_now`).
     There ``async_to_sync`` would make a new event loop for every
     channel-layer call, and a layer new connections for every loop. Elsewhere it
@@ -129,7 +189,7 @@ async def add(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) ->
     """Put each (room, socket, events) in the room's group, and in its events
     group if it handles diffs (``protocol.DIFF_EVENTS``): one round trip."""
     calls = _added(joins)
-    if isinstance(layer, RedisChannelLayer):
+    if fast_path(layer):
         await _pipelined(layer, _group_commands(layer, ADD, calls))
     else:
         await _in_batches(layer.group_add(g, c) for g, c in calls)
@@ -138,7 +198,7 @@ async def add(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) ->
 async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> None:
     """Take each (room, socket) pair out of the room's group and events group."""
     calls = _left(pairs)
-    if isinstance(layer, RedisChannelLayer):
+    if fast_path(layer):
         await _pipelined(layer, _group_commands(layer, DISCARD, calls))
     else:
         await _in_batches(layer.group_discard(g, c) for g, c in calls)
@@ -147,7 +207,7 @@ async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> No
 def add_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
     """:func:`add`, from sync code (a sync consumer's thread, a change set).
 
-    On a channels_redis layer the same commands go through a blocking Redis
+    On the fast path the same commands go through a blocking Redis
     client of this process: ``async_to_sync`` would hop to an event loop and
     back, which costs more than the round trip itself (and a change set
     waits for it with its locks held).
@@ -187,7 +247,6 @@ def _now(layer: BaseChannelLayer, operation: str, calls: list[tuple[str, str]]) 
     clients = _blocking_clients(layer)
     if clients is None:
         return False
-    assert isinstance(layer, RedisChannelLayer)
     _pipelined_now(clients, _group_commands(layer, operation, calls))
     return True
 
@@ -226,8 +285,11 @@ _BLOCKING_MADE = threading.Lock()
 
 
 def _blocking_clients(layer: BaseChannelLayer) -> list[redis.Redis] | None:
-    """Blocking clients of the layer's shards, made once per layer and process."""
-    if not isinstance(layer, RedisChannelLayer):
+    """Blocking clients of the layer's shards, made once per layer and process.
+
+    None off the fast path: they write channels_redis's keys themselves.
+    """
+    if not fast_path(layer):
         return None
     if layer in _BLOCKING:
         # Every sync consumer's join and leave asks: no lock once made.
@@ -384,7 +446,8 @@ def _parts(items: list[T]) -> list[list[T]]:
 
 
 # What channels_redis's group_send runs on each shard for a group's members
-# there, with the expiry of old messages (a separate pipeline there) folded in.
+# there, with the expiry of old messages (a separate pipeline there) folded in:
+# a copy, so used on the fast path only (FAST_PATH_VERSIONS).
 # KEYS: the channel keys; ARGV: their messages, then their capacities, then
 # the message expiry cutoff, the time, and the expiry.
 _SEND_LUA = """
@@ -574,13 +637,16 @@ def _by_key(
 async def send_to_channels(
     layer: BaseChannelLayer, deliveries: Iterable[tuple[list[str], dict[str, Any]]]
 ) -> None:
-    """Send each message to each channel of its list (not to a group)."""
+    """Send each message to each channel of its list (not to a group), a
+    channel's messages in their order."""
     deliveries = [(list(names), message) for names, message in deliveries]
-    if isinstance(layer, RedisChannelLayer):
+    if fast_path(layer):
         await _redis_push(layer, deliveries)
         return
-    await _in_batches(
-        layer.send(name, message) for names, message in deliveries for name in names
+    await _in_order(
+        (name, functools.partial(layer.send, name, message))
+        for names, message in deliveries
+        for name in names
     )
 
 
@@ -593,19 +659,25 @@ def send_to_channels_now(
     if clients is None:
         run_sync(send_to_channels, layer, deliveries)
         return
-    assert isinstance(layer, RedisChannelLayer)
     _log_over_capacity(_pipelined_now(clients, _push_commands(layer, deliveries)))
 
 
 async def send(
     layer: BaseChannelLayer, messages: Iterable[tuple[str, dict[str, Any]]]
 ) -> None:
-    """Send each (group, message) pair."""
+    """Send each (group, message) pair.
+
+    A group's messages arrive in their order. Those of different groups may
+    arrive in any order, except on the fast path, which keeps the order given.
+    """
     messages = list(messages)
-    if isinstance(layer, RedisChannelLayer):
+    if fast_path(layer):
         await _redis_send(layer, messages)
         return
-    await _in_batches(layer.group_send(group, message) for group, message in messages)
+    await _in_order(
+        (group, functools.partial(layer.group_send, group, message))
+        for group, message in messages
+    )
 
 
 #: A message for some members of a group instead of the group's own messages
@@ -622,7 +694,7 @@ def send_now(
 
     ``instead``: messages for channels of a group, sent to them in place of
     that group's messages (joined sockets get their room's state, which
-    holds the diff sent with it). On channels_redis they are pushed in the
+    holds the diff sent with it). On the fast path they are pushed in the
     same round trip as the groups' messages, after them: a server process
     receives one message at a time, and the room's other sockets are the
     ones waiting. Elsewhere they are sent first, and the group's messages
@@ -637,7 +709,6 @@ def send_now(
             run_sync(send_to_channels, layer, deliveries)
         run_sync(send, layer, messages)
         return
-    assert isinstance(layer, RedisChannelLayer)
     _redis_send_now(layer, clients, messages, replacing)
 
 
@@ -656,6 +727,25 @@ async def apply(
     await send(layer, notices)
     await leave(layer, departed)
     await send(layer, messages)
+
+
+async def _in_order(calls: Iterable[tuple[str, Callable[[], Awaitable[Any]]]]) -> None:
+    """Run each (destination, call): those of one destination one after
+    another, in their order; CONCURRENCY destinations at once.
+
+    Two group_sends to one group in flight together may arrive in either
+    order (channels_redis reads the members, then pushes, in separate round
+    trips); a room's frames must not.
+    """
+    by_destination: dict[str, list[Callable[[], Awaitable[Any]]]] = {}
+    for destination, call in calls:
+        by_destination.setdefault(destination, []).append(call)
+
+    async def run(queue: list[Callable[[], Awaitable[Any]]]) -> None:
+        for call in queue:
+            await call()
+
+    await _in_batches(run(queue) for queue in by_destination.values())
 
 
 async def _in_batches(calls: Iterable[Awaitable[Any]]) -> None:

@@ -20,9 +20,12 @@ While the broker is down the outbox keeps what it holds and tries again every
 ``retry_interval`` seconds; the outage is logged when it starts and when it
 ends, not once per task. It holds at most ``limit`` items: past that, touches
 are dropped first (a socket touches again within TOUCH_INTERVAL), and only then
-the oldest joins and leaves, each drop logged. Whatever is pending when the
-process exits is sent then, on a best-effort basis, and logged if it could not be.
-Every line about the broker names it, its password masked.
+the oldest joins and leaves, each drop logged. A publish that fails for another
+reason (an argument that cannot be serialized, a bug) would fail again: what it
+held is dropped, and logged with what that was. Whatever is pending when the
+process exits is sent then by the sender thread, on a best-effort basis, and
+logged if it could not be. Every line about the broker names it, its password
+masked.
 
 Each message is stamped with the time it was published, and the sender thread
 watches whether a worker applies them (``channels_presence.heartbeat``): tasks
@@ -39,6 +42,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -55,11 +59,17 @@ logger = logging.getLogger("channels_presence")
 
 TOUCH_TASK = "channels_presence.tasks.touch_presences"
 BATCH_TASK = "channels_presence.tasks.apply_batch"
+JOIN_TASKS = frozenset({"channels_presence.tasks.add_presence"})
+LEAVE_TASKS = frozenset(
+    {"channels_presence.tasks.remove_presence", "channels_presence.tasks.leave_all"}
+)
 # Joins and leaves sent in one apply_batch message, at most.
 BATCH_SIZE = 500
 
-# What a broker that is down or unreachable raises; anything else is a bug, and
-# the task that raised it is dropped (and logged) rather than retried forever.
+# What a broker that is down or unreachable raises (a Redis error reply too: a
+# replica that a failover has not promoted yet answers READONLY, a full one
+# OOM); anything else is a bug, and the tasks that raised it are dropped (and
+# logged, with what they were) rather than retried forever.
 UNREACHABLE = (BrokerError, RedisError, OSError, TimeoutError)
 
 Task = tuple[str, tuple[Any, ...], dict[str, Any]]
@@ -119,8 +129,8 @@ class Outbox:
         self._dropping = False
         self._told_fallback = False
         self._watch = heartbeat.Watch()
+        # What was published, in joins and leaves and touch tasks (bench/ reads it).
         self.sent = 0
-        self.dropped = 0
 
     def send(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Queue task ``name`` for the broker; return at once."""
@@ -144,7 +154,7 @@ class Outbox:
             self._ensure_running()
             if channel_name not in self._touches:
                 if len(self._tasks) + len(self._touches) >= self.limit:
-                    self._drop("a touch", 1)
+                    self._drop("a touch")
                     return
                 first = not self._touches
             self._touches[channel_name] = rooms
@@ -173,29 +183,34 @@ class Outbox:
         return self.pending() == (0, 0)
 
     def close(self) -> None:
-        """Stop the sender and send what is left; log what could not be sent."""
+        """Stop the sender once it has sent what is left; wait up to
+        ``exit_timeout`` for it. What could not be sent is logged.
+
+        The sender sends the rest itself, touches included: its producer and
+        connection are never used from two threads at once. A sender still
+        publishing when the wait ends is left to finish (this thread would
+        otherwise publish beside it, and publish its batch twice); what it
+        has not sent then is logged, and is lost if the process exits.
+        """
         # At the exit of a forked child, what is pending is its parent's.
         self._after_fork()
         self._stop.set()
         self._wake.set()
         thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(self.exit_timeout)
-        try:
-            self._send_pending(touches_due=True)
-        except UNREACHABLE as error:
+        if thread is None or thread is threading.current_thread():
+            return
+        thread.join(self.exit_timeout)
+        if thread.is_alive():
             tasks, touches = self.pending()
             logger.error(
-                "presence outbox: %d joins and leaves and %d touches could not be "
-                "sent at exit, the broker at %s is unavailable (%s); "
-                "prune_presences will catch up",
+                "presence outbox: %d joins and leaves and %d touches were not sent "
+                "within %s s at close: the sender is still publishing to the broker "
+                "at %s; lost if the process exits now, prune_presences will catch up",
                 tasks,
                 touches,
+                self.exit_timeout,
                 self._broker(),
-                error,
             )
-        finally:
-            self._disconnect()
 
     # The sender thread.
 
@@ -205,8 +220,8 @@ class Outbox:
             self._reset()
 
     def _ensure_running(self) -> None:
-        # Called with the lock held.
-        if self._thread is None:
+        # Called with the lock held. A closed outbox keeps what it is given.
+        if self._thread is None and not self._stop.is_set():
             self._thread = threading.Thread(
                 target=self._run, name="channels-presence-outbox", daemon=True
             )
@@ -214,6 +229,12 @@ class Outbox:
             atexit.register(self.close)
 
     def _run(self) -> None:
+        try:
+            self._sending()
+        finally:
+            self._last_send()
+
+    def _sending(self) -> None:
         while not self._stop.is_set():
             # A lone join goes at once: it is on the path of every join seen.
             # A burst gathers into one message (each publish costs the sender
@@ -245,6 +266,26 @@ class Outbox:
                 self._wake.wait(min(wait, watching) if watching else wait)
             else:
                 self._wake.wait(watching)
+
+    def _last_send(self) -> None:
+        """Once closed: send what is left, touches included, once."""
+        try:
+            self._send_pending(touches_due=True)
+        except UNREACHABLE as error:
+            tasks, touches = self.pending()
+            logger.error(
+                "presence outbox: %d joins and leaves and %d touches could not be "
+                "sent at exit, the broker at %s is unavailable (%s); "
+                "prune_presences will catch up",
+                tasks,
+                touches,
+                self._broker(),
+                error,
+            )
+        except Exception:
+            logger.exception("presence outbox: the sender failed at exit")
+        finally:
+            self._disconnect()
 
     def _gather(self) -> None:
         """While joins and leaves keep coming, let them gather a while longer.
@@ -282,8 +323,8 @@ class Outbox:
                     self._publish(BATCH_TASK, (calls,), {}, carrying=len(batch))
             except UNREACHABLE:
                 raise
-            except Exception:
-                logger.exception("presence outbox: tasks %s could not be sent", batch)
+            except Exception as error:
+                self._lost(error, batch, [])
             with self._lock:
                 self._recent.append((time.monotonic(), len(batch)))
                 for task in batch:
@@ -312,6 +353,8 @@ class Outbox:
                 for name in names[:room]:
                     self._touches.setdefault(name, touches[name])
             raise
+        except Exception as error:
+            self._lost(error, [], names)
         finally:
             with self._lock:
                 self._touches_in_flight = 0
@@ -419,14 +462,26 @@ class Outbox:
     def _make_room(self) -> None:
         # Called with the lock held, when the outbox is full.
         if self._touches:
-            self._drop("touches", len(self._touches))
+            self._drop(f"{len(self._touches)} touches")
             self._touches.clear()
         else:
             self._tasks.popleft()
-            self._drop("the oldest join or leave", 1)
+            self._drop("the oldest join or leave")
 
-    def _drop(self, what: str, count: int) -> None:
-        self.dropped += count
+    def _lost(self, error: Exception, tasks: list[Task], touches: list[str]) -> None:
+        # Called in an except block: the traceback goes with the line.
+        logger.exception(
+            "presence outbox: dropped %s: publishing them to the broker at %s "
+            "failed (%s: %s), which is not an outage (an outage's are kept and "
+            "retried); they were %s",
+            _counted(tasks, touches),
+            self._broker(),
+            type(error).__name__,
+            error,
+            _listed(tasks, touches),
+        )
+
+    def _drop(self, what: str) -> None:
         if self._dropping:
             return
         self._dropping = True
@@ -466,6 +521,38 @@ class Outbox:
 
 #: The outbox of this process, that the decorators and the mixin use.
 default = Outbox()
+
+
+#: Tasks, and touched sockets, that a line about a dropped publish names.
+LISTED = 10
+
+
+def _counted(tasks: Sequence[Task], touches: Sequence[str]) -> str:
+    """How many joins, leaves (and other tasks) and touches: "2 joins, ..."."""
+    joins = sum(name in JOIN_TASKS for name, _, _ in tasks)
+    leaves = sum(name in LEAVE_TASKS for name, _, _ in tasks)
+    others = len(tasks) - joins - leaves
+    other = f", {others} other tasks" if others else ""
+    return f"{joins} joins, {leaves} leaves{other} and {len(touches)} touches"
+
+
+def _listed(tasks: Sequence[Task], touches: Sequence[str]) -> str:
+    """The first LISTED tasks, as calls, and touched sockets, for a log line."""
+    calls = [
+        f"{name.rpartition('.')[2]}({', '.join(map(repr, args))})"[:200]
+        for name, args, _ in tasks[:LISTED]
+    ]
+    parts = []
+    if tasks:
+        parts.append(", ".join(calls) + _more(len(tasks)))
+    if touches:
+        named = ", ".join(map(repr, touches[:LISTED]))
+        parts.append(f"touches of {named}{_more(len(touches))}")
+    return "; ".join(parts)
+
+
+def _more(count: int) -> str:
+    return f" and {count - LISTED} more" if count > LISTED else ""
 
 
 def _shown(name: str, args: tuple[Any, ...], carrying: int) -> str:

@@ -21,12 +21,14 @@ lasts a second) is left to the test: :attr:`RoomView.gap` and
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import redis
+from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
-from . import operations, protocol
+from . import groups, operations, protocol
 
 Members = dict[str, dict[str, Any]]
 
@@ -296,7 +298,9 @@ def members_now(room: str) -> Members | None:
     return members
 
 
-def channel_messages(channel: str, layer: Any = None) -> list[dict[str, Any]]:
+def channel_messages(
+    channel: str, layer: Any = None, *, wait: float = 0.2
+) -> list[dict[str, Any]]:
     """The messages that reached ``channel`` so far, oldest first, taken from Redis.
 
     For sync tests, without the layer's receive(): that keeps per-event-loop
@@ -304,8 +308,19 @@ def channel_messages(channel: str, layer: Any = None) -> list[dict[str, Any]]:
     on a new loop, which channels_redis does not support (messages come out
     twice or not at all). The channels of a process share one Redis key: the
     messages of the others are kept for their own turn.
+
+    That reading of channels_redis's keys is its fast path
+    (``groups.FAST_PATH_VERSIONS``). Any other layer, channels_redis at
+    another release among them, is read through its public ``receive()``
+    until it has been quiet for ``wait`` seconds; channels_redis's receive
+    then takes only the channels of that layer's own ``new_channel()``.
     """
     layer = layer or get_channel_layer()
+    if not groups.fast_path(layer):
+        received: list[dict[str, Any]] = async_to_sync(_receive_all)(
+            layer, channel, wait
+        )
+        return received
     name = layer.non_local_name(channel)
     key = layer.prefix + name
     client = redis.Redis.from_url(layer.hosts[layer.consistent_hash(name)]["address"])
@@ -328,3 +343,14 @@ def channel_messages(channel: str, layer: Any = None) -> list[dict[str, Any]]:
 
 
 _KEPT: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+
+
+async def _receive_all(layer: Any, channel: str, wait: float) -> list[dict[str, Any]]:
+    """What ``channel`` receives until nothing comes for ``wait`` seconds."""
+    found = []
+    while True:
+        try:
+            async with asyncio.timeout(wait):
+                found.append(await layer.receive(channel))
+        except TimeoutError:
+            return found

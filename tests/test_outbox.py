@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import kombu
 import pytest
 import redis
 from celery import Celery
@@ -485,6 +487,101 @@ def test_broker_log_lines_name_the_broker_without_its_password(
         assert "s3cret" not in message, message
 
 
+# A publish fails for a reason other than an outage: what it held is dropped
+# (retrying would fail the same way), and the line says what that was.
+
+
+def _dropped_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        record
+        for record in caplog.records
+        if record.name == "channels_presence"
+        and record.levelno == logging.ERROR
+        and "dropped" in record.getMessage()
+    ]
+
+
+def test_a_batch_that_cannot_be_published_is_dropped_with_a_line_naming_it(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="channels_presence")
+    box = make_outbox(retry_interval=0.05)
+    broker.stop()  # they pile up, to go as one message
+    box.send(ADD, "lobby", "specific.bad!1", None, at=1.0)
+    box.send(ADD, "lobby", "specific.bad!2", object(), at=2.0)  # not JSON
+    box.send(LEAVE_ALL, "specific.bad!1", at=3.0)
+    broker.start()
+    assert box.flush(10)
+
+    assert broker.messages() == []
+    (line,) = _dropped_lines(caplog)
+    message = line.getMessage()
+    assert "dropped 2 joins, 1 leaves and 0 touches" in message, message
+    assert "not an outage" in message, message
+    assert "EncodeError" in message, message
+    for shown in ("add_presence('lobby', 'specific.bad!1'", "'specific.bad!2'"):
+        assert shown in message, message
+    assert "leave_all('specific.bad!1')" in message, message
+    assert line.exc_info is not None  # the traceback, for the bug report
+    # The sender goes on, and nothing is retried.
+    box.send(LEAVE_ALL, "specific.good!1", at=4.0)
+    assert box.flush(10)
+    assert [m.args for m in broker.messages()] == [["specific.good!1"]]
+    assert len(_dropped_lines(caplog)) == 1
+
+
+def test_touches_that_cannot_be_published_are_dropped_with_a_line_naming_them(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A kombu error that is not a connection error: no such serializer.
+    caplog.set_level(logging.INFO, logger="channels_presence")
+    broken = fail_fast_app(broker.url)
+    broken.conf.task_serializer = "no-such-serializer"
+    box = make_outbox(broken, retry_interval=0.05)
+    with override_settings(CHANNELS_PRESENCE_FLUSH_INTERVAL=0.1):
+        for n in range(12):
+            box.touch(f"specific.untouched!{n}")
+        assert box.flush(10)
+        (line,) = _dropped_lines(caplog)
+        message = line.getMessage()
+        assert "dropped 0 joins, 0 leaves and 12 touches" in message, message
+        assert "SerializerNotInstalled" in message, message
+        assert "'specific.untouched!0'" in message, message
+        assert "and 2 more" in message, message  # ten are named
+        # No outage was logged, the sender lives on and sends with a good app.
+        assert not [m for m in _records(caplog, logging.ERROR) if "unavailable" in m]
+        box.app = fail_fast_app(broker.url)
+        box.touch("specific.touched!1")
+        assert box.flush(10)
+    assert [m.args for m in broker.messages()] == [[["specific.touched!1"]]]
+
+
+def test_what_a_dropped_publish_held_is_counted_and_named_briefly() -> None:
+    tasks: list[outbox.Task] = [
+        (ADD, ("lobby", f"specific.many!{n}", None), {"at": 1.0}) for n in range(11)
+    ]
+    tasks += [(LEAVE_ALL, ("x" * 300,), {}), ("other.task", (), {})]
+    touches = [f"specific.t!{n}" for n in range(3)]
+
+    assert outbox._counted(tasks, touches) == (
+        "11 joins, 1 leaves, 1 other tasks and 3 touches"
+    )
+    listed = outbox._listed(tasks, touches)
+    assert listed.startswith("add_presence('lobby', 'specific.many!0', None), ")
+    assert "'specific.many!9', None) and 3 more; " in listed
+    assert "specific.many!10" not in listed
+    assert listed.endswith(
+        "; touches of 'specific.t!0', 'specific.t!1', 'specific.t!2'"
+    )
+    long_one = outbox._listed(tasks[11:12], [])
+    assert len(long_one) == 200
+    assert outbox._listed([], []) == ""
+
+
 def test_each_message_is_stamped_with_the_time_it_was_published(
     broker: ThrowawayRedis, make_outbox: Callable[..., Outbox]
 ) -> None:
@@ -598,13 +695,13 @@ def test_a_full_outbox_drops_touches_first_then_the_oldest_joins_and_leaves(
     for n in range(10, 12):  # only joins and leaves left: the oldest go
         box.send(ADD, "lobby", f"specific.full!{n}", None, at=float(n))
     assert box.pending() == (10, 0)
-    assert box.dropped == 1 + 6 + 1 + 2
     full = [m for m in _records(caplog, logging.ERROR) if "is full" in m]
     assert len(full) == 1, full
 
     broker.start()
     assert box.flush(10)
     messages = broker.messages()
+    # Every touch was dropped (none reached the broker), and the two oldest joins.
     assert [m.kwargs["at"] for m in messages] == [float(n) for n in range(2, 12)]
     assert [m.task for m in messages] == [ADD, ADD, LEAVE_ALL] + [ADD] * 7
 
@@ -818,6 +915,70 @@ def test_an_exit_with_the_broker_down_is_quick_with_celerys_default_options(
     assert done.code == 0, done.stderr
     assert LOST in done.stderr, done.stderr
     assert done.exit_took < 1.0 + 2, done.exit_took
+
+
+@pytest.fixture
+def slow_publishes(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Each kombu publish takes half a second; what they did is recorded."""
+    seen: dict[str, Any] = {
+        "now": 0,
+        "most": 0,
+        "threads": [],
+        "started": threading.Event(),
+    }
+    lock = threading.Lock()
+    publish = kombu.Producer.publish
+
+    def slow(self: kombu.Producer, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            seen["now"] += 1
+            seen["most"] = max(seen["most"], seen["now"])
+            seen["threads"].append(threading.current_thread().name)
+        seen["started"].set()
+        try:
+            time.sleep(0.5)
+            return publish(self, *args, **kwargs)
+        finally:
+            with lock:
+                seen["now"] -= 1
+
+    monkeypatch.setattr(kombu.Producer, "publish", slow)
+    return seen
+
+
+def test_close_never_publishes_beside_the_sender_and_loses_nothing(
+    broker: ThrowawayRedis,
+    make_outbox: Callable[..., Outbox],
+    slow_publishes: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # close() is called mid-publish, and gives up waiting (exit_timeout)
+    # before the sender is done: the producer is still the sender's.
+    box = make_outbox(exit_timeout=0.2)
+    box.send(LEAVE_ALL, "specific.close!0", at=0.0)
+    assert slow_publishes["started"].wait(5)
+    box.send(ADD, "lobby", "specific.close!1", None, at=1.0)
+    box.send(LEAVE_ALL, "specific.close!1", at=2.0)
+    box.touch("specific.close!1")
+    started = time.monotonic()
+    box.close()
+    closing = time.monotonic() - started
+    sender = box._thread
+    assert sender is not None
+    sender.join(10)  # in a process that goes on, the sender sends the rest
+
+    assert slow_publishes["most"] == 1, "two publishes overlapped"
+    assert set(slow_publishes["threads"]) == {"channels-presence-outbox"}
+    assert closing < 0.45  # it waited exit_timeout, no more
+    assert [(m.task, m.args) for m in broker.messages()] == [
+        (LEAVE_ALL, ["specific.close!0"]),
+        (ADD, ["lobby", "specific.close!1", None]),
+        (LEAVE_ALL, ["specific.close!1"]),
+        (TOUCH_TASK, [["specific.close!1"]]),
+    ]
+    assert box.pending() == (0, 0)
+    (busy,) = [m for m in _records(caplog, logging.ERROR) if "still publishing" in m]
+    assert "3 joins and leaves and 1 touches" in busy, busy
 
 
 # 6. A forked child is not its parent.
