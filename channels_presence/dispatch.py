@@ -16,6 +16,7 @@ is not touched again, and deciding that costs no I/O.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -184,18 +185,31 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe) -> b
         return True
     room_name = validation.room_name(room_name)
     key = member_key(consumer, room_name, validation.user_id(user))
+    layer = consumer.channel_layer
+    try:
+        # The socket joins its groups first, as in Celery mode (the change
+        # set adds it again after commit): a layer that is down writes nothing.
+        groups.add_now(
+            layer, [(room_name, consumer.channel_name, protocol.event_mask(subscribe))]
+        )
+    except UNAVAILABLE as error:
+        outage.failed("join", error)
+        return False
     try:
         operations.join(
             room_name,
             consumer.channel_name,
             user,
             subscribe=subscribe,
-            channel_layer=consumer.channel_layer,
+            channel_layer=layer,
             server=leases.default.server(),
             key=key,
         )
     except UNAVAILABLE as error:
         outage.failed("join", error)
+        with contextlib.suppress(*UNAVAILABLE):
+            # No presence, so no group: the socket's own join, in its thread.
+            groups.leave_now(layer, [(room_name, consumer.channel_name)])
         return False
     outage.recovered(DATABASE, CHANNEL_LAYER)
     _joined(consumer, room_name)
