@@ -30,7 +30,12 @@ that failed because the database or the channel layer was down is told to the
 client once (an ``unavailable`` error frame) and retried at the next message,
 so presence converges once they are back.
 
-The mixin works at the level of ASGI messages (``dispatch``), which sync and
+A socket whose channel layer cannot be reached at all is closed with code 4503,
+"try again later" (:class:`LayerOutageMixin`, which the mixin includes and a
+decorated consumer can add to its bases), rather than left to Channels, whose
+consumer dies of it with a traceback per socket.
+
+The mixins work at the level of ASGI messages (``dispatch``), which sync and
 async consumers share, so one implementation serves both.
 """
 
@@ -51,7 +56,7 @@ from asgiref.sync import iscoroutinefunction
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
 
-from . import dispatch, protocol, sync, validation
+from . import dispatch, groups, protocol, sync, validation
 from .conf import conf
 from .outages import outage
 
@@ -77,7 +82,151 @@ class _View:
     stated: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-class PresenceConsumerMixin:
+#: The close code of a socket whose channel layer cannot be reached: 4503, as
+#: HTTP's 503 (Service Unavailable), the way 4400, 4403 and 4429 follow HTTP.
+#: presence.js connects again with backoff. Not the WebSocket registry's 1013
+#: ("Try Again Later"): daphne cannot send it (autobahn lets an application
+#: close with 1000 or 3000-4999 only; django/daphne#374).
+TRY_AGAIN_LATER = 4503
+
+# What the socket's channel-layer receive hands dispatch() once the layer failed.
+# Recognised by identity: a message that came through the layer is a new dict,
+# so nothing sent to the socket can pass for it.
+_LAYER_LOST: dict[str, Any] = {"type": "channels_presence.layer_lost"}
+
+
+class LayerOutageMixin:
+    """Close the socket with code 4503 (try again later) when the channel layer is down.
+
+    Channels receives each socket's messages from the channel layer beside its
+    websocket frames; when the layer cannot be reached, that receive raises and
+    the consumer dies: a traceback per socket ("Exception inside application")
+    and a close with 1011, or an HTTP 500 for a handshake not yet answered.
+    With this mixin first among a consumer's bases, the socket is closed with
+    :data:`TRY_AGAIN_LATER` instead, accepted first if ``connect()`` had not
+    answered the handshake yet (a close before that reaches a browser as a
+    refused handshake, code 1006, which says nothing). The outage is logged
+    once per process (logger ``channels_presence``, at ERROR) and its end when
+    a join reaches the layer again, as every other presence call's outage.
+
+    The consumer then handles only the client's disconnect, which runs
+    ``disconnect()`` as any close does (so ``remove_presence`` leaves the
+    rooms), unless the layer failed before ``connect()`` ran: then neither
+    runs. Frames that arrive meanwhile are dropped.
+
+    :class:`PresenceConsumerMixin` includes it; a decorated consumer adds it::
+
+        class ChatConsumer(LayerOutageMixin, WebsocketConsumer):
+            @add_presence("lobby")
+            def connect(self):
+                self.accept()
+
+    Calls that the consumer's own code makes on the layer (a ``group_send``)
+    raise as before, and so do Channels' ``groups`` adds and discards.
+    """
+
+    # Its attributes are named "_presence_...", as PresenceConsumerMixin's,
+    # which reads the socket state this one keeps.
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Run the consumer, watching what it sends to learn if it is open."""
+        self._presence_send = send
+        # Accepted and not closed since.
+        self._presence_open = False
+        self._presence_accepted = False
+        # Accepted or closed: the handshake is over.
+        self._presence_answered = False
+        self._presence_connected = False
+        self._presence_layer_lost = False
+
+        # The consumer keeps this function (Channels' ``base_send``): holding
+        # the consumer strongly in turn would make each closed socket's
+        # objects a cycle that only the cyclic collector frees, and its full
+        # passes (a tenth of a second for a daphne of a thousand sockets)
+        # would come more often.
+        consumer = weakref.ref(self)
+
+        async def send_and_watch(message: dict[str, Any]) -> None:
+            # Accepting and then closing is how connect() refuses with a code.
+            kind = message.get("type")
+            if kind in ("websocket.accept", "websocket.close"):
+                # Alive: it is the consumer that sends.
+                watched = cast(LayerOutageMixin, consumer())
+                watched._presence_answered = True
+                if kind == "websocket.accept":
+                    watched._presence_open = watched._presence_accepted = True
+                else:
+                    watched._presence_open = False
+            await send(message)
+
+        await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]
+
+    # Channels' AsyncConsumer.__call__ sets ``self.channel_receive`` to the
+    # layer's receive for this socket and hands it straight to
+    # ``await_many_dispatch``, where its failure would end the consumer: this
+    # property is the one place to catch it. The name is not documented;
+    # Channels 4.3 uses it, as earlier ones did, and tests/test_consumers.py
+    # and tests/test_decorators.py run consumers whose layer is down. Were it
+    # renamed, the setter would never run, and a consumer would die of an
+    # outage as Channels has it do.
+    @property
+    def channel_receive(self) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """The socket's receive from the channel layer, its outage caught."""
+        return self._presence_receive_layer
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self._presence_layer_receive = receive
+
+    async def _presence_receive_layer(self) -> dict[str, Any]:
+        if self._presence_layer_lost:
+            # The socket is closing: nothing more from the layer, until
+            # Channels cancels this as the consumer stops.
+            await asyncio.get_running_loop().create_future()
+        try:
+            return await self._presence_layer_receive()
+        except groups.UNAVAILABLE as error:
+            # Told to dispatch() in turn: what the client sent before is
+            # handled as usual.
+            outage.failed(
+                "receive",
+                error,
+                "sockets are closed with code 4503 (try again later) until it answers",
+            )
+            return _LAYER_LOST
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Close the socket once its channel layer failed; else pass the message on."""
+        if message is _LAYER_LOST:
+            self._presence_layer_lost = True
+            await self._presence_close_for_outage()
+            return
+        kind = message.get("type")
+        if self._presence_layer_lost:
+            if kind != "websocket.disconnect":
+                return
+            if not self._presence_connected:
+                # Closed before connect() ran: neither it nor disconnect() does.
+                raise StopConsumer()
+        elif kind == "websocket.connect":
+            self._presence_connected = True
+        await super().dispatch(message)  # type: ignore[misc]
+
+    async def _presence_close_for_outage(self) -> None:
+        close = {"type": "websocket.close", "code": TRY_AGAIN_LATER}
+        if not self._presence_answered:
+            messages = [{"type": "websocket.accept"}, close]
+        elif self._presence_open:
+            messages = [close]
+        else:
+            return
+        self._presence_open = False
+        self._presence_answered = True
+        for message in messages:
+            await self._presence_send(message)
+
+
+class PresenceConsumerMixin(LayerOutageMixin):
     """Join rooms on connect, touch on receive, leave on disconnect, forward events.
 
     Rooms come from ``presence_rooms`` or ``get_presence_rooms()``; ``can_join``
@@ -117,15 +266,12 @@ class PresenceConsumerMixin:
         return event
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        """Run the consumer, watching what it sends to learn if it is open."""
-        self._presence_open = False
-        self._presence_accepted = False
+        """Run the consumer; if it dies, leave its rooms."""
         self._presence_left = False
         # Refused at connect for a bad room name: its consumer never ran.
         self._presence_refused = False
         # Rooms the client was told are unavailable, until they are joined.
         self._presence_told: set[str] = set()
-        self._presence_send = send
         # Rooms to join at the next message: dropped by a prune, or not joined
         # because the database or the channel layer was down.
         self._presence_pending: set[str] = set()
@@ -136,32 +282,12 @@ class PresenceConsumerMixin:
         self._presence_synced_at = float("-inf")
         self._presence_syncing: set[str] = set()
         self._presence_tasks: set[asyncio.Task[None]] = set()
-
-        # The consumer keeps this function (Channels' ``base_send``): holding
-        # the consumer strongly in turn would make each closed socket's
-        # objects a cycle that only the cyclic collector frees, and its full
-        # passes (a tenth of a second for a daphne of a thousand sockets)
-        # would come more often.
-        consumer = weakref.ref(self)
-
-        async def send_and_watch(message: dict[str, Any]) -> None:
-            # Accepting and then closing is how connect() refuses with a code.
-            kind = message.get("type")
-            if kind in ("websocket.accept", "websocket.close"):
-                # Alive: it is the consumer that sends.
-                watched = cast(PresenceConsumerMixin, consumer())
-                if kind == "websocket.accept":
-                    watched._presence_open = watched._presence_accepted = True
-                else:
-                    watched._presence_open = False
-            await send(message)
-
         try:
-            await super().__call__(scope, receive, send_and_watch)  # type: ignore[misc]
+            await super().__call__(scope, receive, send)
         except Exception:
-            # The consumer died (its channel layer went away, say): Channels
-            # sends it no disconnect, so its rooms are left here, or its rows
-            # would stay until a prune.
+            # The consumer died (a handler raised): Channels sends it no
+            # disconnect, so its rooms are left here, or its rows would stay
+            # until a prune.
             if self._presence_accepted and not self._presence_left:
                 await dispatch.aleave_all(self)
             raise
@@ -177,6 +303,10 @@ class PresenceConsumerMixin:
         room first.
         """
         kind = message.get("type")
+        if self._presence_layer_lost and kind != "websocket.disconnect":
+            # Closing for a channel-layer outage: LayerOutageMixin's to handle.
+            await super().dispatch(message)
+            return
         handle = _FRAMES.get(kind) if isinstance(kind, str) else None
         if handle is not None:
             await handle(self, message)
@@ -199,7 +329,7 @@ class PresenceConsumerMixin:
             except BadRoom as error:
                 await self._presence_refuse(error)
                 return
-            await super().dispatch(message)  # type: ignore[misc]
+            await super().dispatch(message)
             if self._presence_open:
                 await self._join(rooms)
             return
@@ -210,12 +340,13 @@ class PresenceConsumerMixin:
                 # connect() never ran: neither does disconnect().
                 raise StopConsumer()
             await dispatch.aleave_all(self)
-        await super().dispatch(message)  # type: ignore[misc]
+        await super().dispatch(message)
 
     async def _presence_refuse(self, error: BadRoom) -> None:
         """Tell the client its room name is unusable, and close (4400)."""
         logger.warning("presence: a socket was refused: %s", error.message)
         self._presence_refused = True
+        self._presence_answered = True
         # Accepted only to be told: a frame cannot go before the handshake.
         await self._presence_send({"type": "websocket.accept"})
         for message in dispatch.refusal(error.frame(), BAD_ROOM):

@@ -5,6 +5,11 @@
 ``receive_json(self, content, **kwargs)``; ``remove_presence`` goes on
 ``disconnect(self, code)``. Each works on a plain method and on an ``async def``
 one, and none lets a database, broker or channel-layer outage reach the handler.
+
+A channel layer that cannot be reached at all kills the consumer in Channels'
+own receive, which no method decorator sees: a decorated consumer that puts
+``channels_presence.consumers.LayerOutageMixin`` first among its bases closes
+the socket with code 4503 instead.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import connections
 
-from channels_presence import broadcast, changes, leases, sync
+from channels_presence import broadcast, changes, leases, outages, sync
 from channels_presence.signals import presence_changed
 from tasks import app as celery_app
 from tests.helpers import new_channel_layer
@@ -66,6 +66,18 @@ async def _close_async_connections() -> AsyncIterator[None]:
     """
     yield
     await sync_to_async(connections.close_all)()
+
+
+@pytest.fixture
+def no_outage_yet() -> Iterator[None]:
+    """No outage remembered from an earlier test, nor left for a later one.
+
+    An outage is logged once (``outages.outage``): one still remembered
+    would keep this test's from being logged.
+    """
+    outages.outage.failing.clear()
+    yield
+    outages.outage.failing.clear()
 
 
 @pytest.fixture

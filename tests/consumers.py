@@ -32,6 +32,7 @@ from channels.generic.websocket import (
 )
 from channels.testing import WebsocketCommunicator
 
+from channels_presence.consumers import LayerOutageMixin
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.models import Presence, Room
 from channels_presence.testing import RoomView
@@ -321,7 +322,27 @@ class AsyncJsonUrlJoiningConsumer(AsyncJsonDecoratedConsumer):
         await self.accept()
 
 
+class JsonUrlJoiningConsumer(LayerOutageMixin, JsonDecoratedConsumer):
+    """:class:`JsonJoiningConsumer`, in the room the URL names (tests/asgi.py).
+
+    Closed with 1013 while its channel layer is down.
+    """
+
+    @add_presence(url_room)
+    def connect(self):
+        note_channel(self)
+        self.accept()
+
+
 # The client.
+
+
+class Closed(Exception):
+    """The server closed the socket when the client expected a frame."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        super().__init__(f"the server closed the socket, code {code}")
 
 
 class Client(WebsocketCommunicator):
@@ -355,9 +376,12 @@ class Client(WebsocketCommunicator):
         await super().disconnect(code, TIMEOUT)
 
     async def receive_text(self) -> str:
-        """The next text frame."""
-        text = await self.receive_from(TIMEOUT)
-        assert isinstance(text, str), text
+        """The next text frame; :class:`Closed` if the server closes instead."""
+        output = await self.receive_output(TIMEOUT)
+        if output["type"] == "websocket.close":
+            raise Closed(output.get("code", 1000))
+        text = output.get("text")
+        assert isinstance(text, str), output
         self.texts.append(text)
         frame = _parse(text)
         if isinstance(frame, dict) and str(frame.get("type")).startswith("presence."):
@@ -365,6 +389,14 @@ class Client(WebsocketCommunicator):
             if isinstance(room, str):
                 self.views.setdefault(room, RoomView(room)).receive(frame)
         return text
+
+    async def until_closed(self) -> int:
+        """Receive frames until the server closes the socket: its close code."""
+        while True:
+            try:
+                await self.receive_text()
+            except Closed as closed:
+                return closed.code
 
     def sees(self, room: str = "lobby") -> tuple[list[str], int] | None:
         """Who the client sees in ``room``: usernames, and how many visitors."""

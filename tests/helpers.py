@@ -9,6 +9,7 @@ the consumer tests send.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -257,6 +258,20 @@ def layer_down() -> Iterator[Any]:
     }
     with override_settings(CHANNEL_LAYERS=dead):
         yield get_channel_layer()
+
+
+def layer_outages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ERROR lines of channels_presence that say the channel layer is down.
+
+    An outage is logged once, until a call that needs the layer succeeds.
+    """
+    return [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == "channels_presence"
+        and record.levelno >= logging.ERROR
+        and "the channel layer is unavailable" in record.getMessage()
+    ]
 
 
 # Celery mode.

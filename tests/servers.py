@@ -469,17 +469,18 @@ class Daphne:
             start_new_session=True,
         )
 
-    def url(self, room: str) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/rooms/{room}/"
+    def url(self, room: str, route: str = "rooms") -> str:
+        """The URL of ``room`` on ``route``: "rooms" (the mixin), or "decorated"."""
+        return f"ws://127.0.0.1:{self.port}/ws/{route}/{room}/"
 
-    async def connect(self, room: str, **options: Any) -> Any:
+    async def connect(self, room: str, route: str = "rooms", **options: Any) -> Any:
         """A websocket client in ``room``, once daphne listens (30 s at most)."""
         from websockets.asyncio.client import connect
 
         deadline = time.monotonic() + 30
         while True:
             try:
-                return await connect(self.url(room), open_timeout=10, **options)
+                return await connect(self.url(room, route), open_timeout=10, **options)
             except OSError:
                 # Not listening yet.
                 if time.monotonic() > deadline or self.process.poll() is not None:

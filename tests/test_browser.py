@@ -935,8 +935,10 @@ async def test_presence_js_does_not_reconnect_after_a_refusal(
     assert await _calls(page, "status") == [["connecting"], ["open"], ["closed"]]
 
 
+# 4503: the server's channel layer is down, try again later.
+@pytest.mark.parametrize("code", [1000, 4503])
 async def test_presence_js_backs_off_while_connections_do_not_hold(
-    page: Any,
+    page: Any, code: int
 ) -> None:
     # Each wait at its ceiling: 0.1, 0.2, 0.4 and 0.8 s before connections 2-5.
     await page.evaluate("Math.random = () => 0.999999")
@@ -944,7 +946,7 @@ async def test_presence_js_backs_off_while_connections_do_not_hold(
     await _open(page)
     started = time.monotonic()
     for connections in range(2, 6):
-        await page.server.sockets[-1].close()
+        await page.server.sockets[-1].close(code=code)
         await _open(page, connections)
     # Had each short-lived connection started the backoff over, 0.4 s.
     assert time.monotonic() - started >= 1.5

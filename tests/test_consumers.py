@@ -21,7 +21,7 @@ from django.test import override_settings
 from django.urls import path
 
 from channels_presence import dispatch, outbox, sync
-from channels_presence.consumers import PresenceConsumerMixin
+from channels_presence.consumers import TRY_AGAIN_LATER, PresenceConsumerMixin
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.outbox import Outbox
@@ -49,6 +49,8 @@ from tests.helpers import (
     closed_port,
     group_members,
     last_seen,
+    layer_down,
+    layer_outages,
     make_user,
     set_last_seen_back,
     sockets,
@@ -873,6 +875,86 @@ async def test_a_room_can_join_refused_is_not_retried(base):
             assert_in_rooms(socket, {"lobby"}, among={"lobby", "news", "staff"})
         finally:
             await client.disconnect()
+
+
+# The channel layer down: the socket is closed (4503), the outage logged once.
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_socket_whose_channel_layer_is_down_is_told_and_closed_with_4503(
+    base, no_outage_yet, caplog
+):
+    application = with_presence(base, presence_rooms=("lobby",)).as_asgi()
+    with layer_down():
+        for _ in range(2):
+            client = Client(application)
+            accepted, _ = await client.connect(TIMEOUT)
+            assert accepted
+            assert await client.until_closed() == TRY_AGAIN_LATER
+            # Its join failed, and it was told before the close.
+            assert [m["error"] for m in client.received_since(0)] == ["unavailable"]
+            # Its close ends the consumer, which does not raise; disconnect()
+            # runs, after the leave.
+            await client.disconnect(TRY_AGAIN_LATER)
+            assert client.calls == [("disconnect", TRY_AGAIN_LATER, 0)]
+    # Two sockets, one line.
+    assert len(layer_outages(caplog)) == 1
+
+
+def noting_rooms(self):
+    self.scope["calls"].append(("rooms",))
+    return ["lobby"]
+
+
+async def anoting_rooms(self):
+    return noting_rooms(self)
+
+
+@pytest.mark.parametrize("base", ECHO_CONSUMERS)
+async def test_a_socket_whose_layer_fails_before_connect_runs_none_of_its_hooks(
+    base, no_outage_yet
+):
+    rooms = noting_rooms if issubclass(base, SyncConsumer) else anoting_rooms
+    application = with_presence(base, get_presence_rooms=rooms).as_asgi()
+    with layer_down():
+        client = Client(application)
+        # The consumer starts: its layer receive fails before the handshake.
+        client.future  # noqa: B018
+        await asyncio.sleep(0.2)
+        accepted, _ = await client.connect(TIMEOUT)
+        # Accepted only to be closed: a close before it would reach a
+        # browser as a refused handshake (1006), which says nothing.
+        assert accepted
+        assert await client.until_closed() == TRY_AGAIN_LATER
+        await client.disconnect(TRY_AGAIN_LATER)
+    # Neither get_presence_rooms, connect() nor disconnect() ran.
+    assert client.calls == []
+    assert client.received_since(0) == []
+
+
+def raising(self, content, **kwargs):
+    raise RuntimeError("a bug in the handler")
+
+
+async def araising(self, content, **kwargs):
+    raising(self, content)
+
+
+@pytest.mark.parametrize("base", [JsonEchoConsumer, AsyncJsonEchoConsumer])
+async def test_a_consumer_whose_handler_raises_leaves_its_rooms(base):
+    handler = raising if issubclass(base, SyncConsumer) else araising
+    application = with_presence(
+        base, presence_rooms=("lobby",), receive_json=handler
+    ).as_asgi()
+    client = Client(application)
+    assert (await client.connect(TIMEOUT))[0]
+    await client.until_sees(visitors=1)
+    await client.send_to(text_data='"boom"')
+    # Channels sends a consumer that died no disconnect: the mixin leaves.
+    with pytest.raises(RuntimeError, match="a bug in the handler"):
+        await client.wait(TIMEOUT)
+    assert await sockets() == set()
+    assert group_members("lobby") == set()
 
 
 # Nothing is sent once the socket is closed.

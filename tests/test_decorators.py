@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import base64
 import functools
@@ -18,7 +19,8 @@ from django.conf import settings
 from django.test import override_settings
 
 from channels_presence import operations, outbox, protocol
-from channels_presence.decorators import add_presence
+from channels_presence.consumers import TRY_AGAIN_LATER, LayerOutageMixin
+from channels_presence.decorators import add_presence, remove_presence
 from channels_presence.groups import events_group
 from channels_presence.models import Presence, Room
 from channels_presence.outbox import Outbox
@@ -44,6 +46,8 @@ from tests.helpers import (
     closed_port,
     group_members,
     last_seen,
+    layer_down,
+    layer_outages,
     rooms_of,
     set_last_seen_back,
     sockets,
@@ -468,3 +472,76 @@ async def test_in_celery_mode_one_add_presence_task_reaches_the_broker(
         assert kwargs["subscribe"] == ["diff", "expired"]
         assert isinstance(kwargs["at"], float)
         assert await sockets() == set()
+
+
+# A channel-layer outage: LayerOutageMixin closes the socket (4503).
+
+
+class OutageConsumer(LayerOutageMixin, JsonEchoConsumer):
+    """Joins the lobby with add_presence; notes its connect; leaves on disconnect."""
+
+    @add_presence("lobby")
+    def connect(self):
+        self.scope["calls"].append(("connect",))
+        self.accept()
+
+    @remove_presence
+    def disconnect(self, code):
+        super().disconnect(code)
+
+
+class AsyncOutageConsumer(LayerOutageMixin, AsyncJsonEchoConsumer):
+    """:class:`OutageConsumer`, async."""
+
+    @add_presence("lobby")
+    async def connect(self):
+        self.scope["calls"].append(("connect",))
+        await self.accept()
+
+    @remove_presence
+    async def disconnect(self, code):
+        await super().disconnect(code)
+
+
+OUTAGE_CONSUMERS = [OutageConsumer, AsyncOutageConsumer]
+CLOSED_FOR_OUTAGE = {"type": "websocket.close", "code": TRY_AGAIN_LATER}
+
+
+@pytest.mark.parametrize("consumer", OUTAGE_CONSUMERS)
+async def test_a_decorated_socket_whose_channel_layer_is_down_is_closed_with_4503(
+    consumer, no_outage_yet, caplog
+):
+    clients = [Client(consumer.as_asgi()) for _ in range(2)]
+    with layer_down():
+        for client in clients:
+            accepted, _ = await client.connect(TIMEOUT)
+            assert accepted
+            assert await client.receive_output(TIMEOUT) == CLOSED_FOR_OUTAGE
+            # What the client sends before its close is dropped.
+            await client.send_to(text_data='"late"')
+            # Its close ends the consumer, which does not raise.
+            await client.disconnect(TRY_AGAIN_LATER)
+            assert client.sent_so_far() == []
+            # connect() ran, so disconnect() does, after remove_presence.
+            assert client.calls == [("connect",), ("disconnect", TRY_AGAIN_LATER, 0)]
+    # Two sockets, one line.
+    assert len(layer_outages(caplog)) == 1
+
+
+@pytest.mark.parametrize("consumer", OUTAGE_CONSUMERS)
+async def test_a_socket_whose_layer_fails_before_connect_runs_neither_handler(
+    consumer, no_outage_yet
+):
+    with layer_down():
+        client = Client(consumer.as_asgi())
+        # The consumer starts: its layer receive fails before the handshake.
+        client.future  # noqa: B018
+        await asyncio.sleep(0.2)
+        accepted, _ = await client.connect(TIMEOUT)
+        # Accepted only to be closed: a close before it would reach a
+        # browser as a refused handshake (1006), which says nothing.
+        assert accepted
+        assert await client.receive_output(TIMEOUT) == CLOSED_FOR_OUTAGE
+        await client.disconnect(TRY_AGAIN_LATER)
+    assert client.calls == []
+    assert group_members("lobby") == set()

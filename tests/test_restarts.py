@@ -30,12 +30,18 @@ import pytest
 import redis
 from celery import Celery
 from channels.generic.websocket import AsyncWebsocketConsumer, WebsocketConsumer
+from channels_redis.core import RedisChannelLayer
 from django.conf import settings
 from django.db import connection
 from django.test import override_settings
+from websockets.exceptions import InvalidStatus
 
 from channels_presence import outages, outbox
-from channels_presence.consumers import PresenceConsumerMixin
+from channels_presence.consumers import (
+    TRY_AGAIN_LATER,
+    LayerOutageMixin,
+    PresenceConsumerMixin,
+)
 from channels_presence.decorators import add_presence, remove_presence, touch_presence
 from channels_presence.dispatch import HEARTBEAT_FRAME as HEARTBEAT
 from channels_presence.groups import events_group
@@ -43,12 +49,20 @@ from channels_presence.outbox import Outbox
 from tests.consumers import (
     AsyncJsonEchoConsumer,
     Client,
+    Closed,
     JsonEchoConsumer,
     channel_of,
     note_channel,
 )
-from tests.helpers import TIMEOUT, celery_mode, group_members, wait_until
+from tests.helpers import (
+    TIMEOUT,
+    celery_mode,
+    group_members,
+    layer_outages,
+    wait_until,
+)
 from tests.servers import (
+    Daphne,
     ThrowawayPostgres,
     ThrowawayRedis,
     postgres_bin,
@@ -68,8 +82,11 @@ CONVERGENCE = 20
 HANDLER_BOUND = 1.0
 
 
-# Consumers of every kind: the mixin (async and sync) and the decorators (sync
-# and async). Each notes its channel name, and echoes every frame.
+# Consumers of every kind: the mixin (async and sync) and the decorators (sync,
+# and async with LayerOutageMixin). Each notes its channel name, and echoes
+# every frame. When the channel layer goes away, the mixins and the async
+# decorated consumer close their sockets (4503); the sync decorated one dies
+# of it, as Channels has a consumer do.
 
 
 class MixinConsumer(PresenceConsumerMixin, AsyncJsonEchoConsumer):
@@ -103,7 +120,7 @@ class DecoratedConsumer(WebsocketConsumer):
         pass
 
 
-class AsyncDecoratedConsumer(AsyncWebsocketConsumer):
+class AsyncDecoratedConsumer(LayerOutageMixin, AsyncWebsocketConsumer):
     @add_presence("lobby")
     async def connect(self):
         note_channel(self)
@@ -128,9 +145,10 @@ def killed_by_the_channel_layer(error: BaseException) -> bool:
     """Whether ``error`` came out of Channels' receive from the channel layer.
 
     Channels runs a consumer's channel-layer receive beside its websocket
-    receive; when Redis goes away it raises, and the consumer dies (the server
-    closes the socket, code 1011, and the browser connects again). That is
-    Channels' own behaviour, not a presence handler failing.
+    receive; when Redis goes away it raises, and a consumer without
+    LayerOutageMixin dies (the server closes the socket, code 1011, and the
+    browser connects again). That is Channels' own behaviour, not a presence
+    handler failing.
     """
     frames = traceback.extract_tb(error.__traceback__)
     return (
@@ -156,7 +174,8 @@ class Load:
     calls: int = 0
     connects: int = 0
     disconnects: int = 0
-    #: Sockets whose consumer the channel layer's outage killed.
+    #: Sockets closed (4503), or whose consumer was killed, by the channel
+    #: layer's outage.
     dropped: dict[str, type] = field(default_factory=dict)
     #: Handler calls that raised, or took longer than HANDLER_BOUND.
     failures: list[str] = field(default_factory=list)
@@ -186,9 +205,18 @@ class Load:
                 client, f"connect {kind.__name__}", client.connect
             )
         except Exception as error:
-            self._died(client, error)
+            await self._died(client, error)
             return
         assert accepted
+        if "channel" not in {call[0] for call in client.calls}:
+            # Accepted by LayerOutageMixin, only to be closed (4503): the
+            # channel layer failed before connect() could run.
+            try:
+                await client.receive_text()
+            except Closed as error:
+                await self._died(client, error)
+                return
+            raise AssertionError(f"{kind.__name__}: accepted, but connect() never ran")
         self.clients.append(client)
         self.connects += 1
 
@@ -204,35 +232,50 @@ class Load:
                 )
             except Exception as error:
                 self.clients.remove(client)
-                self._died(client, error)
+                await self._died(client, error)
                 await self.connect(client.scope["kind"])
         if n % 2 == 0 and self.clients:
             leaving = self.clients.pop(0)
             try:
                 await self.timed(leaving, "disconnect", leaving.disconnect)
             except Exception as error:
-                self._died(leaving, error)
+                await self._died(leaving, error)
             else:
                 self.disconnects += 1
         while len(self.clients) < len(self.kinds):
             await self.connect(self.kinds[n % len(self.kinds)])
             n += 1
 
-    def _died(self, client: Client, error: BaseException) -> None:
+    async def _died(self, client: Client, error: BaseException) -> None:
         client.closed = True
+        if isinstance(error, Closed) and error.code == TRY_AGAIN_LATER:
+            # Closed for the outage: the client's close, as a browser's,
+            # runs the consumer's disconnect.
+            self._dropped(client)
+            try:
+                await client.disconnect(error.code)
+            except Exception as failure:
+                self._failed(client, failure)
+            return
         future = client.future
         if future.done() and not future.cancelled() and future.exception():
             # What the application died of, rather than how the test noticed.
             error = future.exception() or error
         if killed_by_the_channel_layer(error):
-            for call in client.calls:
-                if call[0] == "channel":
-                    self.dropped[call[1]] = client.scope["kind"]
+            self._dropped(client)
         else:
-            frames = traceback.format_exception(error)
-            self.failures.append(
-                f"{client.scope['kind'].__name__}: {error!r}\n{''.join(frames)}"
-            )
+            self._failed(client, error)
+
+    def _dropped(self, client: Client) -> None:
+        for call in client.calls:
+            if call[0] == "channel":
+                self.dropped[call[1]] = client.scope["kind"]
+
+    def _failed(self, client: Client, error: BaseException) -> None:
+        frames = traceback.format_exception(error)
+        self.failures.append(
+            f"{client.scope['kind'].__name__}: {error!r}\n{''.join(frames)}"
+        )
 
     def sockets(self, *kinds: type) -> set[str]:
         """The sockets connected now (of ``kinds``, else all)."""
@@ -340,7 +383,7 @@ async def test_redis_restarted_under_load_handlers_keep_working_and_presence_con
                 load, server, lambda: _converged(load, server)
             )
             # Without a prune: each live socket has its row and its groups.
-            # Rows may remain of sockets gone: decorated ones that died
+            # Rows may remain of sockets gone: sync decorated ones that died
             # (Channels ran no disconnect handler), and those whose
             # leave was in the broker when it died.
             ghosts = await _converged(load, server, ghosts=True)
@@ -359,7 +402,7 @@ async def test_redis_restarted_under_load_handlers_keep_working_and_presence_con
         f"Redis restart: converged {converged:.1f} s after the restart but for "
         f"{len(ghosts)} ghosts, {pruned:.1f} s with the "
         f"prune; {load.calls} handler calls, slowest {load.slowest:.3f} s; "
-        f"{len(load.dropped)} sockets dropped by Channels, {load.connects} connects"
+        f"{len(load.dropped)} sockets dropped for the outage, {load.connects} connects"
     )
     assert load.dropped, "the outage dropped no socket: was the server down?"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -419,10 +462,10 @@ async def _under_load_until(
         await asyncio.sleep(0.1)
 
 
-async def test_a_mixin_consumer_that_its_channel_layer_kills_leaves_its_rooms(
-    caplog: pytest.LogCaptureFixture,
+async def test_a_mixin_socket_whose_channel_layer_goes_away_is_closed_and_leaves(
+    caplog: pytest.LogCaptureFixture, no_outage_yet: None
 ) -> None:
-    # Inline, so that the leave is applied as the consumer dies.
+    # Inline, so that the leave is applied when the client's close comes.
     with (
         throwaway_redis() as server,
         on_redis(server),
@@ -433,12 +476,117 @@ async def test_a_mixin_consumer_that_its_channel_layer_kills_leaves_its_rooms(
         name = channel_of(client)
         await wait_until(lambda: rows_are({("lobby", name)}))
         server.stop()
-        with pytest.raises(redis.ConnectionError):
-            await client.wait(TIMEOUT)
+        assert await client.until_closed() == TRY_AGAIN_LATER
+        # The client's close runs the leave, then the consumer's disconnect().
+        await client.disconnect(TRY_AGAIN_LATER)
         server.start()
     assert await rows() == set()
-    # The leave is applied; its group discards wait for the layer.
-    assert "departed sockets failed: the channel layer is unavailable" in caplog.text
+    assert client.calls[-1] == ("disconnect", TRY_AGAIN_LATER, 0)
+    # Logged once; the leave's group discards, which wait for the layer, too.
+    assert layer_outages(caplog) == [
+        "presence receive failed: the channel layer is unavailable; sockets are "
+        "closed with code 4503 (try again later) until it answers"
+    ]
+
+
+# The channel layer down while sockets connect to a real daphne.
+
+#: Sockets of each route that connect in each round while Redis is down.
+OUTAGE_SOCKETS = 4
+#: The mixin's route and the decorated consumer's (tests/asgi.py).
+ROUTES = ("rooms", "decorated")
+#: The one line a daphne logs when its channel layer goes away, and when it is back.
+LAYER_DOWN = "the channel layer is unavailable"
+LAYER_BACK = "presence works again: the channel layer answers"
+
+
+async def _close_code(socket: Any) -> int | None:
+    """The code the server closed ``socket`` with; None if open after TIMEOUT."""
+    async with socket:
+        try:
+            await asyncio.wait_for(socket.wait_closed(), TIMEOUT)
+        except TimeoutError:
+            return None
+        code: int | None = socket.close_code
+        return code
+
+
+async def _connect_close_code(daphne: Daphne, route: str) -> int | str | None:
+    """Connect to ``route``: the code the server then closed the socket with.
+
+    "HTTP <status>" if it refused the handshake.
+    """
+    try:
+        socket = await daphne.connect("lobby", route)
+    except InvalidStatus as error:
+        return f"HTTP {error.response.status_code}"
+    return await _close_code(socket)
+
+
+async def _chat(socket: Any) -> dict[str, Any]:
+    """The next chat frame the socket receives."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            frame = json.loads(await socket.recv())
+            if frame.get("type") == "chat":
+                return dict(frame)
+
+
+def _lines(output: str, text: str) -> int:
+    return sum(text in line for line in output.splitlines())
+
+
+async def test_sockets_opened_while_the_layer_is_down_close_with_4503() -> None:
+    with throwaway_redis() as server:
+        # Everything of daphne's on the throwaway server: channel layer,
+        # broker and leases.
+        daphne = Daphne(
+            REDIS_URL=server.url, CHANNELS_PRESENCE_TEST_BROKER_URL=server.url
+        )
+        layer = RedisChannelLayer(
+            hosts=[server.url],
+            prefix=settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"],
+        )
+        try:
+            # A socket of each kind is in the room when Redis goes away.
+            joined = [await daphne.connect("lobby", route) for route in ROUTES]
+            await wait_until(lambda: len(layer_members(server, "lobby")) == 2)
+            server.stop()
+            codes: list[int | str | None] = list(
+                await asyncio.gather(*map(_close_code, joined))
+            )
+            # Clients connect, and come back as presence.js would: twice.
+            for _ in range(2):
+                codes += await asyncio.gather(
+                    *(
+                        _connect_close_code(daphne, route)
+                        for route in ROUTES
+                        for _ in range(OUTAGE_SOCKETS)
+                    )
+                )
+            assert codes == [TRY_AGAIN_LATER] * len(codes)
+
+            # Redis is back: a socket of each kind connects and joins.
+            server.start()
+            mixin = await daphne.connect("lobby")
+            decorated = await daphne.connect("lobby", "decorated")
+            async with mixin, decorated:
+                await wait_until(lambda: len(layer_members(server, "lobby")) == 2)
+                chat = {"type": "chat.message", "message": "hi", "author": None}
+                await layer.group_send("lobby", {**chat, "text": "hi"})
+                assert (await _chat(mixin))["message"] == "hi"
+                assert (await _chat(decorated))["text"] == "hi"
+            await layer.flush()
+            output = daphne.output()
+        except BaseException:
+            print(f"--- daphne output ---\n{daphne.output()}")
+            raise
+        finally:
+            daphne.close()
+    assert "Exception inside application" not in output
+    # Eighteen sockets closed: one line, and one when the outage ends.
+    assert _lines(output, LAYER_DOWN) == 1, output
+    assert _lines(output, LAYER_BACK) == 1, output
 
 
 # PostgreSQL.

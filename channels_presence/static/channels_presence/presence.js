@@ -68,7 +68,9 @@
  *                   message, the heartbeat included
  *   not_in_room     a sync named a room this socket is not in
  * A socket closed with 4400, 4403 or 4429 is not opened again: the same
- * request would be refused again. onStatus then gets "closed".
+ * request would be refused again. onStatus then gets "closed". One closed with
+ * 4503 (the server's channel layer is down: try again later), as one closed
+ * any other way, is opened again after the backoff below.
  *
  * It also sends the heartbeat ("heartbeat", as JSON) every heartbeatInterval
  * seconds; reconnects after a lost connection with exponential backoff and
