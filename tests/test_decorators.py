@@ -30,11 +30,14 @@ from tests.consumers import (
     AsyncEchoConsumer,
     AsyncJsonDecoratedConsumer,
     AsyncJsonEchoConsumer,
+    AsyncJsonJoiningConsumer,
     Client,
     DecoratedConsumer,
     EchoConsumer,
     JsonDecoratedConsumer,
     JsonEchoConsumer,
+    JsonJoiningConsumer,
+    channel_of,
     connected,
     url_room,
 )
@@ -42,6 +45,7 @@ from tests.helpers import (
     HEARTBEATS,
     LONG_HEARTBEAT,
     TIMEOUT,
+    ago,
     celery_mode,
     closed_port,
     group_members,
@@ -545,3 +549,27 @@ async def test_a_socket_whose_layer_fails_before_connect_runs_neither_handler(
         await client.disconnect(TRY_AGAIN_LATER)
     assert client.calls == []
     assert group_members("lobby") == set()
+
+
+# A socket a prune dropped.
+
+
+@pytest.mark.parametrize("base", [JsonJoiningConsumer, AsyncJsonJoiningConsumer])
+async def test_a_socket_without_presence_expired_joins_again_at_its_next_message(
+    base,
+):
+    # A prune took it for gone (its touches were lost, say): its notice
+    # reaches a handler of ours, and its next message joins it again.
+    async with connected(base.as_asgi()) as client:
+        socket = channel_of(client)
+        await client.answer('"ping"')
+        assert await rooms_of(socket) == {"lobby"}
+        await Presence.objects.filter(channel_name=socket).aupdate(last_seen=ago(3600))
+        await sync_to_async(operations.prune_presences)()
+        assert await rooms_of(socket) == set()
+        assert group_members("lobby") == set()
+        # The notice is handled before the next frame.
+        await client.answer('"pong"')
+        await client.answer('"again"')
+        assert await rooms_of(socket) == {"lobby"}
+        assert group_members("lobby") == {socket}
