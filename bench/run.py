@@ -226,6 +226,11 @@ def lines() -> list[Line]:
             "postgresql:prune.queries",
             "O(1), not O(rooms)",
         ),
+        Line(
+            "prune: a worker join's p99 beside it, ms",
+            "postgresql:prune.join_p99_during",
+            budget="≤ alone + the prune's database time",
+        ),
     ]
     found += [
         Line(
