@@ -1,15 +1,17 @@
-"""After a change set commits: the signals, then the frames its sockets are sent.
+"""After a change set commits: its groups, its signals, then its frames.
 
 ``deliver`` runs once per committed change set (``changes``), in this order:
 
-1. ``presence_changed`` for each presence added or removed (one
+1. the sockets that joined join the rooms' groups, and those that departed
+   leave them (:func:`settle`), no lock held: as 1.0.0 did, before the
+   signals, so that a receiver's group send on ``added`` reaches the joiner
+   and one on ``removed`` does not reach the leaver;
+2. ``presence_changed`` for each presence added or removed (one
    ``bulk_change`` per room for a prune), then ``user_joined_room`` and
    ``user_left_room`` for each member key that arrived or left; a receiver
    that raises is logged;
-2. ``presence.expired`` to the sockets a prune is dropping, so that a live one
+3. ``presence.expired`` to the sockets a prune dropped, so that a live one
    can join again;
-3. the joined sockets join the rooms' groups, and the departed ones leave
-   them (:func:`settle`), no lock held;
 4. each room's ``presence.diff`` to its events group, through the per-process
    :class:`Throttle` (``CHANNELS_PRESENCE_EVENT_INTERVAL``);
 5. ``presence.state`` to each subscribed socket that joined, the room's state
@@ -41,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from channels.layers import BaseChannelLayer
 from django.apps import apps
 from django.contrib.auth import get_user_model
-from django.db import close_old_connections, connections, models, router
+from django.db import DatabaseError, close_old_connections, connections, models, router
 from django.db.models import QuerySet
 
 from . import groups, protocol, sql
@@ -104,7 +106,12 @@ def deliver(
     departed: Sequence[tuple[str, str]] = (),
     notices: Sequence[tuple[str, list[str]]] = (),
 ) -> None:
-    """Send the signals, then the frames, of committed change sets (see above)."""
+    """Change the groups, send the signals, then the frames, of committed
+    change sets; then check the groups against the rows (see above)."""
+    # Before the signals, as 1.0.0 did: a receiver's group_send on "added"
+    # reaches the joiner, and one on "removed" does not reach the leaver.
+    changed = _Settling(layer, joined, departed)
+    changed.act()
     _signals(deliveries)
     if notices:
         _guard(
@@ -113,8 +120,6 @@ def deliver(
             layer,
             [(sockets, protocol.expired(room)) for room, sockets in notices],
         )
-    changed = _Settling(layer, joined, departed)
-    changed.act()
     if conf.BROADCAST:
         states = [
             (delivery.joiners, delivery.state)
@@ -153,6 +158,18 @@ def settle(
     settling.check()
 
 
+def settle_or_retry(
+    layer: BaseChannelLayer,
+    joined: Sequence[tuple[str, str, int]],
+    departed: Sequence[tuple[str, str]],
+) -> None:
+    """:func:`settle`, leaving what the layer or the database fails to
+    :class:`Retries` (logged) instead of raising it."""
+    settling = _Settling(layer, joined, departed)
+    settling.act()
+    settling.check()
+
+
 class _Settling:
     """:func:`settle` in two steps, for :func:`deliver` to send between them."""
 
@@ -172,6 +189,7 @@ class _Settling:
         # What was done last to each pair: in its groups, or out.
         self.inside = {(room, socket): True for room, socket, _ in self.joined}
         self.inside.update(dict.fromkeys(self.departed, False))
+        self.events = {(room, socket): events for room, socket, events in self.joined}
         self.failed = False
 
     def act(self) -> None:
@@ -196,11 +214,25 @@ class _Settling:
                 outage.recovered(CHANNEL_LAYER)
 
     def check(self) -> None:
-        """Read the pairs' rows again, and mend the groups until they agree."""
+        """Read the pairs' rows again, and mend the groups until they agree.
+
+        A database that fails the read leaves the check to :class:`Retries`.
+        """
         if self.failed or not self.inside:
             return
         for _ in range(SETTLE_ROUNDS):
-            rows = _rows_of(sorted({socket for _, socket in self.inside}))
+            try:
+                rows = rows_of(sorted({socket for _, socket in self.inside}))
+            except DatabaseError as error:
+                if not self.background:
+                    raise
+                outage.failed(
+                    f"the group check of {len(self.inside)} sockets",
+                    error,
+                    "it is retried in the background",
+                )
+                retries.add(self.layer, *self._as_done())
+                return
             adds = [
                 (room, socket, rows[room, socket])
                 for (room, socket), inside in self.inside.items()
@@ -214,6 +246,7 @@ class _Settling:
             if not adds and not drops:
                 return
             self.joined, self.departed = adds, drops
+            self.events.update({(room, socket): ev for room, socket, ev in adds})
             self.inside.update({(room, socket): True for room, socket, _ in adds})
             self.inside.update(dict.fromkeys(drops, False))
             self.act()
@@ -226,8 +259,19 @@ class _Settling:
             SETTLE_ROUNDS,
         )
 
+    def _as_done(self) -> tuple[list[tuple[str, str, int]], list[tuple[str, str]]]:
+        """What was done last to each pair, as (joined, departed) to settle again."""
+        return (
+            [
+                (room, socket, self.events.get((room, socket), 0))
+                for (room, socket), inside in sorted(self.inside.items())
+                if inside
+            ],
+            [pair for pair, inside in sorted(self.inside.items()) if not inside],
+        )
 
-def _rows_of(sockets: list[str]) -> dict[tuple[str, str], int]:
+
+def rows_of(sockets: list[str]) -> dict[tuple[str, str], int]:
     """The presences of ``sockets`` now: their events, by (room, socket)."""
     presence_model = apps.get_model("channels_presence", "Presence")
     using = router.db_for_write(presence_model)
@@ -519,7 +563,7 @@ class Retries:
         for layer, joined, departed in pending:
             try:
                 settle(layer, joined, departed)
-            except groups.UNAVAILABLE as error:
+            except (*groups.UNAVAILABLE, DatabaseError) as error:
                 logger.debug("presence: a group change failed again: %s", error)
                 failed.append((layer, joined, departed))
             except Exception:

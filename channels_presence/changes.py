@@ -11,8 +11,7 @@ with the number of calls or rooms, it
 2. reads what those sockets have, and the departures that order late joins;
 3. plays the calls in order against that, in memory: a join older than the
    socket's departure changes nothing, a leave older than a join leaves it
-   (invariant 1); the sockets it puts in rooms are put in the rooms' groups
-   (invariant 2), before anything is written;
+   (invariant 1);
 4. writes the difference: presences deleted, departures and presences
    upserted, each in one statement, then counts each changed member key's
    sockets, which decides who arrived and who left (invariant 8);
@@ -22,7 +21,9 @@ with the number of calls or rooms, it
    this process does not know, once per room, in the same transaction as
    its version.
 
-After commit, ``broadcast.deliver`` sends the signals and the frames.
+After commit, with no lock held, ``broadcast.deliver`` puts the sockets that
+joined in the rooms' groups and takes those that left out (invariant 2), then
+sends the signals and the frames, then checks those groups against the rows.
 
 On PostgreSQL (``sql.atomic``) steps 1 and 2 are one round trip with the
 transaction's BEGIN, step 4 a second, and step 5 a third with its COMMIT
@@ -317,11 +318,8 @@ def _number(
 
 def _undo_adds(layer: BaseChannelLayer, fresh: list[tuple[str, str]]) -> None:
     """Writing failed: the sockets new to their rooms leave the groups again
-    (unless another change set has put them there since: ``broadcast.settle``)."""
-    try:
-        broadcast.settle(layer, [], fresh)
-    except groups.UNAVAILABLE:  # pragma: no cover - best effort
-        logger.exception("presence: could not undo the group adds of %s", fresh)
+    (unless another change set has put them there since), or later."""
+    broadcast.settle_or_retry(layer, [], fresh)
 
 
 def _play(
@@ -366,6 +364,9 @@ def _play(
         at = call.at
         if isinstance(call, Join):
             moment = at if at is not None else now
+            # Seen no later than now: a server whose clock runs ahead must
+            # not keep its presences from going stale.
+            seen = min(moment, now)
             if at is not None and _departed(departures, call, at):
                 result.late.add(index)
                 continue
@@ -393,7 +394,7 @@ def _play(
                     room=call.room,
                     channel_name=call.channel_name,
                     user_id=user_id,
-                    last_seen=max(row.last_seen, moment) if row else moment,
+                    last_seen=max(row.last_seen, seen) if row else seen,
                     joined_at=moment,
                     server=call.server,
                     key=key,
@@ -405,7 +406,7 @@ def _play(
                     **{
                         **row.__dict__,
                         "joined_at": moment,
-                        "last_seen": max(row.last_seen, moment),
+                        "last_seen": max(row.last_seen, seen),
                         "server": call.server,
                         "events": call.events,
                     }

@@ -251,8 +251,8 @@ def database_messages(connection: BaseDatabaseWrapper) -> list[checks.CheckMessa
                 "channels_presence's models, which need PostgreSQL or SQLite: "
                 f"{_UNSUPPORTED.get(vendor, _UNSUPPORTED[''])}",
                 hint="Use PostgreSQL (SQLite 3.35 or later does for a single "
-                "machine), for the whole site or, with a database router, for "
-                "channels_presence's models alone.",
+                "machine) for channels_presence's models and the user model, "
+                "whose table their foreign key names.",
                 id="channels_presence.E011",
             )
         ]

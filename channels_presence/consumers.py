@@ -462,8 +462,8 @@ class PresenceConsumerMixin(LayerOutageMixin):
         if self._presence_views.pop(room, None) is None or not self._presence_open:
             return
         dispatch.forget_room(self, room)
-        # Joining again at once could race the prune's own group discard;
-        # the client's next message comes after it.
+        # Joined again at the client's next message, which shows that it is
+        # alive: a prune took it for gone.
         self._presence_pending.add(room)
         self._presence_retry_at = 0.0
         await self._forward(event)

@@ -260,7 +260,7 @@ REJOIN = "_presence_rejoin"
 
 def _rejoin_later(consumer: Any, *, is_async: bool) -> Callable[..., Any]:
     """A ``presence_expired`` handler: the room is joined again at the next
-    message, after the prune's own group discards (sent after its notice)."""
+    message through ``touch_presence``, as the mixin does at the client's."""
 
     def later(event: dict[str, Any]) -> None:
         room = event.get("room")
@@ -282,7 +282,7 @@ def _rejoin_later(consumer: Any, *, is_async: bool) -> Callable[..., Any]:
 async def _rejoin_async(consumer: Any) -> None:
     for room in sorted(consumer.__dict__.pop(REJOIN, ())):
         try:
-            await dispatch.ajoin(
+            joined = await dispatch.ajoin(
                 consumer,
                 room,
                 consumer.scope.get("user"),
@@ -290,12 +290,16 @@ async def _rejoin_async(consumer: Any) -> None:
             )
         except dispatch.TooManyRooms:
             logger.warning("presence: %s could not join %r again", consumer, room)
+            continue
+        if not joined:
+            # An outage (logged): at the next message, then.
+            consumer.__dict__.setdefault(REJOIN, set()).add(room)
 
 
 def _rejoin_sync(consumer: Any) -> None:
     for room in sorted(consumer.__dict__.pop(REJOIN, ())):
         try:
-            dispatch.join(
+            joined = dispatch.join(
                 consumer,
                 room,
                 consumer.scope.get("user"),
@@ -303,6 +307,10 @@ def _rejoin_sync(consumer: Any) -> None:
             )
         except dispatch.TooManyRooms:
             logger.warning("presence: %s could not join %r again", consumer, room)
+            continue
+        if not joined:
+            # An outage (logged): at the next message, then.
+            consumer.__dict__.setdefault(REJOIN, set()).add(room)
 
 
 def _ignore(event: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ is not touched again, and deciding that costs no I/O.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -27,7 +26,7 @@ from channels.db import database_sync_to_async
 from django.db import Error as DatabaseError
 from redis.exceptions import RedisError
 
-from . import groups, leases, operations, outbox, protocol, validation
+from . import broadcast, groups, leases, operations, outbox, protocol, validation
 from .conf import conf
 from .outages import CHANNEL_LAYER, DATABASE, outage
 
@@ -104,8 +103,9 @@ def forget_room(consumer: Any, room_name: str) -> None:
 
 def _joined(consumer: Any, room_name: str) -> None:
     # Remembered for the room limit, and for the Celery-mode leave, which
-    # discards the groups at once too.
+    # discards the groups at once too; its groups were joined just now.
     consumer.__dict__.setdefault("_presence_joined", set()).add(room_name)
+    consumer._presence_refreshed_at = time.monotonic()
 
 
 def is_heartbeat(text: object) -> bool:
@@ -205,11 +205,16 @@ def join(consumer: Any, room_name: str, user: Any, *, subscribe: Subscribe) -> b
             server=leases.default.server(),
             key=key,
         )
-    except UNAVAILABLE as error:
-        outage.failed("join", error)
-        with contextlib.suppress(*UNAVAILABLE):
-            # No presence, so no group: the socket's own join, in its thread.
-            groups.leave_now(layer, [(room_name, consumer.channel_name)])
+    except BaseException as error:
+        unavailable = isinstance(error, UNAVAILABLE)
+        if unavailable:
+            outage.failed("join", error)
+        if room_name not in consumer.__dict__.get("_presence_joined", ()):
+            # Not in the room before, and no presence now: out of its groups
+            # (unless a row says otherwise by the time that is checked).
+            broadcast.settle_or_retry(layer, [], [(room_name, consumer.channel_name)])
+        if not unavailable:
+            raise
         return False
     outage.recovered(DATABASE, CHANNEL_LAYER)
     _joined(consumer, room_name)
@@ -252,13 +257,15 @@ def _touch_now(consumer: Any) -> None:
     joined: set[str] | None = consumer.__dict__.get("_presence_joined")
     # The rooms it believes it is in: told to join again those it is not.
     rooms = tuple(sorted(joined)) if joined else ()
+    refresh = _refresh_due(consumer)
     if conf.USE_CELERY:
-        outbox.default.touch(name, rooms)
+        outbox.default.touch(name, rooms, refresh=refresh)
         return
     try:
         operations.touch(
             [name],
             rooms={name: list(rooms)} if rooms else None,
+            refresh=[name] if refresh else [],
             channel_layer=consumer.channel_layer,
         )
     except UNAVAILABLE as error:
@@ -267,6 +274,29 @@ def _touch_now(consumer: Any) -> None:
         outage.failed("touch", error)
     else:
         outage.recovered(DATABASE)
+
+
+#: A socket's group memberships are refreshed by its touch once per this
+#: fraction of the layer's group_expiry (a day for channels_redis).
+REFRESH_FRACTION = 1 / 4
+#: The group_expiry of a layer that has none.
+GROUP_EXPIRY = 86_400
+
+
+def _refresh_due(consumer: Any) -> bool:
+    """Whether the socket's touch is due to refresh its group memberships.
+
+    channels_redis forgets a group member group_expiry after it was added: a
+    touch refreshes them once per quarter of that since the socket joined (a
+    socket joined some other way, at its first touch), not at every touch.
+    """
+    now = time.monotonic()
+    last: float | None = consumer.__dict__.get("_presence_refreshed_at")
+    expiry = getattr(consumer.channel_layer, "group_expiry", GROUP_EXPIRY)
+    if last is not None and now - last < expiry * REFRESH_FRACTION:
+        return False
+    consumer._presence_refreshed_at = now
+    return True
 
 
 async def ajoin(

@@ -205,12 +205,11 @@ async def leave(layer: BaseChannelLayer, pairs: Iterable[tuple[str, str]]) -> No
 
 
 def add_now(layer: BaseChannelLayer, joins: Iterable[tuple[str, str, int]]) -> None:
-    """:func:`add`, from sync code (a sync consumer's thread, a change set).
+    """:func:`add`, from sync code (a sync consumer's thread, a worker).
 
     On the fast path the same commands go through a blocking Redis
     client of this process: ``async_to_sync`` would hop to an event loop and
-    back, which costs more than the round trip itself (and a change set
-    waits for it with its locks held).
+    back, which costs more than the round trip itself.
     """
     joins = list(joins)
     if not _now(layer, ADD, _added(joins)):

@@ -241,6 +241,11 @@ def apply_isolated(
         except DatabaseError as again:
             logger.error("presence: gave up %r: %s", call, again)
             given_up.append(call)
+    joins = [(c.room, c.channel_name) for c in given_up if isinstance(c, Join)]
+    if joins:
+        # The socket side put them in the groups: out, unless a row says
+        # otherwise (an earlier join of the same socket and room).
+        broadcast.settle_or_retry(groups.get_layer(channel_layer), [], joins)
     return given_up
 
 
@@ -431,7 +436,8 @@ def prune_rooms() -> list[str]:
         # QuerySet.delete() would first read the rooms, then cascade to their
         # presences by room id, deleting a presence that joined in between
         # without a signal or group discard.
-        deleted = sql.delete_returning(empty_rooms(), ["channel_name"])
+        empty = empty_rooms().using(router.db_for_write(room_model))
+        deleted = sql.delete_returning(empty, ["channel_name"])
     return sorted(name for (name,) in deleted)
 
 

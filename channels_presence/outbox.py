@@ -111,8 +111,9 @@ class Outbox:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._tasks: deque[Task] = deque()
-        # The sockets to touch, and the rooms each believes it is in.
-        self._touches: dict[str, tuple[str, ...]] = {}
+        # The sockets to touch: the rooms each believes it is in, and
+        # whether its group memberships are due a refresh.
+        self._touches: dict[str, tuple[tuple[str, ...], bool]] = {}
         # A touch batch being published: still pending until it is sent.
         self._touches_in_flight = 0
         self._touched_at = 0.0
@@ -142,11 +143,14 @@ class Outbox:
             self._tasks.append((name, args, kwargs))
         self._wake.set()
 
-    def touch(self, channel_name: str, rooms: tuple[str, ...] = ()) -> None:
+    def touch(
+        self, channel_name: str, rooms: tuple[str, ...] = (), *, refresh: bool = True
+    ) -> None:
         """Queue a touch of ``channel_name`` for the next touch_presences batch.
 
         ``rooms``: the rooms the socket believes it is in; the worker tells
-        it to join again those where it has no presence.
+        it to join again those where it has no presence. ``refresh``: its
+        group memberships are due a refresh.
         """
         self._after_fork()
         first = False
@@ -157,7 +161,8 @@ class Outbox:
                     self._drop("a touch")
                     return
                 first = not self._touches
-            self._touches[channel_name] = rooms
+            known = self._touches.get(channel_name)
+            self._touches[channel_name] = (rooms, refresh or bool(known and known[1]))
             self._touched_at = time.time()
         if first:
             # With no touches pending the sender sleeps until woken: it has
@@ -341,8 +346,11 @@ class Outbox:
         if not touches:
             return
         names = sorted(touches)
-        kwargs: dict[str, Any] = {"at": at}
-        rooms = {name: list(rooms) for name, rooms in touches.items() if rooms}
+        kwargs: dict[str, Any] = {
+            "at": at,
+            "refresh": [name for name in names if touches[name][1]],
+        }
+        rooms = {name: list(rooms) for name, (rooms, _) in touches.items() if rooms}
         if rooms:
             kwargs["rooms"] = rooms
         try:

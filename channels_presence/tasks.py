@@ -47,8 +47,10 @@ _RETRY: dict[str, Any] = {
     "max_retries": None,
 }
 # A join or leave also waits for the channel layer: the socket side changed its
-# groups already, and only this task writes the row. Each runs again safely,
-# ordered by ``at``, and a failed join has undone its own group add.
+# groups already, and only this task writes the row. Its own group changes
+# come after commit and are retried in the background, but a layer that fails
+# before (the keys' lookups of a visitor's session, say) retries the task,
+# which runs again safely, ordered by ``at``.
 _RETRY_LAYER: dict[str, Any] = {
     **_RETRY,
     "autoretry_for": (OperationalError, InterfaceError, RedisError, OSError),
@@ -216,14 +218,16 @@ def touch_presences(
     user_channel_names: list[str],
     at: float | None = None,
     rooms: dict[str, list[str]] | None = None,
+    refresh: list[str] | None = None,
 ) -> int:
     """Mark the sockets as seen at ``at``: one UPDATE for the whole batch.
 
     Never moves ``last_seen`` backwards, nor past the worker's clock, never
-    creates a presence. The touched sockets' group memberships are kept
-    fresh, and a socket that has no presence in a room of ``rooms`` (which
-    rooms each socket believes it is in) is told to join again (see
-    ``channels_presence.touches``). A lost batch costs nothing lasting: each
+    creates a presence. The group memberships of the sockets of ``refresh``
+    (None: all) are kept fresh, and a socket that has no presence in a room
+    of ``rooms`` (which rooms each socket believes it is in) is told to join
+    again (see ``channels_presence.touches``); a bad entry of ``rooms`` is
+    logged and left out. A lost batch costs nothing lasting: each
     socket touches again within TOUCH_INTERVAL.
     """
     if isinstance(user_channel_names, str):
@@ -232,7 +236,11 @@ def touch_presences(
             f"pass [{user_channel_names!r}]"
         )
     return operations.touch(
-        user_channel_names, at=clock.from_timestamp(at), rooms=rooms
+        user_channel_names,
+        at=clock.from_timestamp(at),
+        rooms=rooms,
+        refresh=refresh,
+        strict=False,
     )
 
 

@@ -312,8 +312,10 @@ def channel_messages(
     That reading of channels_redis's keys is its fast path
     (``groups.FAST_PATH_VERSIONS``). Any other layer, channels_redis at
     another release among them, is read through its public ``receive()``
-    until it has been quiet for ``wait`` seconds; channels_redis's receive
-    then takes only the channels of that layer's own ``new_channel()``.
+    until it has been quiet for ``wait`` seconds, all in one event loop for
+    the call (so that no loop's state is carried into the next call);
+    channels_redis's receive then takes only the channels of that layer's
+    own ``new_channel()``.
     """
     layer = layer or get_channel_layer()
     if not groups.fast_path(layer):

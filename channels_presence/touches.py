@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -32,7 +33,7 @@ from django.db import connections, router
 from django.utils import timezone
 from redis.exceptions import RedisError
 
-from . import clock, groups, keystore, protocol, sql, validation
+from . import broadcast, clock, groups, keystore, protocol, sql, validation
 from .conf import conf
 from .outages import CHANNEL_LAYER, outage
 
@@ -50,7 +51,9 @@ def touch(
     *,
     at: datetime | None = None,
     rooms: Rooms | None = None,
+    refresh: Iterable[str] | None = None,
     channel_layer: BaseChannelLayer | None = None,
+    strict: bool = True,
 ) -> int:
     """Mark the sockets as seen at ``at`` (now when None); return rows moved.
 
@@ -58,12 +61,16 @@ def touch(
     clock runs ahead must not keep its presences from going stale. No
     presence is created and no room's version changes. ``rooms`` says which
     rooms each socket believes it is in (see the module's docstring); a
-    socket missing from it is told nothing. Raises ValueError or TypeError
-    for bad input, before anything is written. The channel layer's part is
+    socket missing from it is told nothing. ``refresh`` names the sockets
+    whose group memberships are due a refresh (None: every socket touched).
+    Raises ValueError or TypeError for bad input, before anything is
+    written; with ``strict`` off (a worker's batch), a bad entry of
+    ``rooms`` is logged and left out instead. The channel layer's part is
     logged if it fails: the touch itself stands.
     """
     names = validation.channel_names(channel_names)
-    believed = _checked_rooms(rooms, names)
+    believed = _checked_rooms(rooms, names, strict=strict)
+    due = None if refresh is None else set(validation.channel_names(refresh))
     moment = min(clock.moment(at), timezone.now())
     _, presence_model = _models()
     using = router.db_for_write(presence_model)
@@ -73,29 +80,44 @@ def touch(
     for start in range(0, len(names), size):
         moved += _move(presence_model, using, names[start : start + size], moment)
     room_names = _room_names({room_id for room_id, _, _ in moved}, using)
-    found = {(room_names[room_id], name) for room_id, name, _ in moved}
-    wanted = [(room, name) for name, rooms in believed.items() for room in rooms]
-    unsure = sorted({name for room, name in wanted if (room, name) not in found})
-    if unsure:
-        found |= _present(presence_model, using, unsure)
-    missing = [pair for pair in wanted if pair not in found]
-    if moved or missing:
+    # A room that prune_rooms deleted since (its presences left): skipped.
+    rows = [
+        (room_names[room_id], name, events)
+        for room_id, name, events in moved
+        if room_id in room_names
+    ]
+    missing = _missing(believed, rows, using) if believed else []
+    joins = [row for row in rows if due is None or row[1] in due]
+    if joins or missing:
         layer = groups.get_layer(channel_layer)
-        joins = [(room_names[room_id], name, events) for room_id, name, events in moved]
         _guard(
             "refreshing the group memberships of touched sockets",
             _refresh,
             layer,
             joins,
-            using,
         )
         if missing:
             _guard("telling dropped sockets to join again", _tell, layer, missing)
     return len(moved)
 
 
-def _checked_rooms(rooms: object, names: list[str]) -> dict[str, list[str]]:
-    """``rooms`` for the sockets of ``names``, each room name checked."""
+def _missing(
+    believed: dict[str, list[str]], rows: list[tuple[str, str, int]], using: str
+) -> list[tuple[str, str]]:
+    """The (room, socket) pairs of ``believed`` that have no presence."""
+    found = {(room, name) for room, name, _ in rows}
+    wanted = [(room, name) for name, rooms in believed.items() for room in rooms]
+    unsure = sorted({name for room, name in wanted if (room, name) not in found})
+    if unsure:
+        # Not moved: seen later already, or gone.
+        found |= set(broadcast.rows_of(unsure))
+    return [pair for pair in wanted if pair not in found]
+
+
+def _checked_rooms(
+    rooms: object, names: list[str], *, strict: bool
+) -> dict[str, list[str]]:
+    """``rooms`` for the sockets of ``names``, each room name checked once."""
     if rooms is None:
         return {}
     if not isinstance(rooms, Mapping):
@@ -104,17 +126,29 @@ def _checked_rooms(rooms: object, names: list[str]) -> dict[str, list[str]]:
             f"is in, not {type(rooms).__name__}"
         )
     touched = set(names)
+    usable: dict[object, bool] = {}
     checked: dict[str, list[str]] = {}
     for name, believed in rooms.items():
-        if name not in touched:
-            raise ValueError(
-                f"rooms names socket {name!r}, which is not among the sockets touched"
-            )
-        if isinstance(believed, str) or not isinstance(believed, Sequence):
-            raise TypeError(
-                f"rooms[{name!r}] must be a list of room names, not {believed!r}"
-            )
-        checked[name] = [validation.room_name(room) for room in believed]
+        try:
+            if name not in touched:
+                raise ValueError(
+                    f"rooms names socket {name!r}, which is not among the "
+                    "sockets touched"
+                )
+            if isinstance(believed, str) or not isinstance(believed, Sequence):
+                raise TypeError(
+                    f"rooms[{name!r}] must be a list of room names, not {believed!r}"
+                )
+            for room in believed:
+                if room not in usable:
+                    validation.room_name(room)
+                    usable[room] = True
+        except (TypeError, ValueError):
+            if strict:
+                raise
+            logger.exception("touch_presences: rooms of %r left out", name)
+            continue
+        checked[name] = list(believed)
     return checked
 
 
@@ -159,32 +193,14 @@ def _room_names(ids: set[Any], using: str) -> dict[Any, str]:
     return found
 
 
-def _present(
-    model: type[Presence], using: str, names: list[str]
-) -> set[tuple[str, str]]:
-    """The (room, socket) pairs of ``names`` that have a presence."""
-    presences = model.objects.using(using).order_by()
-    found: set[tuple[str, str]] = set()
-    for part in sql.any_of(presences, "channel_name", names):
-        found.update(part.values_list("room__channel_name", "channel_name"))
-    return found
-
-
-def _refresh(
-    layer: BaseChannelLayer, joins: list[tuple[str, str, int]], using: str
-) -> None:
+def _refresh(layer: BaseChannelLayer, joins: list[tuple[str, str, int]]) -> None:
     """Refresh the (room, socket, events) memberships, leaving none that is gone.
 
     Where the layer could only add them again, a socket that left since its
-    touch may be back in its groups: those without a presence now leave them.
+    touch may be back in its groups: the groups are settled against the rows.
     """
-    if not joins or groups.refresh_now(layer, joins):
-        return
-    _, presence_model = _models()
-    present = _present(presence_model, using, sorted({name for _, name, _ in joins}))
-    gone = [(room, name) for room, name, _ in joins if (room, name) not in present]
-    if gone:
-        groups.leave_now(layer, gone)
+    if joins and not groups.refresh_now(layer, joins):
+        broadcast.settle_or_retry(layer, joins, [])
 
 
 #: Where a socket told to join again is remembered, under the leases' prefix.
@@ -207,10 +223,21 @@ def _tell(layer: BaseChannelLayer, missing: list[tuple[str, str]]) -> None:
         "believe they are in to join again",
         len(first),
     )
-    groups.send_to_channels_now(
-        layer,
-        [(names, protocol.expired(room)) for room, names in sorted(by_room.items())],
-    )
+    told = [(room, name) for room, names in by_room.items() for name in names]
+    # Out of the groups of rooms where they have no presence (invariant 2),
+    # unless a row shows up by the time that is checked.
+    broadcast.settle_or_retry(layer, [], told)
+    try:
+        groups.send_to_channels_now(
+            layer,
+            [
+                (names, protocol.expired(room))
+                for room, names in sorted(by_room.items())
+            ],
+        )
+    except groups.UNAVAILABLE:
+        _forget_told(sorted(first))
+        raise
 
 
 def _first_time(sockets: list[str]) -> list[str]:
@@ -228,9 +255,42 @@ def _first_time(sockets: list[str]) -> list[str]:
                 pipe.set(prefix + name, 1, nx=True, ex=seconds)
             replies = pipe.execute()
     except (ImproperlyConfigured, RedisError, OSError) as error:
-        outage.failed("remembering which sockets were told to join again", error)
+        # Not the channel layer's outage: its own line, at most once a minute.
+        _KEYSTORE_FAILURES.log(error)
         return []
     return [name for name, first in zip(sockets, replies, strict=True) if first]
+
+
+class _Throttled:
+    """A failure of ``what``, logged at most once per ``interval`` seconds."""
+
+    def __init__(self, what: str, interval: float = 60.0) -> None:
+        self.what = what
+        self.interval = interval
+        self.logged_at = float("-inf")
+
+    def log(self, error: BaseException) -> None:
+        now = time.monotonic()
+        if now - self.logged_at >= self.interval:
+            self.logged_at = now
+            logger.warning("presence: %s failed: %s", self.what, error)
+
+
+#: The Redis of the leases (``keystore``) could not remember who was told:
+#: no notice is sent until it can.
+_KEYSTORE_FAILURES = _Throttled(
+    "remembering which sockets were told to join again (in the leases' Redis)"
+)
+
+
+def _forget_told(sockets: list[str]) -> None:
+    """The notices to ``sockets`` were not sent: the next touch tells them."""
+    prefix = f"{keystore.key_prefix()}:{TOLD}:"
+    try:
+        with keystore.client(timeout=groups.BLOCKING_TIMEOUT) as connection:
+            connection.delete(*(prefix + name for name in sockets))
+    except (ImproperlyConfigured, RedisError, OSError):
+        logger.debug("presence: could not forget which sockets were told")
 
 
 def _guard(what: str, call: Any, *args: Any) -> None:

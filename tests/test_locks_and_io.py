@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from django.db import connection, transaction
+from django.db import connection
 
 from channels_presence import groups, operations, protocol
 from channels_presence.changes import Join
@@ -28,17 +28,27 @@ WATCHED = ["add_now", "leave_now", "refresh_now", "send_now", "send_to_channels_
 
 def _held() -> tuple[bool, int]:
     """Whether this thread's connection is in a transaction, and how many
-    advisory locks its session holds (PostgreSQL)."""
-    in_transaction = transaction.get_connection().in_atomic_block
-    locks = 0
-    if connection.vendor == "postgresql" and not in_transaction:
-        with connection.cursor() as cursor:
-            cursor.execute(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND pid = pg_backend_pid()"
-            )
-            (locks,) = cursor.fetchone()
-    return in_transaction, locks
+    advisory locks its session holds (PostgreSQL).
+
+    Asked of the database driver: ``sql.atomic`` sends BEGIN itself on
+    PostgreSQL, which Django's ``in_atomic_block`` does not see.
+    """
+    raw = connection.connection
+    if raw is None:
+        return False, 0
+    if connection.vendor != "postgresql":
+        return bool(raw.in_transaction), 0
+    from psycopg.pq import TransactionStatus
+
+    if raw.info.transaction_status != TransactionStatus.IDLE:
+        return True, 0
+    with raw.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+            "AND pid = pg_backend_pid()"
+        )
+        (locks,) = cursor.fetchone()
+    return False, locks
 
 
 @pytest.fixture
