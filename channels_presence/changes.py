@@ -235,15 +235,15 @@ def apply(
     using = router.db_for_write(presence_model)
     # Each join's key, made once: the locks' round trip counts its sockets.
     calls = [_keyed(call) for call in calls]
-    # The socket side put the sockets in their rooms' groups before it handed
-    # their joins over: if writing fails, those new to their rooms leave them
-    # again, once the transaction (and its locks) is over.
-    undo: list[tuple[str, str]] = []
+    # Group changes left to do once the transaction (and its locks) is over,
+    # when it failed (see _apply): (joined, departed).
+    left_over: list[tuple[list[Any], list[tuple[str, str]]]] = []
     try:
-        return _apply(calls, sockets, layer, now, using, presences, result, undo)
+        return _apply(calls, sockets, layer, now, using, presences, result, left_over)
     finally:
-        if undo:
-            _undo_adds(layer, undo)
+        for joined, departed in left_over:
+            # What the layer or the database fails is retried (logged).
+            broadcast.settle_or_retry(layer, joined, departed)
 
 
 def _apply(
@@ -254,7 +254,7 @@ def _apply(
     using: str,
     presences: bool,
     result: Result,
-    undo: list[tuple[str, str]],
+    left_over: list[tuple[list[Any], list[tuple[str, str]]]],
 ) -> Result:
     room_model, _ = _models()
     with sql.atomic(using) as current:
@@ -269,16 +269,16 @@ def _apply(
             for (room, socket), pair in sorted(pairs.items())
             if pair.joined and pair.after is not None
         ]
+        departed = sorted(
+            (room, socket)
+            for (room, socket), pair in pairs.items()
+            if pair.departed and pair.after is None
+        )
         try:
             changes = _changes(
                 pairs,
                 rooms,
                 presences=presences or presence_changed.has_listeners(room_model),
-            )
-            departed = sorted(
-                (room, socket)
-                for (room, socket), pair in pairs.items()
-                if pair.departed and pair.after is None
             )
             written = _commit(
                 current,
@@ -293,9 +293,16 @@ def _apply(
                 counted=read.counted,
             )
         except BaseException:
-            # Unless it committed: then the rows stand, and their groups.
-            if not current.committed:
-                undo += [(r, s) for r, s, _ in joined if not pairs[r, s].before]
+            if current.committed:
+                # The rows stand (a bug after COMMIT, before the delivery was
+                # set up): so must their groups.
+                left_over.append((joined, departed))
+            else:
+                # The socket side put the sockets in their rooms' groups
+                # before it handed their joins over: those new to their
+                # rooms leave them again.
+                fresh = [(r, s) for r, s, _ in joined if not pairs[r, s].before]
+                left_over.append(([], fresh))
             raise
         # Before the deliveries that name them go out, after commit.
         _number(changes, written)
@@ -314,12 +321,6 @@ def _number(
         for presence in change.added:
             if presence.pk is None:
                 presence.pk = ids[change.room.pk, presence.channel_name]
-
-
-def _undo_adds(layer: BaseChannelLayer, fresh: list[tuple[str, str]]) -> None:
-    """Writing failed: the sockets new to their rooms leave the groups again
-    (unless another change set has put them there since), or later."""
-    broadcast.settle_or_retry(layer, [], fresh)
 
 
 def _play(

@@ -58,8 +58,20 @@ def admin_user(db: None) -> User:
 
 
 @pytest.fixture
-def scene(db: None) -> Scene:
-    """Two rooms with live and stale presences, their sockets in both groups."""
+def scene(db: None, django_capture_on_commit_callbacks: Any) -> Scene:
+    """Two rooms with live and stale presences, their sockets in both groups.
+
+    The test's transaction never commits: the joins' after-commit work (their
+    group adds, among others) is run as each join's own commit would.
+    """
+    with django_capture_on_commit_callbacks(execute=True):
+        made = _scene()
+    for room, sockets in IN_ROOM.items():
+        assert group_members(room) == group_members(events_group(room)) == sockets
+    return made
+
+
+def _scene() -> Scene:
     users = get_user_model().objects
     alice = users.create_user("alice")
     bob = users.create_user("bob")
@@ -74,8 +86,6 @@ def scene(db: None) -> Scene:
     Presence.objects.filter(channel_name__in=[ANON_STALE, BOB, CAROL]).update(
         last_seen=timezone.now() - timedelta(seconds=conf.MAX_AGE * 2)
     )
-    for room, sockets in IN_ROOM.items():
-        assert group_members(room) == group_members(events_group(room)) == sockets
     return Scene(lobby, kitchen, empty)
 
 

@@ -201,17 +201,16 @@ async def _rows_are(expected: set[str]) -> bool:
 @sqlite_pass_only
 @pytest.mark.django_db(transaction=True)
 async def test_a_retried_presence_task_stays_on_the_presence_queue() -> None:
-    # The worker's channel layer cannot be reached: its join fails with a
-    # Redis error and retries, and only a retry sent to the presence queue
-    # can reach it again.
+    # The worker's database cannot be reached: its join fails and retries,
+    # and only a retry sent to the presence queue can reach it again.
     with (
         celery_mode(),
         override_settings(CHANNELS_PRESENCE_QUEUE=QUEUE),
         celery_worker(
             "retrying",
             queues=QUEUE,
-            REDIS_URL=f"redis://127.0.0.1:{closed_port()}/0",
-            CHANNELS_PRESENCE_TEST_BROKER_URL=settings.CELERY_BROKER_URL,
+            DATABASE_URL=f"postgres://nobody@127.0.0.1:{closed_port()}/none",
+            CHANNELS_PRESENCE_TEST_DATABASE="none",
         ) as worker,
     ):
         outbox.default.send(ADD_PRESENCE, "lobby", "test.x!retried", None, time.time())

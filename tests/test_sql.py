@@ -41,7 +41,7 @@ def _state() -> tuple[list[tuple[str, str]], list[tuple[str, int, int]]]:
 
 
 @combined
-def test_a_lone_join_is_two_round_trips_begin_and_commit_included():
+def test_a_lone_join_is_two_round_trips_begin_and_commit_included_then_a_check():
     operations.join(ROOM, "specific.a!1", subscribe=True)
 
     autocommit: list[bool] = []
@@ -56,15 +56,17 @@ def test_a_lone_join_is_two_round_trips_begin_and_commit_included():
     ):
         operations.apply([Join(ROOM, "specific.a!2", events=7)])
 
-    first, last = [query["sql"] for query in queries.captured_queries]
+    first, last, check = [query["sql"] for query in queries.captured_queries]
     # The locks and reads, the member keys' sockets counted among them; then
-    # the writes and the room's update, with COMMIT.
+    # the writes and the room's update, with COMMIT. After it, with no lock
+    # held, the joiner's rows are read again for its groups' check.
     assert first.startswith("BEGIN; ")
     assert "COUNT(" in first
     assert 'INSERT INTO "channels_presence_presence"' in last
     assert last.endswith("; COMMIT")
+    assert check.startswith("SELECT ")
     # psycopg was in autocommit throughout: it sent no BEGIN of its own.
-    assert autocommit == [True, True]
+    assert autocommit == [True, True, True]
     assert connection.get_autocommit()
     assert Room.objects.get().sockets == 2
 
@@ -117,10 +119,11 @@ def test_a_failure_between_round_trips_rolls_back(monkeypatch):
     operations.join(ROOM, "specific.a!1")
     before = _state()
 
-    def refuse(*args: Any) -> None:
-        raise ConnectionError("the channel layer is down")
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the database went away")
 
-    monkeypatch.setattr("channels_presence.groups.add_now", refuse)
+    # Between the round trip that locks and reads and the one that writes.
+    monkeypatch.setattr("channels_presence.changes._writes", refuse)
     with pytest.raises(ConnectionError):
         operations.apply([Join(ROOM, "specific.a!2")])
 
