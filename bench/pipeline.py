@@ -603,9 +603,11 @@ def worker_rows(sizes: Sizes, database: Database) -> list[Row]:
             validation.channel_names(names)
             checked = time.perf_counter() - checked
             # As an outbox sends them: the rooms each socket believes it is
-            # in (a mixin's one room), and the sockets due a group refresh
-            # (each once per quarter of group_expiry, six hours: none here).
-            touch = {"rooms": _believed(names), "refresh": []}
+            # in (a mixin's one room), each socket once per MAX_AGE, so a
+            # quarter of them at the default TOUCH_INTERVAL; and the sockets
+            # due a group refresh (each once per quarter of group_expiry,
+            # six hours: none here).
+            touch = {"rooms": _believed(names[::4]), "refresh": []}
             times = []
             for _ in range(3):
                 began = time.perf_counter()
@@ -623,12 +625,13 @@ def worker_rows(sizes: Sizes, database: Database) -> list[Row]:
                 )
             )
             began = time.perf_counter()
-            touch_presences(names, time.time(), rooms=touch["rooms"])
+            touch_presences(names, time.time(), rooms=_believed(names))
             seconds = time.perf_counter() - began
             rows.append(
                 Row(
-                    f"  {count:,} presences, every one due its group refresh",
-                    "(once per 6 h each)",
+                    f"  {count:,} presences, every one due its rooms' check and "
+                    "its group refresh",
+                    "(the worst case)",
                     f"{count / seconds:,.0f}/s ({seconds * 1e3:.0f} ms)",
                 )
             )
@@ -875,8 +878,12 @@ def make_presences(count: int) -> list[str]:
 
 
 def _believed(names: list[str]) -> dict[str, list[str]]:
-    """The room each socket of :func:`make_presences` is in, as it believes."""
-    return {name: [f"bench-room-{i % 100}"] for i, name in enumerate(names)}
+    """The room each socket of ``names`` is in, as it believes (rightly)."""
+    from channels_presence.models import Presence
+
+    wanted = set(names)
+    rows = Presence.objects.values_list("channel_name", "room__channel_name")
+    return {name: [room] for name, room in rows if name in wanted}
 
 
 def _moment(at: float) -> Any:

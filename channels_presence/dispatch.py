@@ -105,7 +105,7 @@ def _joined(consumer: Any, room_name: str) -> None:
     # Remembered for the room limit, and for the Celery-mode leave, which
     # discards the groups at once too; its groups were joined just now.
     consumer.__dict__.setdefault("_presence_joined", set()).add(room_name)
-    consumer._presence_refreshed_at = time.monotonic()
+    consumer._presence_refreshed_at = consumer._presence_rooms_at = time.monotonic()
 
 
 def is_heartbeat(text: object) -> bool:
@@ -255,8 +255,9 @@ def touch(consumer: Any) -> None:
 def _touch_now(consumer: Any) -> None:
     name = consumer.channel_name
     joined: set[str] | None = consumer.__dict__.get("_presence_joined")
-    # The rooms it believes it is in: told to join again those it is not.
-    rooms = tuple(sorted(joined)) if joined else ()
+    # The rooms it believes it is in, once per MAX_AGE: told to join again
+    # those it is not in (a prune dropped it, and its notice was lost).
+    rooms = tuple(sorted(joined)) if joined and _rooms_due(consumer) else ()
     refresh = _refresh_due(consumer)
     if conf.USE_CELERY:
         outbox.default.touch(name, rooms, refresh=refresh)
@@ -281,6 +282,17 @@ def _touch_now(consumer: Any) -> None:
 REFRESH_FRACTION = 1 / 4
 #: The group_expiry of a layer that has none.
 GROUP_EXPIRY = 86_400
+
+
+def _rooms_due(consumer: Any) -> bool:
+    """Whether the socket's touch is due to say which rooms it is in: once per
+    MAX_AGE from its last join (a join in flight is not taken for lost)."""
+    now = time.monotonic()
+    last: float | None = consumer.__dict__.get("_presence_rooms_at")
+    if last is not None and now - last < conf.MAX_AGE:
+        return False
+    consumer._presence_rooms_at = now
+    return True
 
 
 def _refresh_due(consumer: Any) -> bool:

@@ -74,11 +74,23 @@ def touch(
     moment = min(clock.moment(at), timezone.now())
     _, presence_model = _models()
     using = router.db_for_write(presence_model)
+    # The rows of the sockets whose rooms are checked or whose groups are
+    # refreshed are returned; the others' are only counted (most touches).
+    asked = set(believed) if due is not None else set(names)
+    asked |= due or set()
     moved: list[tuple[Any, str, int]] = []
+    counted = 0
     # Two parameters besides the names: the moment, twice.
     size = max(1, sql.max_params(connections[using]) - 2)
-    for start in range(0, len(names), size):
-        moved += _move(presence_model, using, names[start : start + size], moment)
+    for returning in (True, False):
+        part = [name for name in names if (name in asked) == returning]
+        for start in range(0, len(part), size):
+            chunk = part[start : start + size]
+            found = _move(presence_model, using, chunk, moment, returning=returning)
+            if isinstance(found, int):
+                counted += found
+            else:
+                moved += found
     room_names = _room_names({room_id for room_id, _, _ in moved}, using)
     # A room that prune_rooms deleted since (its presences left): skipped.
     rows = [
@@ -98,7 +110,7 @@ def touch(
         )
         if missing:
             _guard("telling dropped sockets to join again", _tell, layer, missing)
-    return len(moved)
+    return len(moved) + counted
 
 
 def _missing(
@@ -135,7 +147,9 @@ def _checked_rooms(
                     f"rooms names socket {name!r}, which is not among the "
                     "sockets touched"
                 )
-            if isinstance(believed, str) or not isinstance(believed, Sequence):
+            # list or tuple, as JSON gives them: an ABC check costs a
+            # batch of 100,000 sockets a tenth of a second.
+            if type(believed) not in (list, tuple):
                 raise TypeError(
                     f"rooms[{name!r}] must be a list of room names, not {believed!r}"
                 )
@@ -153,10 +167,16 @@ def _checked_rooms(
 
 
 def _move(
-    model: type[Presence], using: str, names: list[str], moment: datetime
-) -> list[tuple[Any, str, int]]:
+    model: type[Presence],
+    using: str,
+    names: list[str],
+    moment: datetime,
+    *,
+    returning: bool = True,
+) -> list[tuple[Any, str, int]] | int:
     """Move the presences of ``names`` seen before ``moment`` to it: one
-    ``UPDATE ... RETURNING`` (room id, socket, events) of each row moved."""
+    ``UPDATE ... RETURNING`` (room id, socket, events) of each row moved;
+    without ``returning``, a plain ``UPDATE`` and how many rows it moved."""
     connection = connections[using]
     quote = connection.ops.quote_name
     meta = model._meta
@@ -171,14 +191,20 @@ def _move(
         among, params = "= ANY(%s)", [names]
     else:
         among, params = f"IN ({', '.join(['%s'] * len(names))})", list(names)
+    returned = (
+        f" RETURNING {column('room')}, {column('channel_name')}, {column('events')}"
+        if returning
+        else ""
+    )
     with connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {quote(meta.db_table)} SET {column('last_seen')} = %s "
-            f"WHERE {column('channel_name')} {among} AND {column('last_seen')} < %s "
-            f"RETURNING {column('room')}, {column('channel_name')}, "
-            f"{column('events')}",
+            f"WHERE {column('channel_name')} {among} AND {column('last_seen')} < %s"
+            + returned,
             [value, *params, value],
         )
+        if not returning:
+            return int(cursor.rowcount)
         return [tuple(row) for row in cursor.fetchall()]
 
 
