@@ -5,16 +5,19 @@ last batch) moves their presences' ``last_seen`` forward, in one statement per
 chunk of names below the database's limit on parameters, never backwards and
 never past the worker's own clock. Then, with no transaction open:
 
-1. The touched sockets' memberships of their rooms' groups are refreshed, in one
-   pipeline per shard: channels_redis drops a group member whose score is
-   older than the layer's ``group_expiry`` (a day by default) at the group's
-   next send, so a socket open for longer would stop hearing its room while
-   its row says it is present.
+1. The memberships of the touched sockets that are due it (each asks once per
+   quarter of the layer's ``group_expiry``, see ``dispatch``) are refreshed in
+   their rooms' groups, in one pipeline per shard: channels_redis drops a
+   group member whose score is older than ``group_expiry`` (a day by default)
+   at the group's next send, so a socket open for longer would stop hearing
+   its room while its row says it is present.
 2. A socket that believes it is in a room where it has no presence is told
    (``presence.expired``), at most once per socket per MAX_AGE, so that it
    joins again: a prune dropped it, and the notice the prune sent never
    arrived (its channel was full), or it joined while the prune ran. The
-   socket side says which rooms each socket believes it is in.
+   socket side says which rooms each socket believes it is in, once per
+   MAX_AGE; only the rows of the sockets that say so, or that are due a
+   refresh, are returned by the UPDATE.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def touch(
         for room_id, name, events in moved
         if room_id in room_names
     ]
-    missing = _missing(believed, rows, using) if believed else []
+    missing = _missing(believed, rows) if believed else []
     joins = [row for row in rows if due is None or row[1] in due]
     if joins or missing:
         layer = groups.get_layer(channel_layer)
@@ -114,7 +117,7 @@ def touch(
 
 
 def _missing(
-    believed: dict[str, list[str]], rows: list[tuple[str, str, int]], using: str
+    believed: dict[str, list[str]], rows: list[tuple[str, str, int]]
 ) -> list[tuple[str, str]]:
     """The (room, socket) pairs of ``believed`` that have no presence."""
     found = {(room, name) for room, name, _ in rows}
