@@ -114,7 +114,7 @@ def deliver(
     changed.act()
     _signals(deliveries)
     if notices:
-        _guard(
+        guard(
             "the expiry notices",
             groups.send_to_channels_now,
             layer,
@@ -318,16 +318,18 @@ def _send(signal: Signal, sender: Any, **kwargs: Any) -> None:
             )
 
 
-def _guard(what: str, call: Callable[..., None], *args: Any) -> bool:
-    """Run a (sync) channel-layer call; log its failure (the change is committed)."""
+def guard(
+    what: str,
+    call: Callable[..., None],
+    *args: Any,
+    then: str = "clients catch up through the rooms' versions once it answers",
+) -> bool:
+    """Run a (sync) channel-layer call; log its failure, saying what happens
+    ``then`` (the change is committed); True if it went through."""
     try:
         call(*args)
     except groups.UNAVAILABLE as error:
-        outage.failed(
-            f"sending {what}",
-            error,
-            "clients catch up through the rooms' versions once it answers",
-        )
+        outage.failed(f"sending {what}", error, then)
         return False
     outage.recovered(CHANNEL_LAYER)
     return True
@@ -499,7 +501,7 @@ class Throttle:
         what = f"{len(messages)} presence diffs"
         if states:
             what += f" and {len(states)} joined rooms' states"
-        _guard(what, groups.send_now, layer, messages, instead)
+        guard(what, groups.send_now, layer, messages, instead)
 
 
 #: This process's throttle.
@@ -601,7 +603,7 @@ retries = Retries()
 def send_beacons(layer: BaseChannelLayer, rooms: Sequence[tuple[str, int]]) -> None:
     """``presence.version`` to each (room, version)'s events group."""
     if rooms and conf.BROADCAST:
-        _guard(
+        guard(
             "the version beacons",
             groups.send_now,
             layer,

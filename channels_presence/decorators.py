@@ -280,37 +280,43 @@ def _rejoin_later(consumer: Any, *, is_async: bool) -> Callable[..., Any]:
 
 
 async def _rejoin_async(consumer: Any) -> None:
-    for room in sorted(consumer.__dict__.pop(REJOIN, ())):
+    for room, user, subscribe in _to_rejoin(consumer, is_async=True):
         try:
-            joined = await dispatch.ajoin(
-                consumer,
-                room,
-                consumer.scope.get("user"),
-                subscribe=_subscribes(consumer, is_async=True),
+            joined: bool | None = await dispatch.ajoin(
+                consumer, room, user, subscribe=subscribe
             )
         except dispatch.TooManyRooms:
-            logger.warning("presence: %s could not join %r again", consumer, room)
-            continue
-        if not joined:
-            # An outage (logged): at the next message, then.
-            consumer.__dict__.setdefault(REJOIN, set()).add(room)
+            joined = None
+        _rejoined(consumer, room, joined)
 
 
 def _rejoin_sync(consumer: Any) -> None:
-    for room in sorted(consumer.__dict__.pop(REJOIN, ())):
+    for room, user, subscribe in _to_rejoin(consumer, is_async=False):
         try:
-            joined = dispatch.join(
-                consumer,
-                room,
-                consumer.scope.get("user"),
-                subscribe=_subscribes(consumer, is_async=False),
+            joined: bool | None = dispatch.join(
+                consumer, room, user, subscribe=subscribe
             )
         except dispatch.TooManyRooms:
-            logger.warning("presence: %s could not join %r again", consumer, room)
-            continue
-        if not joined:
-            # An outage (logged): at the next message, then.
-            consumer.__dict__.setdefault(REJOIN, set()).add(room)
+            joined = None
+        _rejoined(consumer, room, joined)
+
+
+def _to_rejoin(consumer: Any, *, is_async: bool) -> list[tuple[str, Any, list[str]]]:
+    """The rooms to join again, each with the user and events to join with."""
+    user = consumer.scope.get("user")
+    subscribe = _subscribes(consumer, is_async=is_async)
+    return [
+        (room, user, subscribe) for room in sorted(consumer.__dict__.pop(REJOIN, ()))
+    ]
+
+
+def _rejoined(consumer: Any, room: str, joined: bool | None) -> None:
+    """After a join again: None, refused (the room limit); False, an outage
+    (logged), so it is tried again at the next message."""
+    if joined is None:
+        logger.warning("presence: %s could not join %r again", consumer, room)
+    elif not joined:
+        consumer.__dict__.setdefault(REJOIN, set()).add(room)
 
 
 def _ignore(event: dict[str, Any]) -> None:

@@ -38,7 +38,6 @@ from redis.exceptions import RedisError
 
 from . import broadcast, clock, groups, keystore, protocol, sql, validation
 from .conf import conf
-from .outages import CHANNEL_LAYER, outage
 
 if TYPE_CHECKING:
     from .models import Presence
@@ -105,14 +104,21 @@ def touch(
     joins = [row for row in rows if due is None or row[1] in due]
     if joins or missing:
         layer = groups.get_layer(channel_layer)
-        _guard(
-            "refreshing the group memberships of touched sockets",
+        broadcast.guard(
+            "the group refresh of touched sockets",
             _refresh,
             layer,
             joins,
+            then="the next touch tries again",
         )
         if missing:
-            _guard("telling dropped sockets to join again", _tell, layer, missing)
+            broadcast.guard(
+                "the notices to dropped sockets",
+                _tell,
+                layer,
+                missing,
+                then="the next touch tries again",
+            )
     return len(moved) + counted
 
 
@@ -320,15 +326,6 @@ def _forget_told(sockets: list[str]) -> None:
             connection.delete(*(prefix + name for name in sockets))
     except (ImproperlyConfigured, RedisError, OSError):
         logger.debug("presence: could not forget which sockets were told")
-
-
-def _guard(what: str, call: Any, *args: Any) -> None:
-    try:
-        call(*args)
-    except groups.UNAVAILABLE as error:
-        outage.failed(what, error, "the next touch tries again")
-    else:
-        outage.recovered(CHANNEL_LAYER)
 
 
 def _models() -> tuple[Any, type[Presence]]:
